@@ -1,0 +1,27 @@
+"""sketchattr: training-data attribution with regularized sketched influence functions.
+
+Quick path: ``Featurizer(model, task, projector="sjlt", m=1024).featurize(train_set)`` → a store;
+``SketchedInfluence().fit(store).top_k(featurizer.query_rows(query_set), k=5)``.
+"""
+from sketchattr.featurize import Featurizer, NonFiniteGradientError, model_fingerprint
+from sketchattr.modules import ModuleSelection, select_modules
+from sketchattr.project import (
+    GaussianProjector,
+    IdentityProjector,
+    Projector,
+    RademacherProjector,
+    SJLTProjector,
+    make_projector,
+)
+from sketchattr.score import Scorer, SketchedInfluence, TopK, top_k
+from sketchattr.store import GradientStore, MemoryStore, StoreMetadata, StoreMismatchError
+from sketchattr.task import ClassificationTask, RegressionTask, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassificationTask", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
+    "MemoryStore", "ModuleSelection", "NonFiniteGradientError", "Projector", "RademacherProjector",
+    "RegressionTask", "SJLTProjector", "Scorer", "SketchedInfluence", "StoreMetadata",
+    "StoreMismatchError", "Task", "TopK", "make_projector", "model_fingerprint", "select_modules", "top_k",
+]

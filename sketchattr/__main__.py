@@ -1,0 +1,5 @@
+import sys
+
+from sketchattr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,249 @@
+"""Featurizer: batched per-example gradients over the selected modules, sketched on the fly.
+
+Gradients are taken with ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``), so any
+module type works. Each batch's per-example gradients are split into one block per selected
+module and handed to the projector immediately; the [n, d] gradient matrix is never held.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from sketchattr.featurize.fingerprint import model_fingerprint
+from sketchattr.modules import ModuleSelection, select_modules
+from sketchattr.project import Projector, make_projector
+from sketchattr.store import MemoryStore, StoreMetadata
+from sketchattr.task import Task, validate_task
+
+
+class NonFiniteGradientError(ValueError):
+    """A per-example gradient contained NaN or inf."""
+
+
+def _tree_map(fn: Callable[[Any], Any], obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tree_map(fn, o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _tree_map(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def _as_dataset(data: Any) -> Dataset:
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return torch.utils.data.TensorDataset(*data)
+    return data
+
+
+class Featurizer:
+    """Computes sketched per-example gradients of a model.
+
+    model: the trained model (put in eval mode while featurizing, restored after).
+    task: a :class:`~sketchattr.task.Task`.
+    modules: ``None``/``"all"``, an int N (last N in forward order) or a list of module names;
+        defaults to ``task.modules``.
+    projector: a :class:`~sketchattr.project.Projector` or a name (``"sjlt"``, ``"gaussian"``,
+        ``"rademacher"``, ``"identity"``) used with ``m`` and ``seed``.
+    batch_size: examples per vmap call. device: where gradients are computed (default: the
+        model's). dtype: gradient dtype (default: the model's parameter dtype).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        modules: Any = None,
+        projector: "Projector | str" = "identity",
+        m: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        device: "str | torch.device | None" = None,
+        dtype: torch.dtype | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.task = validate_task(task)
+        self.module_spec = modules if modules is not None else getattr(task, "modules", None)
+        self.projector = make_projector(projector, m=m, seed=seed)
+        self.batch_size = int(batch_size)
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype if dtype is not None else first.dtype
+        self.progress = progress
+        self._selection: ModuleSelection | None = None
+
+    # ------------------------------------------------------------------ selection / metadata
+    def selection(self, example_input: Any = None) -> ModuleSelection:
+        """The selected modules (resolved once; last-N is traced on the first batch)."""
+        if self._selection is None:
+            self._selection = select_modules(self.model, self.module_spec, example_input)
+        return self._selection
+
+    def metadata(self, kind: str = "train") -> StoreMetadata:
+        """Metadata identifying sketches made by this featurizer (projector, modules, model, task)."""
+        sel = self.selection()
+        return StoreMetadata(
+            projector=self.projector.spec(),
+            modules=sel.spec(),
+            model_fingerprint=model_fingerprint(self.model),
+            task=self.task.describe(),
+            dim=self.projector.output_dim(sel.dims),
+            kind=kind,
+        )
+
+    # ------------------------------------------------------------------ public entry points
+    def featurize(
+        self,
+        dataset: Any,
+        store: MemoryStore | None = None,
+        indices: Sequence[int] | None = None,
+    ) -> MemoryStore:
+        """Sketch the training-loss gradients of ``dataset`` rows (all, or ``indices``) into a store.
+
+        Returns the store (a new :class:`MemoryStore` when none is given). The store's
+        metadata must match this featurizer's; rows already present are skipped.
+        """
+        dataset = _as_dataset(dataset)
+        idx = self._resolve_indices(dataset, indices)
+        self.selection(self._example_input(dataset, idx))
+        meta = self.metadata("train")
+        store = store if store is not None else MemoryStore()
+        store.prepare(meta)
+        todo = idx[~np.isin(idx, store.indices)]  # rows already in the store are not recomputed
+        for batch_idx, rows in self.iter_rows(dataset, todo, kind="train"):
+            store.append(batch_idx, rows)
+        return store
+
+    def query_rows(self, dataset: Any, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """Sketched measurement gradients of query examples. Returns [n_query, m]."""
+        dataset = _as_dataset(dataset)
+        idx = self._resolve_indices(dataset, indices)
+        self.selection(self._example_input(dataset, idx))
+        blocks = [rows for _, rows in self.iter_rows(dataset, idx, kind="query")]
+        return torch.cat(blocks, dim=0)
+
+    def train_rows(self, dataset: Any, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """Sketched training-loss gradients as one tensor [n, m] (no store)."""
+        dataset = _as_dataset(dataset)
+        idx = self._resolve_indices(dataset, indices)
+        self.selection(self._example_input(dataset, idx))
+        return torch.cat([rows for _, rows in self.iter_rows(dataset, idx, kind="train")], dim=0)
+
+    # ------------------------------------------------------------------ the loop
+    def iter_rows(
+        self, dataset: Dataset, indices: np.ndarray, kind: str = "train", sample: bool = False
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield (dataset indices [B], sketched rows [B, m]) batch by batch."""
+        if kind not in ("train", "query"):
+            raise ValueError(f"kind must be 'train' or 'query', got {kind!r}")
+        if len(indices) == 0:
+            return
+        sel = self.selection()
+        loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=self.batch_size, shuffle=False)
+        per_example = self._per_example_fn(kind, sample)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            params, frozen = self._split_state(sel)
+            start = 0
+            bar = tqdm(total=len(indices), desc=f"featurize {kind}", unit="ex", disable=not self.progress)
+            for batch in loader:
+                batch = _tree_map(self._to_device, batch)
+                grads = vmap(grad(per_example), in_dims=(None, None, 0), randomness="different")(
+                    params, frozen, batch
+                )
+                b = indices[start : start + _batch_len(batch)]
+                blocks = [
+                    torch.cat([grads[p].reshape(len(b), -1) for p in group], dim=1)
+                    for group in sel.param_names
+                ]
+                _check_finite(blocks, b, kind)
+                yield b, self.projector.project(blocks)
+                start += len(b)
+                bar.update(len(b))
+            bar.close()
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ helpers
+    def _per_example_fn(self, kind: str, sample: bool) -> Callable:
+        model, task = self.model, self.task
+
+        def fn(params: dict, frozen: dict, example: Any) -> torch.Tensor:
+            batch = _tree_map(lambda t: t.unsqueeze(0), example)
+
+            def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+                return functional_call(model, (params, frozen), args, kwargs)
+
+            if kind == "train":
+                return task.train_loss(call, batch, sample=sample)
+            return task.measurement(call, batch)
+
+        return fn
+
+    def _split_state(self, sel: ModuleSelection) -> tuple[dict, dict]:
+        chosen = set(p for g in sel.param_names for p in g)
+        cast = lambda t: t.detach().to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+        params = {n: cast(p) for n, p in self.model.named_parameters() if n in chosen}
+        frozen = {n: cast(p) for n, p in self.model.named_parameters() if n not in chosen}
+        frozen.update({n: cast(b) for n, b in self.model.named_buffers()})
+        return params, frozen
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def _example_input(self, dataset: Dataset, idx: np.ndarray) -> Any:
+        if not (isinstance(self.module_spec, int) and not isinstance(self.module_spec, bool)):
+            return None
+        first = next(iter(DataLoader(Subset(dataset, idx[:1].tolist()), batch_size=1)))
+        return self.task.inputs(_tree_map(self._to_device, first))
+
+    @staticmethod
+    def _resolve_indices(dataset: Dataset, indices: Sequence[int] | None) -> np.ndarray:
+        try:
+            n = len(dataset)
+        except TypeError as exc:
+            raise TypeError("dataset must be a map-style torch Dataset (with __len__) or a tuple of tensors") from exc
+        if n == 0:
+            raise ValueError("the dataset is empty")
+        if indices is None:
+            return np.arange(n)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            raise ValueError("no indices given: the selection of rows is empty")
+        if idx.min() < 0 or idx.max() >= n:
+            raise ValueError(f"indices must lie in [0, {n}); found range [{idx.min()}, {idx.max()}]")
+        return idx
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return _batch_len(next(iter(batch.values())))
+    return _batch_len(batch[0])
+
+
+def _check_finite(blocks: list[torch.Tensor], indices: np.ndarray, kind: str) -> None:
+    bad = torch.zeros(len(indices), dtype=torch.bool, device=blocks[0].device)
+    for blk in blocks:
+        bad |= ~torch.isfinite(blk).all(dim=1)
+    if bool(bad.any()):
+        rows = indices[bad.cpu().numpy()].tolist()
+        raise NonFiniteGradientError(
+            f"non-finite (NaN/inf) {kind} gradient for dataset row(s) {rows[:10]}"
+            + (" ..." if len(rows) > 10 else "")
+            + ": check the inputs and the loss of these examples"
+        )

@@ -1,0 +1,4 @@
+"""Model constructors."""
+from .mlp import make_mlp
+
+__all__ = ["make_mlp"]

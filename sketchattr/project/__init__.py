@@ -1,0 +1,35 @@
+"""Random gradient projectors (sketches) ``g -> P g``, seeded and generated block by block.
+
+>>> from sketchattr.project import make_projector
+>>> proj = make_projector("sjlt", m=4096, seed=0, c=1)
+>>> sketch = proj.project([g_module0, g_module1])      # [B, 4096]
+
+Types: ``identity``, ``gaussian`` (alias ``normal``), ``rademacher``, ``sjlt`` (alias
+``sparse``).  ``spec()`` is the JSON-able identity of a sketch (store metadata).
+"""
+from .base import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CACHE_BYTES,
+    ChunkedProjector,
+    Projector,
+    block_seed,
+    make_projector,
+)
+from .dense import DenseProjector, GaussianProjector, RademacherProjector
+from .identity import IdentityProjector
+from .sjlt import SJLTProjector, sjlt_cuda_available
+
+__all__ = [
+    "Projector",
+    "ChunkedProjector",
+    "DenseProjector",
+    "IdentityProjector",
+    "GaussianProjector",
+    "RademacherProjector",
+    "SJLTProjector",
+    "block_seed",
+    "make_projector",
+    "sjlt_cuda_available",
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_CACHE_BYTES",
+]

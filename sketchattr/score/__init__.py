@@ -1,0 +1,7 @@
+"""Scorers: fit once on a gradient store, then score many query batches."""
+from sketchattr.score.base import Scorer
+from sketchattr.score.damping import auto_damping, effective_dimension
+from sketchattr.score.sketched_influence import SketchedInfluence
+from sketchattr.score.topk import TopK, top_k
+
+__all__ = ["Scorer", "SketchedInfluence", "TopK", "top_k", "auto_damping", "effective_dimension"]

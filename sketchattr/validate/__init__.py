@@ -1,0 +1,9 @@
+"""Validation: linear datamodeling score and counterfactual ground truth."""
+from ..recipes import margin
+from .ground_truth import GroundTruth, digits_ground_truth, subset_ground_truth, subset_positions
+from .lds import LDSResult, lds, subsets_to_mask
+
+__all__ = [
+    "GroundTruth", "LDSResult", "digits_ground_truth", "lds", "margin", "subset_ground_truth",
+    "subset_positions", "subsets_to_mask",
+]
