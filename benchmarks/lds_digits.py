@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--ms", default="256,1024,4096")
     ap.add_argument("--projectors", default="sjlt,gaussian")
     ap.add_argument("--seed", type=int, default=0, help="projector seed")
+    ap.add_argument("--model_seed", type=int, default=0, help="training seed of the attributed model (bench: 0)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (median quoted)")
     ap.add_argument("--cache_dir", default="grad_cache")
     ap.add_argument("--quick", action="store_true")
@@ -52,7 +53,7 @@ def main() -> None:
 
     split = load_digits_split()
     gt = digits_ground_truth(cache_dir=args.cache_dir)
-    model = train_digits_mlp(seed=0, split=split)
+    model = train_digits_mlp(seed=args.model_seed, split=split)
 
     def lds_of(scores: torch.Tensor) -> float:
         return lds(scores.cpu().numpy(), gt.masks, gt.outputs).mean
