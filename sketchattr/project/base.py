@@ -330,6 +330,8 @@ class ChunkedProjector(Projector):
                 yield start, stop, tuple(t[start - c0 : stop - c0] for t in chunk)
 
     def _accumulate(self, out: torch.Tensor, g: torch.Tensor, k: int) -> None:
+        if g.numel() == 0:
+            return
         step = self.step_cols(g.shape[0])
         for start, stop, block in self._iter_blocks(k, g.shape[1], step, g.dtype, g.device):
             self._apply(out, g[:, start:stop], block)

@@ -61,7 +61,7 @@ class GaussianProjector(DenseProjector, name="gaussian"):
     """``P_ij ~ N(0, 1/m)``; see the module docstring for the exact generation rule."""
 
     def _draw_entries(self, gen: torch.Generator, width: int) -> torch.Tensor:
-        return torch.randn(self.m, width, generator=gen, dtype=torch.float32) / math.sqrt(self.m)
+        return torch.randn(self.m, width, generator=gen, dtype=torch.float32).div_(math.sqrt(self.m))
 
 
 class RademacherProjector(DenseProjector, name="rademacher"):
@@ -69,4 +69,7 @@ class RademacherProjector(DenseProjector, name="rademacher"):
 
     def _draw_entries(self, gen: torch.Generator, width: int) -> torch.Tensor:
         bits = torch.randint(0, 2, (self.m, width), generator=gen, dtype=torch.float32)
-        return (bits * 2 - 1) / math.sqrt(self.m)
+        # In place: bits * 2r - r = +-r exactly, where r = float32(1) / sqrt(m) is the value
+        # the documented rule produces ((2 * bits - 1) / sqrt(m)).
+        r = (torch.ones((), dtype=torch.float32) / math.sqrt(self.m)).item()
+        return bits.mul_(2 * r).sub_(r)

@@ -20,8 +20,11 @@ the torch path's temporary is ``[B, step * c]`` (at most ~2**24 elements).
 
 Backends: on CUDA, for float32/float64 inputs, if ``from sjlt._C import
 sjlt_projection_cuda`` works, each step calls the kernel ("sjlt-cuda"); otherwise a torch
-``index_add_`` implementation runs ("torch").  Both use atomics/unordered sums on CUDA, so
-CUDA results are equal up to floating-point rounding, not bitwise.
+``index_add_`` implementation runs ("torch").  Both use atomics (unordered sums) on CUDA, so
+CUDA results match the CPU ones up to floating-point rounding, not bitwise.  The kernel
+scales by a float32 ``1/sqrt(c)`` even for float64 inputs (relative error ~1e-8 when ``c`` is
+not a power of 4).  Measured on an H100 (sjlt 0.1.7), the torch path was as fast or faster
+(e.g. B=1000, d=1e4, m=1024: 0.18 ms vs 0.9 ms); pass ``backend="torch"`` to prefer it.
 """
 from __future__ import annotations
 
@@ -31,11 +34,12 @@ from typing import Any, Callable
 
 import torch
 
-from .base import DEFAULT_BLOCK_SIZE, DEFAULT_CACHE_BYTES, Block, ChunkedProjector, _check_int
+from .base import DEFAULT_CACHE_BYTES, Block, ChunkedProjector, _check_int
 
 __all__ = ["SJLTProjector", "sjlt_cuda_available", "load_sjlt_kernel"]
 
 SJLT_CHUNK_COLS = 2**16
+SJLT_DEFAULT_BLOCK_SIZE = 2**16  # a whole chunk per step: launch/loop overhead matters (GPU)
 SJLT_STEP_ELEMENTS = 2**24
 KERNEL_THREADS = 1024
 KERNEL_BLOCKS = 84
@@ -72,7 +76,9 @@ class SJLTProjector(ChunkedProjector, name="sjlt"):
     """Sparse JL sketch with ``c`` nonzeros (``+-1/sqrt(c)``) per input column.
 
     Args:
-        m, seed, block_size, cache_bytes: see :class:`~sketchattr.project.base.Projector`.
+        m, seed, cache_bytes: see :class:`~sketchattr.project.base.ChunkedProjector`.
+        block_size: max columns per step (default 2**16 = one chunk), further capped at
+            ``2**24 // (B * c)``; does not change results.
         c: nonzeros per column (int >= 1), part of :meth:`spec`.
         backend: "auto" (kernel on CUDA when available), "torch" (never the kernel) or
             "cuda" (require the kernel for CUDA inputs; RuntimeError if unavailable).
@@ -85,7 +91,7 @@ class SJLTProjector(ChunkedProjector, name="sjlt"):
         self,
         m: int,
         seed: int = 0,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int = SJLT_DEFAULT_BLOCK_SIZE,
         *,
         c: int = 1,
         backend: str = "auto",
@@ -141,7 +147,7 @@ class SJLTProjector(ChunkedProjector, name="sjlt"):
         if kernel is not None:
             out += kernel(g.contiguous(), idx, vals, self.m, self.c, KERNEL_THREADS, KERNEL_BLOCKS)[0]
         else:
-            src = (g.unsqueeze(2) * vals).reshape(g.shape[0], -1)  # [B, w * c]
+            src = (g.unsqueeze(2) * vals).flatten(1)  # [B, w * c]
             out.index_add_(1, idx.reshape(-1), src)
 
     def _bytes_per_column(self, dtype: torch.dtype, device: torch.device) -> int:
