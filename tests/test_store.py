@@ -25,12 +25,12 @@ def test_append_validation():
     from sketchattr.store import StoreMetadata
     store = MemoryStore()
     with pytest.raises(ValueError, match="prepare"):
-        store.append(np.arange(2), torch.zeros(2, 4))
+        store.write(np.arange(2), torch.zeros(2, 4))
     store.prepare(StoreMetadata(projector={}, modules={}, model_fingerprint="x", task="t", dim=4))
     with pytest.raises(ValueError, match=r"\[B, 4\]"):
-        store.append(np.arange(2), torch.zeros(2, 5))
-    store.append(np.arange(2), torch.zeros(2, 4))
+        store.write(np.arange(2), torch.zeros(2, 5))
+    store.write(np.arange(2), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="already"):
-        store.append(np.array([1]), torch.zeros(1, 4))
+        store.write(np.array([1]), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="no rows"):
         MemoryStore().rows()

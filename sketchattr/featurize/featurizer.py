@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.modules import ModuleSelection, select_modules
 from sketchattr.project import Projector, make_projector
-from sketchattr.store import MemoryStore, StoreMetadata
+from sketchattr.sample import Sampler, dataset_labels, make_sampler
+from sketchattr.store import GradientStore, StoreMetadata, make_store
 from sketchattr.task import Task, validate_task
 
 
@@ -106,24 +107,44 @@ class Featurizer:
     def featurize(
         self,
         dataset: Any,
-        store: MemoryStore | None = None,
+        store: "GradientStore | str | None" = None,
         indices: Sequence[int] | None = None,
-    ) -> MemoryStore:
-        """Sketch the training-loss gradients of ``dataset`` rows (all, or ``indices``) into a store.
+        sampler: "Sampler | str | None" = None,
+        overwrite: bool = False,
+        **store_kwargs: Any,
+    ) -> GradientStore:
+        """Sketch the training-loss gradients of ``dataset`` rows into a store and return it.
 
-        Returns the store (a new :class:`MemoryStore` when none is given). The store's
-        metadata must match this featurizer's; rows already present are skipped.
+        store: a :class:`GradientStore`, or ``"none"``/``"cpu"``/``"disk"`` (``store_kwargs``
+            such as ``path=`` go to its constructor); default: a new in-memory store.
+        indices / sampler: which rows (default all). A sampler's importance weights are stored.
+        Rows already written are skipped, so re-running after a crash resumes. The store's
+        metadata must match this featurizer's unless ``overwrite``.
         """
         dataset = _as_dataset(dataset)
-        idx = self._resolve_indices(dataset, indices)
+        idx, weights = self._resolve_rows(dataset, indices, sampler)
         self.selection(self._example_input(dataset, idx))
-        meta = self.metadata("train")
-        store = store if store is not None else MemoryStore()
-        store.prepare(meta)
-        todo = idx[~np.isin(idx, store.indices)]  # rows already in the store are not recomputed
+        store = make_store(store, **store_kwargs)
+        store.prepare(self.metadata("train"), planned=idx, overwrite=overwrite)
+        todo = store.missing(idx)
+        weight_of = dict(zip(idx.tolist(), weights.tolist())) if weights is not None else None
         for batch_idx, rows in self.iter_rows(dataset, todo, kind="train"):
-            store.append(batch_idx, rows)
+            w = None if weight_of is None else np.array([weight_of[i] for i in batch_idx.tolist()])
+            store.write(batch_idx, rows, w)
         return store
+
+    def _resolve_rows(
+        self, dataset: Dataset, indices: Sequence[int] | None, sampler: "Sampler | str | None"
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        if sampler is None:
+            return self._resolve_indices(dataset, indices), None
+        if indices is not None:
+            raise ValueError("give either indices or a sampler, not both")
+        sampler = make_sampler(sampler)
+        n = len(dataset)
+        keys = dataset_labels(dataset) if getattr(sampler, "needs_keys", False) else None
+        sample = sampler.sample(n, keys=keys)
+        return np.asarray(sample.indices, dtype=np.int64), np.asarray(sample.weights)
 
     def query_rows(self, dataset: Any, indices: Sequence[int] | None = None) -> torch.Tensor:
         """Sketched measurement gradients of query examples. Returns [n_query, m]."""

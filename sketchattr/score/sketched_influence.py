@@ -1,20 +1,26 @@
-"""Regularized sketched influence: scores = −q̂ᵀ(F̂ + λI)⁻¹ĝ_i with F̂ = (1/n) Σ ĝ_i ĝ_iᵀ.
+"""Regularized sketched influence: scores = −q̂ᵀ(F̂ + λI)⁻¹ĝ_i, F̂ = Σ w_i ĝ_i ĝ_iᵀ / Σ w_i.
 
+w_i are the store's importance weights (1 without sampling, so F̂ = (1/n) Σ ĝ_i ĝ_iᵀ).
 One float64 eigendecomposition at ``fit``; each λ afterwards is a diagonal rescale, so λ grids
-cost one matrix product each. When m > n the n×n Gram matrix K = (1/n) Ĝ Ĝᵀ is decomposed
-instead (push-through identity (ĜᵀĜ/n + λI)⁻¹Ĝᵀ = Ĝᵀ(ĜĜᵀ/n + λI)⁻¹), which is exact.
+cost one matrix product each. Two exact paths:
+
+* ``eigen`` (m ≤ n): F̂ accumulated block by block from the store (m×m memory), eigh(F̂).
+* ``gram`` (m > n): K = H Hᵀ / s with H = diag(√w) Ĝ, s = Σ w (n×n); queries are preconditioned
+  by Woodbury, (HᵀH/s + λI)⁻¹q = (q − Hᵀ U diag(1/(s(σ+λ))) Uᵀ H q) / λ.
+
+Scoring streams the store: ``u = (F̂ + λI)⁻¹ q̂`` once per query batch, then ``−u ĝ_iᵀ`` block by
+block, so a store larger than memory can be scored (see :meth:`Scorer.top_k`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from sketchattr.score.base import Scorer
+from sketchattr.score.base import Scorer, as_store
 from sketchattr.score.damping import auto_damping, effective_dimension
 from sketchattr.store import GradientStore
-
 
 
 class SketchedInfluence(Scorer, name="sketched_influence"):
@@ -22,13 +28,22 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
 
     damping: ``"auto"`` (default; see :func:`sketchattr.score.damping.auto_damping`) or λ > 0.
     method: ``"auto"`` (Gram form when m > n), ``"eigen"`` (m×m) or ``"gram"`` (n×n).
-    dtype: dtype of the solve (float64 by default).
+    dtype: dtype of the solve (float64 by default). device: where blocks are scored
+    (default: where the store's rows are). block_rows: rows per streamed block (default: the
+    store's choice).
 
-    After ``fit``: ``sigma`` (eigenvalues of F̂, descending), ``damping_`` (resolved λ),
-    ``sigma_max``, ``effective_dimension(λ)``.
+    After ``fit``: ``sigma`` (eigenvalues of F̂, descending), ``sigma_max``, ``damping_``
+    (resolved λ), ``effective_dimension(λ)``, ``path`` (``"eigen"`` or ``"gram"``).
     """
 
-    def __init__(self, damping: "float | str" = "auto", method: str = "auto", dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self,
+        damping: "float | str" = "auto",
+        method: str = "auto",
+        dtype: torch.dtype = torch.float64,
+        device: "str | torch.device | None" = None,
+        block_rows: int | None = None,
+    ) -> None:
         if method not in ("auto", "eigen", "gram"):
             raise ValueError(f"method must be 'auto', 'eigen' or 'gram', got {method!r}")
         if not (damping == "auto" or _is_positive(damping)):
@@ -36,33 +51,38 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         self.damping = damping
         self.method = method
         self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+        self.block_rows = block_rows
 
     # ------------------------------------------------------------------ fitting
     def fit(self, store: "GradientStore | torch.Tensor", indices: np.ndarray | None = None) -> "SketchedInfluence":
         """Decompose F̂ (or the Gram matrix) of the store's rows [n_train, m]."""
-        if isinstance(store, torch.Tensor):
-            rows = store
-            self.train_indices = np.arange(rows.shape[0]) if indices is None else np.asarray(indices)
-        else:
-            rows = store.rows()
-            self.train_indices = store.indices
-        if rows.ndim != 2 or rows.shape[0] == 0:
-            raise ValueError(f"train rows must be a non-empty [n_train, m] matrix, got {tuple(rows.shape)}")
-        if not torch.isfinite(rows).all():
-            raise ValueError("train rows contain NaN/inf")
-        G = rows.to(self.dtype)
-        n, m = G.shape
+        store = as_store(store, indices)
+        n, m = len(store), store.dim
+        if n == 0:
+            raise ValueError("the store holds no rows: featurize a training set first")
+        self.store, self.train_indices = store, store.indices
         self.n_train, self.dim = n, m
+        w = torch.as_tensor(store.weights, dtype=self.dtype)
+        if not (torch.isfinite(w).all() and (w > 0).all()):
+            raise ValueError("store weights must be finite and > 0")
+        self.weight_sum = float(w.sum())
         self.path = ("gram" if m > n else "eigen") if self.method == "auto" else self.method
         if self.path == "eigen":
-            sigma, vecs = torch.linalg.eigh(G.T @ G / n)
+            fhat = torch.zeros(m, m, dtype=self.dtype, device=self._compute_device())
+            for (_, rows), wb in self._blocks_with_weights(w):
+                fhat += (rows * wb[:, None]).T @ rows
+            sigma, vecs = torch.linalg.eigh(fhat / self.weight_sum)
         else:
-            sigma, vecs = torch.linalg.eigh(G @ G.T / n)
+            G = self._checked(torch.cat([r for _, r in self._blocks()]))
+            self._H = G * w.to(G.device).sqrt()[:, None]
+            sigma, vecs = torch.linalg.eigh(self._H @ self._H.T / self.weight_sum)
         order = torch.argsort(sigma, descending=True)
         self.sigma = sigma[order].clamp(min=0)
         self._vecs = vecs[:, order]
-        self._G = G
         self.sigma_max = float(self.sigma[0])
+        if self.sigma_max <= 0:
+            raise ValueError("F̂ is zero: every stored gradient vanishes")
         self.damping_ = self.resolve_damping(self.damping)
         return self
 
@@ -82,51 +102,59 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         return effective_dimension(self.sigma, self.resolve_damping(damping))
 
     # ------------------------------------------------------------------ scoring
-    def score(self, queries: torch.Tensor, damping: "float | str | None" = None) -> torch.Tensor:
-        """Scores [n_query, n_train] = −q̂ᵀ(F̂ + λI)⁻¹ĝ_i for query rows [n_query, m]."""
-        q = self._check_queries(queries)
-        lam = self.resolve_damping(damping)
-        return -self._weighted(self._query_coords(q), lam) @ self._train_coords().T
-
-    def score_grid(self, queries: torch.Tensor, dampings: Sequence[float]) -> torch.Tensor:
-        """Scores for several λ at once: [n_lambda, n_query, n_train], one decomposition."""
-        q = self._check_queries(queries)
-        coords, train = self._query_coords(q), self._train_coords()
-        return torch.stack([-self._weighted(coords, self.resolve_damping(l)) @ train.T for l in dampings])
-
     def precondition(self, queries: torch.Tensor, damping: "float | str | None" = None) -> torch.Tensor:
         """(F̂ + λI)⁻¹ q̂ for query rows [n_query, m] -> [n_query, m]."""
         q = self._check_queries(queries)
         lam = self.resolve_damping(damping)
+        V = self._vecs
         if self.path == "eigen":
-            return self._weighted(q @ self._vecs, lam) @ self._vecs.T
-        # Woodbury: (F̂+λI)⁻¹ = (I − Ĝᵀ U diag(1/(n(σ+λ))) Uᵀ Ĝ) / λ
-        a = (q @ self._G.T) @ self._vecs
-        return (q - (a / (self.n_train * (self.sigma + lam))) @ self._vecs.T @ self._G) / lam
+            return ((q @ V) / (self.sigma + lam)) @ V.T
+        a = (q @ self._H.T) @ V
+        return (q - (a / (self.weight_sum * (self.sigma + lam))) @ V.T @ self._H) / lam
+
+    def iter_scores(
+        self, queries: torch.Tensor, damping: "float | str | None" = None
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield (train indices [b], scores [n_query, b]) block by block over the store."""
+        u = -self.precondition(queries, damping)
+        for idx, rows in self._blocks():
+            yield idx, u @ rows.T
+
+    def score_grid(self, queries: torch.Tensor, dampings: Sequence[float]) -> torch.Tensor:
+        """Scores for several λ at once: [n_lambda, n_query, n_train], one decomposition."""
+        us = torch.stack([-self.precondition(queries, d) for d in dampings])  # [L, nq, m]
+        return torch.cat([us @ rows.T for _, rows in self._blocks()], dim=2)
 
     def self_influence(self, damping: "float | str | None" = None) -> torch.Tensor:
         """ĝ_iᵀ(F̂ + λI)⁻¹ĝ_i ≥ 0 for every train row: [n_train]."""
-        self._check_fitted()
         lam = self.resolve_damping(damping)
-        if self.path == "eigen":
-            c = self._train_coords()
-            return (c * c / (self.sigma + lam)).sum(dim=1)
-        u = self._vecs
-        return self.n_train * (u * u * self.sigma / (self.sigma + lam)).sum(dim=1)
+        return torch.cat([(rows * self.precondition(rows, lam)).sum(dim=1) for _, rows in self._blocks()])
 
     # ------------------------------------------------------------------ internals
-    def _query_coords(self, q: torch.Tensor) -> torch.Tensor:
-        """Query coordinates in the eigenbasis: q̂V (eigen) or q̂ĜᵀU (gram)."""
-        return q @ self._vecs if self.path == "eigen" else (q @ self._G.T) @ self._vecs
+    def _compute_device(self) -> torch.device:
+        if self.device is not None:
+            return self.device
+        for _, rows in self.store.iter_blocks(1):
+            return rows.device
+        return torch.device("cpu")
 
-    def _train_coords(self) -> torch.Tensor:
-        """Train rows in the eigenbasis: ĜV (eigen) or U (gram). Computed once, cached."""
-        if not hasattr(self, "_train_coords_cache"):
-            self._train_coords_cache = self._G @ self._vecs if self.path == "eigen" else self._vecs
-        return self._train_coords_cache
+    def _blocks(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        device = self._compute_device()
+        for idx, rows in self.store.iter_blocks(self.block_rows):
+            yield idx, rows.to(device=device, dtype=self.dtype, non_blocking=True)
 
-    def _weighted(self, coords: torch.Tensor, lam: float) -> torch.Tensor:
-        return coords / (self.sigma + lam)
+    def _blocks_with_weights(self, w: torch.Tensor) -> Iterator[tuple[tuple[np.ndarray, torch.Tensor], torch.Tensor]]:
+        start = 0
+        for idx, rows in self._blocks():
+            self._checked(rows)
+            yield (idx, rows), w[start : start + len(idx)].to(rows.device)
+            start += len(idx)
+
+    @staticmethod
+    def _checked(rows: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(rows).all():
+            raise ValueError("train rows contain NaN/inf")
+        return rows
 
     def _check_queries(self, queries: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
@@ -137,7 +165,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
             )
         if not torch.isfinite(queries).all():
             raise ValueError("query rows contain NaN/inf")
-        return queries.to(device=self._G.device, dtype=self.dtype)
+        return queries.to(device=self._vecs.device, dtype=self.dtype)
 
 
 def _is_positive(x: object) -> bool:

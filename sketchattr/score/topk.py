@@ -18,18 +18,46 @@ class TopK:
     opponent_scores: np.ndarray
 
 
+class TopKMerger:
+    """Running top-k over score blocks [n_query, b] with their dataset indices [b]."""
+
+    def __init__(self, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self._hi: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lo: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, scores: torch.Tensor, indices: np.ndarray) -> None:
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long, device=scores.device).expand(scores.shape[0], -1)
+        self._hi = self._merge(self._hi, scores, idx, largest=True)
+        self._lo = self._merge(self._lo, scores, idx, largest=False)
+
+    def _merge(self, best, scores, idx, largest: bool):
+        if best is not None:
+            scores = torch.cat([best[0], scores], dim=1)
+            idx = torch.cat([best[1], idx], dim=1)
+        k = min(self.k, scores.shape[1])
+        top = torch.topk(scores, k, dim=1, largest=largest)
+        return top.values, torch.gather(idx, 1, top.indices)
+
+    def result(self) -> TopK:
+        if self._hi is None or self._hi[0].shape[1] < self.k:
+            raise ValueError(f"fewer than k={self.k} training rows were scored")
+        return TopK(
+            proponents=self._hi[1].cpu().numpy(),
+            proponent_scores=self._hi[0].cpu().numpy(),
+            opponents=self._lo[1].cpu().numpy(),
+            opponent_scores=self._lo[0].cpu().numpy(),
+        )
+
+
 def top_k(scores: torch.Tensor, train_indices: np.ndarray, k: int) -> TopK:
     """Select top-k from a score matrix [n_query, n_train] whose columns are ``train_indices``."""
     if scores.ndim != 2 or scores.shape[1] != len(train_indices):
         raise ValueError(f"scores must be [n_query, {len(train_indices)}], got {tuple(scores.shape)}")
     if not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k must be in [1, {scores.shape[1]}], got {k}")
-    hi = torch.topk(scores, k, dim=1, largest=True)
-    lo = torch.topk(scores, k, dim=1, largest=False)
-    idx = np.asarray(train_indices)
-    return TopK(
-        proponents=idx[hi.indices.cpu().numpy()],
-        proponent_scores=hi.values.cpu().numpy(),
-        opponents=idx[lo.indices.cpu().numpy()],
-        opponent_scores=lo.values.cpu().numpy(),
-    )
+    merger = TopKMerger(k)
+    merger.update(scores, train_indices)
+    return merger.result()

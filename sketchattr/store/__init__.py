@@ -1,5 +1,19 @@
-"""Gradient stores: sketched train rows with their dataset indices and metadata."""
-from sketchattr.store.base import GradientStore, StoreMetadata, StoreMismatchError
-from sketchattr.store.memory import MemoryStore
+"""Gradient stores: sketched train rows with their dataset indices, weights and metadata.
 
-__all__ = ["GradientStore", "MemoryStore", "StoreMetadata", "StoreMismatchError"]
+``make_store("none" | "cpu" | "disk", ...)`` picks one by the name experiment scripts use for
+``--offload``.
+"""
+from sketchattr.store.base import (
+    GradientStore,
+    StoreCorruptedError,
+    StoreMetadata,
+    StoreMismatchError,
+    make_store,
+)
+from sketchattr.store.hdf5 import DiskStore
+from sketchattr.store.memory import CPUStore, MemoryStore
+
+__all__ = [
+    "CPUStore", "DiskStore", "GradientStore", "MemoryStore", "StoreCorruptedError", "StoreMetadata",
+    "StoreMismatchError", "make_store",
+]

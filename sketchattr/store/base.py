@@ -1,4 +1,14 @@
-"""GradientStore interface and the metadata that makes a store safe to reuse."""
+"""GradientStore interface and the metadata that makes a store safe to reuse.
+
+A store holds sketched training rows ``[n_train, m]``, the dataset index of every row, an
+importance weight per row (1 unless a sampler says otherwise) and :class:`StoreMetadata`.
+Writing follows one protocol for every backend:
+
+    store.prepare(metadata, planned_indices)   # bind; fails on a metadata mismatch
+    todo = store.missing(planned_indices)      # rows not yet written (resume)
+    store.write(indices, rows, weights)        # any number of times
+    store.iter_blocks(block_rows)              # read back written rows, in row order
+"""
 from __future__ import annotations
 
 import abc
@@ -12,6 +22,10 @@ import torch
 
 class StoreMismatchError(ValueError):
     """A store was opened with sketches made by another projector, model, module set or task."""
+
+
+class StoreCorruptedError(OSError):
+    """A store file cannot be read (e.g. truncated by a crash)."""
 
 
 @dataclass(frozen=True)
@@ -54,26 +68,48 @@ class StoreMetadata:
 
 
 class GradientStore(abc.ABC):
-    """Rows of sketched training gradients [n_train, m] with dataset indices [n_train]."""
+    """Rows of sketched training gradients [n_train, m] with dataset indices [n_train].
 
+    Subclasses register a short name (``class X(GradientStore, name="disk")``) used by
+    :func:`make_store` and by the experiment scripts' ``--offload none | cpu | disk``.
+    """
+
+    registry: dict[str, type["GradientStore"]] = {}
     metadata: StoreMetadata | None
 
-    @abc.abstractmethod
-    def prepare(self, metadata: StoreMetadata, overwrite: bool = False) -> None:
-        """Bind the store to ``metadata``; fail on a mismatch unless ``overwrite``."""
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.name = name
+            GradientStore.registry[name] = cls
 
     @abc.abstractmethod
-    def append(self, indices: np.ndarray, rows: torch.Tensor) -> None:
-        """Add rows [B, m] for dataset indices [B]."""
+    def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False) -> None:
+        """Bind the store to ``metadata`` and declare the dataset indices it will hold.
+        Fails with :class:`StoreMismatchError` on a mismatch unless ``overwrite``."""
+
+    @abc.abstractmethod
+    def missing(self, indices: np.ndarray) -> np.ndarray:
+        """The subset of ``indices`` (order kept) that has no written row yet."""
+
+    @abc.abstractmethod
+    def write(self, indices: np.ndarray, rows: torch.Tensor, weights: np.ndarray | None = None) -> None:
+        """Write rows [B, m] (and importance weights [B], default 1) for dataset indices [B]."""
 
     @property
     @abc.abstractmethod
     def indices(self) -> np.ndarray:
-        """Dataset indices of the stored rows, in row order. [n_train]"""
+        """Dataset indices of the written rows, in row order. [n_train]"""
+
+    @property
+    @abc.abstractmethod
+    def weights(self) -> np.ndarray:
+        """Importance weights of the written rows, in row order. [n_train]"""
 
     @abc.abstractmethod
-    def iter_blocks(self, block_rows: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Yield (indices [b], rows [b, m]) blocks in row order."""
+    def iter_blocks(self, block_rows: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield (indices [b], rows [b, m]) of written rows, in row order. ``block_rows=None``:
+        the store's own block size (all rows for in-memory stores, a memory budget on disk)."""
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -85,16 +121,31 @@ class GradientStore(abc.ABC):
         return self.metadata.dim
 
     def rows(self) -> torch.Tensor:
-        """All rows as one tensor [n_train, m] (for stores that fit in memory)."""
-        blocks = [r for _, r in self.iter_blocks(max(len(self), 1))]
+        """All written rows as one tensor [n_train, m] (for stores that fit in memory)."""
+        blocks = [r for _, r in self.iter_blocks()]
         if not blocks:
             raise ValueError("the store holds no rows: featurize a training set first")
         return torch.cat(blocks, dim=0)
 
-    def _check_append(self, indices: np.ndarray, rows: torch.Tensor) -> None:
+    def _check_write(self, indices: np.ndarray, rows: torch.Tensor, weights: np.ndarray | None) -> np.ndarray:
         if self.metadata is None:
-            raise ValueError("call prepare(metadata) before appending rows")
+            raise ValueError("call prepare(metadata) before writing rows")
         if rows.ndim != 2 or rows.shape[1] != self.metadata.dim:
             raise ValueError(f"rows must be [B, {self.metadata.dim}], got {tuple(rows.shape)}")
         if len(indices) != rows.shape[0]:
             raise ValueError(f"{len(indices)} indices for {rows.shape[0]} rows")
+        w = np.ones(len(indices)) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        if len(w) != len(indices):
+            raise ValueError(f"{len(w)} weights for {len(indices)} rows")
+        return w
+
+
+def make_store(offload: "str | GradientStore | None" = None, **kwargs: Any) -> GradientStore:
+    """A store by name: ``none``/``memory`` (compute device), ``cpu``, ``disk`` (HDF5), or an
+    existing store returned as is. ``kwargs`` go to the store's constructor (``path=...``)."""
+    if isinstance(offload, GradientStore):
+        return offload
+    name = {None: "memory", "none": "memory"}.get(offload, offload)
+    if name not in GradientStore.registry:
+        raise ValueError(f"unknown store {offload!r}; available: none, {', '.join(sorted(GradientStore.registry))}")
+    return GradientStore.registry[name](**kwargs)

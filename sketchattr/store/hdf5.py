@@ -1,0 +1,279 @@
+"""DiskStore: sketched rows in an HDF5 file (h5py), resumable and readable with plain h5py.
+
+Layout (one group per checkpoint / model id, default ``"main"``)::
+
+    /                          attrs: format = "sketchattr-store", format_version = 1
+    /<checkpoint>/             attrs: metadata (JSON of StoreMetadata), storage_dtype,
+                                      projector_type, m, seed, model_fingerprint, task, modules
+    /<checkpoint>/indices      int64   [N]     dataset index of each row (planned rows included)
+    /<checkpoint>/rows         f4|f2|u2 [N, m] sketched rows (u2 = bfloat16 bit patterns)
+    /<checkpoint>/written      bool    [N]     True once the row's values are on disk
+    /<checkpoint>/weights      float64 [N]     importance weight of each row (sampling)
+
+All datasets are chunked and resizable along N. A batch's rows are written and flushed
+*before* its ``written`` flags are set and flushed, so a crash at any point leaves only rows
+that are flagged complete or rows that will be recomputed; reads return flagged rows only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from sketchattr.store.base import GradientStore, StoreCorruptedError, StoreMetadata
+
+FORMAT = "sketchattr-store"
+FORMAT_VERSION = 1
+DEFAULT_PATH = Path("grad_cache") / "store.h5"
+_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def _to_storage(rows: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    rows = rows.detach().cpu()
+    if storage_dtype == "bfloat16":
+        return rows.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return rows.to(getattr(torch, storage_dtype)).numpy()
+
+
+def _from_storage(arr: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    if storage_dtype == "bfloat16":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+class DiskStore(GradientStore, name="disk"):
+    """HDF5-backed store.
+
+    path: the ``.h5`` file (default ``grad_cache/store.h5``; folders are created).
+    checkpoint: group name for this model/checkpoint's rows (several per file are allowed).
+    storage_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+    block_bytes: size of the blocks read back by :meth:`iter_blocks` callers that ask for
+    ``block_rows=None`` (bounds the memory of streaming scorers).
+    """
+
+    def __init__(
+        self,
+        path: "str | os.PathLike[str] | None" = None,
+        checkpoint: str = "main",
+        storage_dtype: str = "float32",
+        block_bytes: int = 64 * 2**20,
+    ) -> None:
+        if storage_dtype not in _STORAGE:
+            raise ValueError(f"storage_dtype must be one of {sorted(_STORAGE)}, got {storage_dtype!r}")
+        self.path = Path(path) if path is not None else DEFAULT_PATH
+        self.checkpoint = str(checkpoint)
+        self.storage_dtype = storage_dtype
+        self.block_bytes = int(block_bytes)
+        self.metadata: StoreMetadata | None = None
+        self._file: h5py.File | None = None
+        self._written: np.ndarray | None = None
+        self._all_indices: np.ndarray | None = None
+        self._order: np.ndarray | None = None
+        if self.path.exists():
+            self._open_existing()
+
+    # ------------------------------------------------------------------ file handling
+    def _h5(self, write: bool = False) -> h5py.File:
+        """The open file; reopened for writing when ``write`` and it is open read-only."""
+        if self._file is None or (write and self._file.mode == "r"):
+            if self._file is not None:
+                self._file.close()
+            if write:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._file = h5py.File(self.path, "a" if write else "r")
+            except OSError as exc:
+                raise StoreCorruptedError(
+                    f"cannot read the store file {self.path} (truncated or corrupted, e.g. by a crash during "
+                    f"a write): {exc}. Delete it, or use another path, to featurize again."
+                ) from exc
+            if write and "format" not in self._file.attrs:
+                self._file.attrs["format"] = FORMAT
+                self._file.attrs["format_version"] = FORMAT_VERSION
+            elif self._file.attrs.get("format") != FORMAT:
+                raise StoreCorruptedError(f"{self.path} is not a sketchattr store (no format attribute)")
+        return self._file
+
+    def _open_existing(self) -> None:
+        f = self._h5()
+        if self.checkpoint in f:
+            g = f[self.checkpoint]
+            try:
+                self.metadata = StoreMetadata.from_json(g.attrs["metadata"])
+                stored = g.attrs["storage_dtype"]
+                n = g["indices"].shape[0]
+                if not (g["rows"].shape[0] == g["written"].shape[0] == g["weights"].shape[0] == n):
+                    raise KeyError("datasets of different lengths")
+            except (KeyError, ValueError, TypeError) as exc:
+                raise StoreCorruptedError(f"checkpoint {self.checkpoint!r} of {self.path} is incomplete: {exc}") from exc
+            if stored != self.storage_dtype:
+                self.storage_dtype = str(stored)
+            self._load_index()
+
+    def close(self) -> None:
+        """Close the file handle (reopened on demand)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "DiskStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def checkpoints(self) -> list[str]:
+        """Names of the checkpoint groups in the file."""
+        f = self._h5()
+        return [k for k in f if isinstance(f[k], h5py.Group)]
+
+    def _group(self, write: bool = False) -> h5py.Group:
+        return self._h5(write)[self.checkpoint]
+
+    # ------------------------------------------------------------------ writing
+    def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False) -> None:
+        f = self._h5(write=True)
+        if self.checkpoint in f:
+            if overwrite:
+                del f[self.checkpoint]
+                self.metadata = None
+            else:
+                StoreMetadata.from_json(f[self.checkpoint].attrs["metadata"]).check_matches(metadata)
+        if self.checkpoint not in f:
+            self._create_group(f, metadata)
+        self.metadata = metadata
+        self._load_index()
+        if planned is not None:
+            self._plan(np.asarray(planned, dtype=np.int64))
+
+    def _create_group(self, f: h5py.File, meta: StoreMetadata) -> None:
+        g = f.create_group(self.checkpoint)
+        m = meta.dim
+        itemsize = np.dtype(_STORAGE[self.storage_dtype]).itemsize
+        chunk_rows = max(1, min(4096, 2**20 // (m * itemsize)))
+        g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(16384,))
+        g.create_dataset("written", shape=(0,), maxshape=(None,), dtype=bool, chunks=(16384,))
+        g.create_dataset("weights", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(16384,))
+        g.create_dataset("rows", shape=(0, m), maxshape=(None, m), dtype=_STORAGE[self.storage_dtype], chunks=(chunk_rows, m))
+        g.attrs["metadata"] = meta.to_json()
+        g.attrs["storage_dtype"] = self.storage_dtype
+        g.attrs["projector_type"] = str(meta.projector.get("type"))
+        g.attrs["m"] = m
+        g.attrs["seed"] = int(meta.projector.get("seed", -1))
+        g.attrs["model_fingerprint"] = meta.model_fingerprint
+        g.attrs["task"] = meta.task
+        g.attrs["modules"] = json.dumps(meta.modules)
+        f.flush()
+
+    def _plan(self, planned: np.ndarray) -> None:
+        new = planned[~self._contains(planned)]
+        new = new[np.sort(np.unique(new, return_index=True)[1])]  # unique, caller's order kept
+        if len(new) == 0:
+            return
+        g = self._group(write=True)
+        n0 = g["indices"].shape[0]
+        n1 = n0 + len(new)
+        for name in ("indices", "written", "weights", "rows"):
+            g[name].resize(n1, axis=0)
+        g["indices"][n0:n1] = new
+        g["written"][n0:n1] = False
+        g["weights"][n0:n1] = 1.0
+        self._file.flush()
+        self._load_index()
+
+    def missing(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        if self._all_indices is None or len(indices) == 0:
+            return indices
+        done = np.zeros(len(indices), dtype=bool)
+        has = self._contains(indices)
+        done[has] = self._written[self._positions(indices[has])]
+        return indices[~done]
+
+    def write(self, indices: np.ndarray, rows: torch.Tensor, weights: np.ndarray | None = None) -> None:
+        indices = np.asarray(indices, dtype=np.int64)
+        w = self._check_write(indices, rows, weights)
+        if len(indices) == 0:
+            return
+        if not self._contains(indices).all():
+            self._plan(indices)
+        pos = self._positions(indices)
+        data = _to_storage(rows, self.storage_dtype)
+        g = self._group(write=True)
+        order = np.argsort(pos)
+        pos, data, w = pos[order], data[order], w[order]
+        if pos[-1] - pos[0] + 1 == len(pos):  # contiguous: one slice write
+            sl = slice(int(pos[0]), int(pos[-1]) + 1)
+            g["rows"][sl] = data
+            g["weights"][sl] = w
+            self._file.flush()
+            g["written"][sl] = True
+        else:
+            g["rows"][pos] = data
+            g["weights"][pos] = w
+            self._file.flush()
+            g["written"][pos] = True
+        self._file.flush()
+        self._written[pos] = True
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def indices(self) -> np.ndarray:
+        if self._all_indices is None:
+            return np.zeros(0, dtype=np.int64)
+        return self._all_indices[self._written]
+
+    @property
+    def weights(self) -> np.ndarray:
+        if self._all_indices is None:
+            return np.zeros(0)
+        return self._group()["weights"][:][self._written]
+
+    def iter_blocks(self, block_rows: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        if self._all_indices is None or not self._written.any():
+            return
+        if block_rows is None:
+            itemsize = np.dtype(_STORAGE[self.storage_dtype]).itemsize
+            block_rows = max(1, self.block_bytes // (self.dim * itemsize))
+        g = self._group()
+        n = len(self._all_indices)
+        for s in range(0, n, block_rows):
+            e = min(n, s + block_rows)
+            ok = self._written[s:e]
+            if not ok.any():
+                continue
+            data = g["rows"][s:e]
+            if not ok.all():
+                data = data[ok]
+            yield self._all_indices[s:e][ok], _from_storage(data, self.storage_dtype)
+
+    # ------------------------------------------------------------------ index bookkeeping
+    def _load_index(self) -> None:
+        g = self._group()
+        self._all_indices = g["indices"][:]
+        self._written = g["written"][:]
+        self._order = np.argsort(self._all_indices, kind="stable")
+        if len(np.unique(self._all_indices)) != len(self._all_indices):
+            raise StoreCorruptedError(f"checkpoint {self.checkpoint!r} of {self.path} lists a dataset index twice")
+
+    def _contains(self, indices: np.ndarray) -> np.ndarray:
+        if self._all_indices is None or len(self._all_indices) == 0:
+            return np.zeros(len(indices), dtype=bool)
+        sorted_idx = self._all_indices[self._order]
+        at = np.clip(np.searchsorted(sorted_idx, indices), 0, len(sorted_idx) - 1)
+        return sorted_idx[at] == indices
+
+    def _positions(self, indices: np.ndarray) -> np.ndarray:
+        sorted_idx = self._all_indices[self._order]
+        return self._order[np.searchsorted(sorted_idx, indices)]
