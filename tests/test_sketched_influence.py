@@ -122,3 +122,36 @@ def test_bad_inputs(mlp, data):
         scorer.score(q * float("nan"))
     with pytest.raises(ValueError):
         SketchedInfluence().fit(g[:0])
+
+
+def test_streaming_top_k_and_hdf5_scores_match_full_matrix(tmp_path, mlp, data):
+    import h5py
+    g, q = _grads(mlp, data)
+    scorer = SketchedInfluence(damping=0.02, method="eigen", block_rows=5).fit(g, indices=np.arange(100, 124))
+    full = scorer.score(q)
+    top = scorer.top_k(q, k=6)
+    order = torch.argsort(full, dim=1, descending=True)[:, :6].numpy()
+    assert (top.proponents == np.arange(100, 124)[order]).all()
+    assert np.allclose(top.proponent_scores, np.take_along_axis(full.numpy(), order, 1))
+    low = torch.argsort(full, dim=1)[:, :6].numpy()
+    assert (top.opponents == np.arange(100, 124)[low]).all()
+    top2 = scorer.score_to_hdf5(q, tmp_path / "scores.h5", k=6)
+    with h5py.File(tmp_path / "scores.h5", "r") as f:
+        assert np.allclose(f["scores"][:], full.numpy(), rtol=1e-6)
+        assert (f["train_indices"][:] == np.arange(100, 124)).all()
+    assert (top2.proponents == top.proponents).all()
+
+
+def test_importance_weights_enter_the_fisher(mlp, data):
+    from sketchattr.store import MemoryStore, StoreMetadata
+    g, q = _grads(mlp, data)
+    w = torch.linspace(0.5, 3.0, g.shape[0], dtype=torch.float64)
+    store = MemoryStore()
+    store.prepare(StoreMetadata(projector={}, modules={}, model_fingerprint="", task="", dim=g.shape[1]))
+    store.write(np.arange(g.shape[0]), g, weights=w.numpy())
+    lam = 0.05
+    f = (g * w[:, None]).T @ g / w.sum()
+    ref = -(torch.linalg.solve(f + lam * torch.eye(g.shape[1], dtype=g.dtype), q.T)).T @ g.T
+    for method in ("eigen", "gram"):
+        scorer = SketchedInfluence(damping=lam, method=method).fit(store)
+        assert torch.allclose(scorer.score(q), ref, atol=1e-8), method

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -70,7 +71,6 @@ class DiskStore(GradientStore, name="disk"):
         self.storage_dtype = storage_dtype
         self.block_bytes = int(block_bytes)
         self.metadata: StoreMetadata | None = None
-        self._file: h5py.File | None = None
         self._written: np.ndarray | None = None
         self._all_indices: np.ndarray | None = None
         self._order: np.ndarray | None = None
@@ -78,84 +78,69 @@ class DiskStore(GradientStore, name="disk"):
             self._open_existing()
 
     # ------------------------------------------------------------------ file handling
-    def _h5(self, write: bool = False) -> h5py.File:
-        """The open file; reopened for writing when ``write`` and it is open read-only."""
-        if self._file is None or (write and self._file.mode == "r"):
-            if self._file is not None:
-                self._file.close()
-            if write:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._file = h5py.File(self.path, "a" if write else "r")
-            except OSError as exc:
-                raise StoreCorruptedError(
-                    f"cannot read the store file {self.path} (truncated or corrupted, e.g. by a crash during "
-                    f"a write): {exc}. Delete it, or use another path, to featurize again."
-                ) from exc
-            if write and "format" not in self._file.attrs:
-                self._file.attrs["format"] = FORMAT
-                self._file.attrs["format_version"] = FORMAT_VERSION
-            elif self._file.attrs.get("format") != FORMAT:
+    @contextmanager
+    def _open(self, write: bool = False) -> Iterator[h5py.File]:
+        """The file, open for one operation (so several stores and processes can share it
+        between operations, and a crash never leaves a handle that needs cleaning)."""
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = h5py.File(self.path, "a" if write else "r")
+        except OSError as exc:
+            if "already open" in str(exc) or "unable to lock" in str(exc).lower():
+                raise OSError(f"{self.path} is open elsewhere (another process?): {exc}") from exc
+            raise StoreCorruptedError(
+                f"cannot read the store file {self.path} (truncated or corrupted, e.g. by a crash during "
+                f"a write): {exc}. Delete it, or use another path, to featurize again."
+            ) from exc
+        try:
+            if write and "format" not in f.attrs:
+                f.attrs["format"] = FORMAT
+                f.attrs["format_version"] = FORMAT_VERSION
+            elif f.attrs.get("format") != FORMAT:
                 raise StoreCorruptedError(f"{self.path} is not a sketchattr store (no format attribute)")
-        return self._file
+            yield f
+        finally:
+            f.close()
 
     def _open_existing(self) -> None:
-        f = self._h5()
-        if self.checkpoint in f:
+        with self._open() as f:
+            if self.checkpoint not in f:
+                return
             g = f[self.checkpoint]
             try:
                 self.metadata = StoreMetadata.from_json(g.attrs["metadata"])
-                stored = g.attrs["storage_dtype"]
+                self.storage_dtype = str(g.attrs["storage_dtype"])
                 n = g["indices"].shape[0]
                 if not (g["rows"].shape[0] == g["written"].shape[0] == g["weights"].shape[0] == n):
                     raise KeyError("datasets of different lengths")
             except (KeyError, ValueError, TypeError) as exc:
                 raise StoreCorruptedError(f"checkpoint {self.checkpoint!r} of {self.path} is incomplete: {exc}") from exc
-            if stored != self.storage_dtype:
-                self.storage_dtype = str(stored)
-            self._load_index()
-
-    def close(self) -> None:
-        """Close the file handle (reopened on demand)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> "DiskStore":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+            self._load_index(g)
 
     def checkpoints(self) -> list[str]:
         """Names of the checkpoint groups in the file."""
-        f = self._h5()
-        return [k for k in f if isinstance(f[k], h5py.Group)]
+        with self._open() as f:
+            return [k for k in f if isinstance(f[k], h5py.Group)]
 
-    def _group(self, write: bool = False) -> h5py.Group:
-        return self._h5(write)[self.checkpoint]
+    def close(self) -> None:
+        """Kept for symmetry with file objects: the file is only open during an operation."""
 
     # ------------------------------------------------------------------ writing
     def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False) -> None:
-        f = self._h5(write=True)
-        if self.checkpoint in f:
-            if overwrite:
-                del f[self.checkpoint]
-                self.metadata = None
-            else:
-                StoreMetadata.from_json(f[self.checkpoint].attrs["metadata"]).check_matches(metadata)
-        if self.checkpoint not in f:
-            self._create_group(f, metadata)
-        self.metadata = metadata
-        self._load_index()
-        if planned is not None:
-            self._plan(np.asarray(planned, dtype=np.int64))
+        with self._open(write=True) as f:
+            if self.checkpoint in f:
+                if overwrite:
+                    del f[self.checkpoint]
+                else:
+                    StoreMetadata.from_json(f[self.checkpoint].attrs["metadata"]).check_matches(metadata)
+            if self.checkpoint not in f:
+                self._create_group(f, metadata)
+            self.metadata = metadata
+            self.storage_dtype = str(f[self.checkpoint].attrs["storage_dtype"])
+            self._load_index(f[self.checkpoint])
+            if planned is not None:
+                self._plan(f[self.checkpoint], np.asarray(planned, dtype=np.int64))
 
     def _create_group(self, f: h5py.File, meta: StoreMetadata) -> None:
         g = f.create_group(self.checkpoint)
@@ -176,12 +161,11 @@ class DiskStore(GradientStore, name="disk"):
         g.attrs["modules"] = json.dumps(meta.modules)
         f.flush()
 
-    def _plan(self, planned: np.ndarray) -> None:
+    def _plan(self, g: h5py.Group, planned: np.ndarray) -> None:
         new = planned[~self._contains(planned)]
         new = new[np.sort(np.unique(new, return_index=True)[1])]  # unique, caller's order kept
         if len(new) == 0:
             return
-        g = self._group(write=True)
         n0 = g["indices"].shape[0]
         n1 = n0 + len(new)
         for name in ("indices", "written", "weights", "rows"):
@@ -189,8 +173,8 @@ class DiskStore(GradientStore, name="disk"):
         g["indices"][n0:n1] = new
         g["written"][n0:n1] = False
         g["weights"][n0:n1] = 1.0
-        self._file.flush()
-        self._load_index()
+        g.file.flush()
+        self._load_index(g)
 
     def missing(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
@@ -206,25 +190,21 @@ class DiskStore(GradientStore, name="disk"):
         w = self._check_write(indices, rows, weights)
         if len(indices) == 0:
             return
-        if not self._contains(indices).all():
-            self._plan(indices)
-        pos = self._positions(indices)
         data = _to_storage(rows, self.storage_dtype)
-        g = self._group(write=True)
-        order = np.argsort(pos)
-        pos, data, w = pos[order], data[order], w[order]
-        if pos[-1] - pos[0] + 1 == len(pos):  # contiguous: one slice write
-            sl = slice(int(pos[0]), int(pos[-1]) + 1)
-            g["rows"][sl] = data
-            g["weights"][sl] = w
-            self._file.flush()
-            g["written"][sl] = True
-        else:
-            g["rows"][pos] = data
-            g["weights"][pos] = w
-            self._file.flush()
-            g["written"][pos] = True
-        self._file.flush()
+        with self._open(write=True) as f:
+            g = f[self.checkpoint]
+            if not self._contains(indices).all():
+                self._plan(g, indices)
+            pos = self._positions(indices)
+            order = np.argsort(pos)
+            pos, data, w = pos[order], data[order], w[order]
+            contiguous = pos[-1] - pos[0] + 1 == len(pos)
+            where = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos  # one slice write when possible
+            g["rows"][where] = data
+            g["weights"][where] = w
+            f.flush()  # values on disk before the flags that vouch for them
+            g["written"][where] = True
+            f.flush()
         self._written[pos] = True
 
     # ------------------------------------------------------------------ reading
@@ -238,7 +218,8 @@ class DiskStore(GradientStore, name="disk"):
     def weights(self) -> np.ndarray:
         if self._all_indices is None:
             return np.zeros(0)
-        return self._group()["weights"][:][self._written]
+        with self._open() as f:
+            return f[self.checkpoint]["weights"][:][self._written]
 
     def iter_blocks(self, block_rows: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         if self._all_indices is None or not self._written.any():
@@ -246,21 +227,21 @@ class DiskStore(GradientStore, name="disk"):
         if block_rows is None:
             itemsize = np.dtype(_STORAGE[self.storage_dtype]).itemsize
             block_rows = max(1, self.block_bytes // (self.dim * itemsize))
-        g = self._group()
         n = len(self._all_indices)
-        for s in range(0, n, block_rows):
-            e = min(n, s + block_rows)
-            ok = self._written[s:e]
-            if not ok.any():
-                continue
-            data = g["rows"][s:e]
-            if not ok.all():
-                data = data[ok]
-            yield self._all_indices[s:e][ok], _from_storage(data, self.storage_dtype)
+        with self._open() as f:
+            rows = f[self.checkpoint]["rows"]
+            for s in range(0, n, block_rows):
+                e = min(n, s + block_rows)
+                ok = self._written[s:e]
+                if not ok.any():
+                    continue
+                data = rows[s:e]
+                if not ok.all():
+                    data = data[ok]
+                yield self._all_indices[s:e][ok], _from_storage(data, self.storage_dtype)
 
     # ------------------------------------------------------------------ index bookkeeping
-    def _load_index(self) -> None:
-        g = self._group()
+    def _load_index(self, g: h5py.Group) -> None:
         self._all_indices = g["indices"][:]
         self._written = g["written"][:]
         self._order = np.argsort(self._all_indices, kind="stable")

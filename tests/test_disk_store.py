@@ -1,0 +1,183 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_data, tiny_mlp
+from sketchattr import ClassificationTask, Featurizer, SketchedInfluence
+from sketchattr.store import CPUStore, DiskStore, MemoryStore, StoreCorruptedError, StoreMismatchError, make_store
+
+
+def _feat(model, **kw):
+    kw.setdefault("projector", "gaussian")
+    kw.setdefault("m", 16)
+    return Featurizer(model, ClassificationTask(), seed=kw.pop("seed", 0), batch_size=kw.pop("batch_size", 5), progress=False, **kw)
+
+
+def test_layout_is_plain_h5py(tmp_path, mlp, data):
+    path = tmp_path / "s.h5"
+    store = _feat(mlp).featurize(data, store="disk", path=path)
+    rows = store.rows()
+    store.close()
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == "sketchattr-store"
+        g = f["main"]
+        assert g["rows"].shape == (24, 16) and g["rows"].chunks is not None and g["rows"].maxshape == (None, 16)
+        assert g["written"][:].all() and (g["indices"][:] == np.arange(24)).all() and (g["weights"][:] == 1).all()
+        assert g.attrs["projector_type"] == "gaussian" and g.attrs["m"] == 16 and g.attrs["seed"] == 0
+        assert g.attrs["storage_dtype"] == "float32"
+        assert np.allclose(g["rows"][:], rows.numpy())
+
+
+@pytest.mark.parametrize("storage_dtype,torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_half_storage_round_trip(tmp_path, mlp, data, storage_dtype, torch_dtype):
+    feat = _feat(mlp)
+    exact = feat.train_rows(data)
+    store = feat.featurize(data, store=DiskStore(tmp_path / "h.h5", storage_dtype=storage_dtype))
+    back = DiskStore(tmp_path / "h.h5").rows()
+    assert back.dtype == torch_dtype
+    assert torch.equal(back, exact.to(torch_dtype))
+
+
+def test_memory_cpu_disk_give_identical_scores(tmp_path, mlp, data):
+    x, y = data
+    feat = _feat(mlp, dtype=torch.float32)
+    q = feat.query_rows((x[:5], y[:5]))
+    stores = [MemoryStore(), CPUStore(), DiskStore(tmp_path / "d.h5", block_bytes=16 * 4 * 7)]
+    for store in stores:
+        feat.featurize(data, store=store)
+    assert all(torch.equal(s.rows(), stores[0].rows()) for s in stores)
+    for block_rows in (None, 7):  # None: each store's own blocks (disk streams 7 rows at a time)
+        scores = []
+        for store in stores:
+            scorer = SketchedInfluence(damping=0.01, block_rows=block_rows).fit(store)
+            scores.append((scorer.score(q), scorer.top_k(q, k=4), scorer.self_influence()))
+        for s, top, si in scores[1:]:
+            same = torch.equal if block_rows else lambda a, b: torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+            assert same(s, scores[0][0]) and same(si, scores[0][2])
+            assert (top.proponents == scores[0][1].proponents).all()
+    assert isinstance(make_store("cpu"), CPUStore) and isinstance(make_store("none"), MemoryStore)
+    with pytest.raises(ValueError, match="available"):
+        make_store("tape")
+
+
+def test_reopen_and_mismatch(tmp_path, mlp, data):
+    path = tmp_path / "r.h5"
+    _feat(mlp).featurize(data, store=DiskStore(path)).close()
+    again = DiskStore(path)
+    assert len(again) == 24 and again.metadata.projector["type"] == "gaussian"
+    for kw in ({"seed": 1}, {"projector": "sjlt"}, {"modules": ["2"]}):
+        with pytest.raises(StoreMismatchError):
+            _feat(mlp, **kw).featurize(data, store=DiskStore(path))
+    other = tiny_mlp(seed=5)
+    with pytest.raises(StoreMismatchError, match="model_fingerprint"):
+        _feat(other).featurize(data, store=DiskStore(path))
+    assert len(DiskStore(path)) == 24  # nothing lost
+    store = _feat(mlp, seed=1).featurize(data, store=DiskStore(path), overwrite=True)
+    assert store.metadata.projector["seed"] == 1 and len(store) == 24
+    # a second checkpoint in the same file
+    ck = _feat(other).featurize(data, store=DiskStore(path, checkpoint="epoch2"))
+    assert sorted(ck.checkpoints()) == ["epoch2", "main"]
+
+
+def test_unflagged_rows_are_never_read(tmp_path, mlp, data):
+    path = tmp_path / "u.h5"
+    feat = _feat(mlp)
+    feat.featurize(data, store=DiskStore(path)).close()
+    with h5py.File(path, "a") as f:
+        f["main/written"][[3, 10]] = False
+        f["main/rows"][3] = np.nan  # half-written garbage
+    store = DiskStore(path)
+    assert 3 not in store.indices and len(store) == 22
+    assert store.missing(np.arange(24)).tolist() == [3, 10]
+    assert torch.isfinite(store.rows()).all()
+    feat.featurize(data, store=store)  # repairs the two rows
+    assert torch.equal(store.rows(), feat.train_rows(data).float())
+
+
+def test_corrupted_file_gives_clear_error(tmp_path):
+    path = tmp_path / "c.h5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
+    with pytest.raises(StoreCorruptedError, match="corrupted"):
+        DiskStore(path)
+    ok = tmp_path / "t.h5"
+    store = _feat(tiny_mlp()).featurize(tiny_data(), store=DiskStore(ok))
+    store.close()
+    data = ok.read_bytes()
+    ok.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreCorruptedError):
+        DiskStore(ok).rows()
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_mlp, tiny_data
+    from sketchattr import ClassificationTask, Featurizer
+    from sketchattr.store import DiskStore
+
+    class Slow(DiskStore):
+        def write(self, *a, **k):
+            super().write(*a, **k)
+            print("wrote", flush=True)
+            time.sleep(0.5)
+
+    x, y = tiny_data(n=40)
+    feat = Featurizer(tiny_mlp(), ClassificationTask(), projector="sjlt", m=16, seed=0, batch_size=4, progress=False)
+    feat.featurize((x, y), store=Slow({path!r}))
+    print("done", flush=True)
+    """
+)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    path = tmp_path / "killed.h5"
+    code = CHILD.format(tests=os.path.dirname(__file__), path=str(path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    writes = 0
+    for line in proc.stdout:
+        writes += line.startswith("wrote")
+        if writes == 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    x, y = tiny_data(n=40)
+    feat = Featurizer(tiny_mlp(), ClassificationTask(), projector="sjlt", m=16, seed=0, batch_size=4, progress=False)
+    store = DiskStore(path)
+    assert len(store) == 12 and len(store.missing(np.arange(40))) == 28
+
+    computed = []
+    original = feat.iter_rows
+    feat.iter_rows = lambda ds, idx, **kw: (computed.extend(idx.tolist()), original(ds, idx, **kw))[1]
+    feat.featurize((x, y), store=store)
+    assert sorted(computed) == list(range(12, 40))  # only the missing rows
+    store.close()
+
+    fresh = tmp_path / "fresh.h5"
+    Featurizer(tiny_mlp(), ClassificationTask(), projector="sjlt", m=16, seed=0, batch_size=4, progress=False).featurize(
+        (x, y), store=DiskStore(fresh)
+    ).close()
+    with h5py.File(path, "r") as a, h5py.File(fresh, "r") as b:
+        for name in ("indices", "written", "weights", "rows"):
+            assert np.array_equal(a["main"][name][:], b["main"][name][:]), name
+
+
+def test_sampler_indices_and_weights_are_stored(tmp_path, mlp):
+    x, y = tiny_data(n=60)
+    feat = _feat(mlp)
+    store = feat.featurize((x, y), store=DiskStore(tmp_path / "s.h5"), sampler="stratified")
+    from sketchattr.sample import StratifiedSampler, dataset_labels
+
+    expect = StratifiedSampler(key="labels", rate=0.1).sample(60, keys=y.numpy())
+    assert np.array_equal(np.sort(store.indices), expect.indices)
+    assert np.allclose(store.weights[np.argsort(store.indices)], expect.weights)
+    with pytest.raises(ValueError, match="either"):
+        feat.featurize((x, y), sampler="uniform", indices=[1, 2])
