@@ -131,7 +131,7 @@ CHILD = textwrap.dedent(
 
     x, y = tiny_data(n=40)
     feat = Featurizer(tiny_mlp(), ClassificationTask(), projector="sjlt", m=16, seed=0, batch_size=4, progress=False)
-    feat.featurize((x, y), store=Slow({path!r}))
+    feat.featurize((x, y), store=Slow({path!r}, buffer_bytes=0))  # commit every batch
     print("done", flush=True)
     """
 )

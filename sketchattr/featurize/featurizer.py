@@ -125,12 +125,13 @@ class Featurizer:
         idx, weights = self._resolve_rows(dataset, indices, sampler)
         self.selection(self._example_input(dataset, idx))
         store = make_store(store, **store_kwargs)
-        store.prepare(self.metadata("train"), planned=idx, overwrite=overwrite)
-        todo = store.missing(idx)
         weight_of = dict(zip(idx.tolist(), weights.tolist())) if weights is not None else None
-        for batch_idx, rows in self.iter_rows(dataset, todo, kind="train"):
-            w = None if weight_of is None else np.array([weight_of[i] for i in batch_idx.tolist()])
-            store.write(batch_idx, rows, w)
+        with store.writing():
+            store.prepare(self.metadata("train"), planned=idx, overwrite=overwrite)
+            todo = store.missing(idx)
+            for batch_idx, rows in self.iter_rows(dataset, todo, kind="train"):
+                w = None if weight_of is None else np.array([weight_of[i] for i in batch_idx.tolist()])
+                store.write(batch_idx, rows, w)
         return store
 
     def _resolve_rows(
@@ -189,8 +190,9 @@ class Featurizer:
                     torch.cat([grads[p].reshape(len(b), -1) for p in group], dim=1)
                     for group in sel.param_names
                 ]
-                _check_finite(blocks, b, kind)
-                yield b, self.projector.project(blocks)
+                rows = self.projector.project(blocks)
+                _check_finite(rows, b, kind)  # every projector maps a NaN/inf coordinate into its row
+                yield b, rows
                 start += len(b)
                 bar.update(len(b))
             bar.close()
@@ -257,10 +259,8 @@ def _batch_len(batch: Any) -> int:
     return _batch_len(batch[0])
 
 
-def _check_finite(blocks: list[torch.Tensor], indices: np.ndarray, kind: str) -> None:
-    bad = torch.zeros(len(indices), dtype=torch.bool, device=blocks[0].device)
-    for blk in blocks:
-        bad |= ~torch.isfinite(blk).all(dim=1)
+def _check_finite(rows: torch.Tensor, indices: np.ndarray, kind: str) -> None:
+    bad = ~torch.isfinite(rows).all(dim=1)
     if bool(bad.any()):
         rows = indices[bad.cpu().numpy()].tolist()
         raise NonFiniteGradientError(

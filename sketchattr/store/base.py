@@ -12,6 +12,7 @@ Writing follows one protocol for every backend:
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
@@ -113,6 +114,11 @@ class GradientStore(abc.ABC):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator["GradientStore"]:
+        """Context for a run of :meth:`write` calls; backends with files keep them open."""
+        yield self
 
     @property
     def dim(self) -> int:

@@ -55,6 +55,8 @@ class DiskStore(GradientStore, name="disk"):
     storage_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
     block_bytes: size of the blocks read back by :meth:`iter_blocks` callers that ask for
     ``block_rows=None`` (bounds the memory of streaming scorers).
+    buffer_bytes: rows buffered before a commit during a :meth:`writing` session (0: commit
+    every write).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class DiskStore(GradientStore, name="disk"):
         checkpoint: str = "main",
         storage_dtype: str = "float32",
         block_bytes: int = 64 * 2**20,
+        buffer_bytes: int = 16 * 2**20,
     ) -> None:
         if storage_dtype not in _STORAGE:
             raise ValueError(f"storage_dtype must be one of {sorted(_STORAGE)}, got {storage_dtype!r}")
@@ -71,6 +74,10 @@ class DiskStore(GradientStore, name="disk"):
         self.storage_dtype = storage_dtype
         self.block_bytes = int(block_bytes)
         self.metadata: StoreMetadata | None = None
+        self._handle: h5py.File | None = None
+        self.buffer_bytes = int(buffer_bytes)
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_bytes = 0
         self._written: np.ndarray | None = None
         self._all_indices: np.ndarray | None = None
         self._order: np.ndarray | None = None
@@ -79,9 +86,29 @@ class DiskStore(GradientStore, name="disk"):
 
     # ------------------------------------------------------------------ file handling
     @contextmanager
+    def writing(self) -> Iterator["DiskStore"]:
+        """Keep the file open for writing across many :meth:`write` calls (one featurize run)."""
+        if self._handle is not None:
+            yield self
+            return
+        with self._open(write=True) as f:
+            self._handle = f
+            try:
+                yield self
+            finally:
+                try:
+                    self._commit()  # rows computed before an error are valid: keep them
+                finally:
+                    self._handle = None
+
+    @contextmanager
     def _open(self, write: bool = False) -> Iterator[h5py.File]:
         """The file, open for one operation (so several stores and processes can share it
-        between operations, and a crash never leaves a handle that needs cleaning)."""
+        between operations, and a crash never leaves a handle that needs cleaning), or the
+        handle of an open :meth:`writing` session."""
+        if self._handle is not None:
+            yield self._handle
+            return
         if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -159,7 +186,6 @@ class DiskStore(GradientStore, name="disk"):
         g.attrs["model_fingerprint"] = meta.model_fingerprint
         g.attrs["task"] = meta.task
         g.attrs["modules"] = json.dumps(meta.modules)
-        f.flush()
 
     def _plan(self, g: h5py.Group, planned: np.ndarray) -> None:
         new = planned[~self._contains(planned)]
@@ -171,10 +197,10 @@ class DiskStore(GradientStore, name="disk"):
         for name in ("indices", "written", "weights", "rows"):
             g[name].resize(n1, axis=0)
         g["indices"][n0:n1] = new
-        g["written"][n0:n1] = False
-        g["weights"][n0:n1] = 1.0
+        g["written"][n0:n1] = np.zeros(len(new), dtype=bool)  # arrays, not scalars: h5py broadcasts scalars slowly
+        g["weights"][n0:n1] = np.ones(len(new))
         g.file.flush()
-        self._load_index(g)
+        self._set_index(np.concatenate([self._all_indices, new]), np.concatenate([self._written, np.zeros(len(new), bool)]))
 
     def missing(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
@@ -186,24 +212,37 @@ class DiskStore(GradientStore, name="disk"):
         return indices[~done]
 
     def write(self, indices: np.ndarray, rows: torch.Tensor, weights: np.ndarray | None = None) -> None:
+        """Write rows; inside :meth:`writing` they are buffered up to ``buffer_bytes`` and
+        committed in one go (a crash loses at most the buffer, which resume recomputes)."""
         indices = np.asarray(indices, dtype=np.int64)
         w = self._check_write(indices, rows, weights)
         if len(indices) == 0:
             return
-        data = _to_storage(rows, self.storage_dtype)
+        self._pending.append((indices, _to_storage(rows, self.storage_dtype), w))
+        self._pending_bytes += self._pending[-1][1].nbytes
+        if self._handle is None or self._pending_bytes >= self.buffer_bytes:
+            self._commit()
+
+    def _commit(self) -> None:
+        if not self._pending:
+            return
+        parts = list(zip(*self._pending))
+        indices, data, w = (np.concatenate(p) if len(p) > 1 else p[0] for p in parts)
+        self._pending, self._pending_bytes = [], 0
         with self._open(write=True) as f:
             g = f[self.checkpoint]
             if not self._contains(indices).all():
                 self._plan(g, indices)
             pos = self._positions(indices)
-            order = np.argsort(pos)
-            pos, data, w = pos[order], data[order], w[order]
+            if len(pos) > 1 and not (np.diff(pos) > 0).all():
+                order = np.argsort(pos)
+                pos, data, w = pos[order], data[order], w[order]
             contiguous = pos[-1] - pos[0] + 1 == len(pos)
             where = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos  # one slice write when possible
             g["rows"][where] = data
             g["weights"][where] = w
             f.flush()  # values on disk before the flags that vouch for them
-            g["written"][where] = True
+            g["written"][where] = np.ones(len(pos), dtype=bool)
             f.flush()
         self._written[pos] = True
 
@@ -242,8 +281,13 @@ class DiskStore(GradientStore, name="disk"):
 
     # ------------------------------------------------------------------ index bookkeeping
     def _load_index(self, g: h5py.Group) -> None:
-        self._all_indices = g["indices"][:]
-        self._written = g["written"][:]
+        if g["indices"].shape[0] == 0:  # reading an empty chunked dataset is slow in HDF5
+            self._set_index(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+        else:
+            self._set_index(g["indices"][:], g["written"][:])
+
+    def _set_index(self, indices: np.ndarray, written: np.ndarray) -> None:
+        self._all_indices, self._written = indices, written
         self._order = np.argsort(self._all_indices, kind="stable")
         if len(np.unique(self._all_indices)) != len(self._all_indices):
             raise StoreCorruptedError(f"checkpoint {self.checkpoint!r} of {self.path} lists a dataset index twice")
