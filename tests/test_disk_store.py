@@ -59,7 +59,7 @@ def test_memory_cpu_disk_give_identical_scores(tmp_path, mlp, data):
             scorer = SketchedInfluence(damping=0.01, block_rows=block_rows).fit(store)
             scores.append((scorer.score(q), scorer.top_k(q, k=4), scorer.self_influence()))
         for s, top, si in scores[1:]:
-            same = torch.equal if block_rows else lambda a, b: torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+            same = torch.equal if block_rows else lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6)  # fp32 scores
             assert same(s, scores[0][0]) and same(si, scores[0][2])
             assert (top.proponents == scores[0][1].proponents).all()
     assert isinstance(make_store("cpu"), CPUStore) and isinstance(make_store("none"), MemoryStore)

@@ -20,6 +20,7 @@ import torch
 
 from sketchattr.score.base import Scorer, as_store
 from sketchattr.score.damping import auto_damping, effective_dimension
+from sketchattr.score.linalg import accumulate_gram, eigh_ascending, symmetrize_upper
 from sketchattr.store import GradientStore
 
 
@@ -28,7 +29,9 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
 
     damping: ``"auto"`` (default; see :func:`sketchattr.score.damping.auto_damping`) or λ > 0.
     method: ``"auto"`` (Gram form when m > n), ``"eigen"`` (m×m) or ``"gram"`` (n×n).
-    dtype: dtype of the solve (float64 by default). device: where blocks are scored
+    dtype: dtype of F̂, its eigendecomposition and the preconditioned queries (float64 by
+    default); streamed score products run in the store rows' precision (float32 for fp32, fp16
+    and bf16 stores, float64 for float64 rows). device: where blocks are scored
     (default: where the store's rows are). block_rows: rows per streamed block (default: the
     store's choice).
 
@@ -68,23 +71,33 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
             raise ValueError("store weights must be finite and > 0")
         self.weight_sum = float(w.sum())
         self.path = ("gram" if m > n else "eigen") if self.method == "auto" else self.method
+        uniform = bool((w == w[0]).all())
         if self.path == "eigen":
             fhat = torch.zeros(m, m, dtype=self.dtype, device=self._compute_device())
             for (_, rows), wb in self._blocks_with_weights(w):
-                fhat += (rows * wb[:, None]).T @ rows
-            sigma, vecs = torch.linalg.eigh(fhat / self.weight_sum)
+                accumulate_gram(fhat, rows, None if uniform else wb)
+            symmetrize_upper(fhat)
+            fhat /= self.weight_sum / (float(w[0]) if uniform else 1.0)
+            sigma, vecs = eigh_ascending(fhat)
+            del fhat
         else:
-            G = self._checked(torch.cat([r for _, r in self._blocks()]))
+            G = self._checked(torch.cat([r for _, r in self._blocks(self.dtype)]))
             self._H = G * w.to(G.device).sqrt()[:, None]
-            sigma, vecs = torch.linalg.eigh(self._H @ self._H.T / self.weight_sum)
-        order = torch.argsort(sigma, descending=True)
-        self.sigma = sigma[order].clamp(min=0)
-        self._vecs = vecs[:, order]
-        self.sigma_max = float(self.sigma[0])
+            sigma, vecs = eigh_ascending(self._H @ self._H.T / self.weight_sum)
+        # eigenpairs kept in ascending order (no reordering copy of the m×m eigenvectors)
+        self._sigma = sigma.to(device=vecs.device, dtype=self.dtype).clamp(min=0)
+        self._vecs = vecs.to(dtype=self.dtype)
+        self.sigma_max = float(self._sigma[-1])
         if self.sigma_max <= 0:
             raise ValueError("F̂ is zero: every stored gradient vanishes")
         self.damping_ = self.resolve_damping(self.damping)
         return self
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """Eigenvalues of F̂ (the nonzero ones of K on the Gram path), descending. [r]"""
+        self._check_fitted()
+        return torch.flip(self._sigma, dims=[0])
 
     def resolve_damping(self, damping: "float | str | None" = None) -> float:
         """λ for a damping setting (``None`` → the fitted ``damping_``)."""
@@ -92,14 +105,14 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         if damping is None:
             return self.damping_
         if damping == "auto":
-            return auto_damping(self.sigma, self.dim)
+            return auto_damping(self._sigma, self.dim)
         if not _is_positive(damping):
             raise ValueError(f"damping must be 'auto' or a float > 0, got {damping!r}")
         return float(damping)
 
     def effective_dimension(self, damping: "float | str | None" = None) -> float:
         """d_λ = tr(F̂(F̂ + λI)⁻¹) at λ (default: the fitted λ)."""
-        return effective_dimension(self.sigma, self.resolve_damping(damping))
+        return effective_dimension(self._sigma, self.resolve_damping(damping))
 
     # ------------------------------------------------------------------ scoring
     def precondition(self, queries: torch.Tensor, damping: "float | str | None" = None) -> torch.Tensor:
@@ -108,9 +121,9 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         lam = self.resolve_damping(damping)
         V = self._vecs
         if self.path == "eigen":
-            return ((q @ V) / (self.sigma + lam)) @ V.T
+            return ((q @ V) / (self._sigma + lam)) @ V.T
         a = (q @ self._H.T) @ V
-        return (q - (a / (self.weight_sum * (self.sigma + lam))) @ V.T @ self._H) / lam
+        return (q - (a / (self.weight_sum * (self._sigma + lam))) @ V.T @ self._H) / lam
 
     def iter_scores(
         self, queries: torch.Tensor, damping: "float | str | None" = None
@@ -118,17 +131,17 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         """Yield (train indices [b], scores [n_query, b]) block by block over the store."""
         u = -self.precondition(queries, damping)
         for idx, rows in self._blocks():
-            yield idx, u @ rows.T
+            yield idx, u.to(rows.dtype) @ rows.T
 
     def score_grid(self, queries: torch.Tensor, dampings: Sequence[float]) -> torch.Tensor:
         """Scores for several λ at once: [n_lambda, n_query, n_train], one decomposition."""
         us = torch.stack([-self.precondition(queries, d) for d in dampings])  # [L, nq, m]
-        return torch.cat([us @ rows.T for _, rows in self._blocks()], dim=2)
+        return torch.cat([us.to(rows.dtype) @ rows.T for _, rows in self._blocks()], dim=2)
 
     def self_influence(self, damping: "float | str | None" = None) -> torch.Tensor:
         """ĝ_iᵀ(F̂ + λI)⁻¹ĝ_i ≥ 0 for every train row: [n_train]."""
         lam = self.resolve_damping(damping)
-        return torch.cat([(rows * self.precondition(rows, lam)).sum(dim=1) for _, rows in self._blocks()])
+        return torch.cat([(rows * self.precondition(rows, lam)).sum(dim=1) for _, rows in self._blocks(self.dtype)])
 
     # ------------------------------------------------------------------ internals
     def _compute_device(self) -> torch.device:
@@ -138,14 +151,17 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
             return rows.device
         return torch.device("cpu")
 
-    def _blocks(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def _blocks(self, dtype: torch.dtype | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Store blocks on the compute device, in ``dtype`` (default: the rows' own precision,
+        at least float32 — streamed products need no more than the store holds)."""
         device = self._compute_device()
         for idx, rows in self.store.iter_blocks(self.block_rows):
-            yield idx, rows.to(device=device, dtype=self.dtype, non_blocking=True)
+            want = dtype or (rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32)
+            yield idx, rows.to(device=device, dtype=want, non_blocking=True)
 
     def _blocks_with_weights(self, w: torch.Tensor) -> Iterator[tuple[tuple[np.ndarray, torch.Tensor], torch.Tensor]]:
         start = 0
-        for idx, rows in self._blocks():
+        for idx, rows in self._blocks(self.dtype):
             self._checked(rows)
             yield (idx, rows), w[start : start + len(idx)].to(rows.device)
             start += len(idx)
