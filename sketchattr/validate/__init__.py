@@ -2,8 +2,11 @@
 from ..recipes import margin
 from .ground_truth import GroundTruth, digits_ground_truth, subset_ground_truth, subset_positions
 from .lds import LDSResult, lds, subsets_to_mask
+from .loo import LOOGroundTruth, loo_correlation, loo_ground_truth
+from .spectrum import SpectrumCheck, exact_effective_dimension, recommend_sketch_size, spectrum_check
 
 __all__ = [
     "GroundTruth", "LDSResult", "digits_ground_truth", "lds", "margin", "subset_ground_truth",
-    "subset_positions", "subsets_to_mask",
+    "subset_positions", "subsets_to_mask", "LOOGroundTruth", "loo_correlation", "loo_ground_truth",
+    "SpectrumCheck", "exact_effective_dimension", "recommend_sketch_size", "spectrum_check",
 ]

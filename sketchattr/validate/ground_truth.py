@@ -48,11 +48,11 @@ def subset_positions(k: int, n_train: int, alpha: float, seed: int) -> np.ndarra
     return np.sort(np.random.RandomState(seed + k).choice(n_train, size, replace=False))
 
 
-def _subset_output(train_fn: TrainFn, measure_fn: MeasureFn, pos: np.ndarray, k: int, n_seeds: int) -> np.ndarray:
+def _subset_output(train_fn: TrainFn, measure_fn: MeasureFn, pos: np.ndarray, k: int, n_seeds: int, shared: bool = False) -> np.ndarray:
     rows = []
     with torch_threads(1):
         for r in range(n_seeds):
-            model = train_fn(pos, k * n_seeds + r)
+            model = train_fn(pos, r if shared else k * n_seeds + r)
             with torch.no_grad():
                 out = measure_fn(model)
             out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
@@ -63,13 +63,14 @@ def _subset_output(train_fn: TrainFn, measure_fn: MeasureFn, pos: np.ndarray, k:
 _WORKER: dict = {}
 
 
-def _worker_init(train_fn: TrainFn, measure_fn: MeasureFn, n_seeds: int) -> None:
+def _worker_init(train_fn: TrainFn, measure_fn: MeasureFn, n_seeds: int, shared: bool) -> None:
     torch.set_num_threads(1)
-    _WORKER.update(train_fn=train_fn, measure_fn=measure_fn, n_seeds=n_seeds)
+    _WORKER.update(train_fn=train_fn, measure_fn=measure_fn, n_seeds=n_seeds, shared=shared)
 
 
 def _worker_run(k: int, pos: np.ndarray) -> tuple[int, np.ndarray]:
-    return k, _subset_output(_WORKER["train_fn"], _WORKER["measure_fn"], pos, k, _WORKER["n_seeds"])
+    w = _WORKER
+    return k, _subset_output(w["train_fn"], w["measure_fn"], pos, k, w["n_seeds"], w["shared"])
 
 
 def _open_cache(path: Path, masks: np.ndarray, attrs: dict) -> h5py.File:
@@ -102,19 +103,29 @@ def subset_ground_truth(
     attrs: dict | None = None,
     progress: bool = True,
     workers: int = 1,
+    subsets: list[np.ndarray] | None = None,
+    shared_seeds: bool = False,
 ) -> GroundTruth:
     """Compute (or resume) the subset-retraining ground truth cached at ``path`` (HDF5).
 
     ``attrs``: extra settings (str/number) stored with the cache and checked on reuse. ``workers`` > 1 trains
     subsets in forked processes (Linux; ``train_fn`` / ``measure_fn`` need not be picklable); results are
-    identical to ``workers=1``.
+    identical to ``workers=1``. ``subsets``: explicit train positions per subset instead of random
+    α-fractions (``n_subsets``/``alpha``/``seed`` then unused). ``shared_seeds``: train every subset with
+    seeds 0..n_seeds-1 (common random numbers, for leave-one-out differences).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if subsets is not None:
+        positions = [np.sort(np.asarray(p, dtype=np.int64)) for p in subsets]
+        n_subsets = len(positions)
+    else:
+        positions = [subset_positions(k, n_train, alpha, seed) for k in range(n_subsets)]
     settings = dict(n_train=n_train, n_subsets=n_subsets, alpha=float(alpha), n_seeds=n_seeds, seed=seed)
+    if shared_seeds:
+        settings["shared_seeds"] = 1
     settings.update(attrs or {})
     masks = np.zeros((n_subsets, n_train), dtype=bool)
-    positions = [subset_positions(k, n_train, alpha, seed) for k in range(n_subsets)]
     for k, pos in enumerate(positions):
         masks[k, pos] = True
 
@@ -133,10 +144,10 @@ def subset_ground_truth(
 
         try:
             if workers > 1 and len(todo) > 1 and "fork" in mp.get_all_start_methods():
-                _run_parallel(todo, positions, train_fn, measure_fn, n_seeds, workers, write)
+                _run_parallel(todo, positions, train_fn, measure_fn, n_seeds, workers, write, shared_seeds)
             else:
                 for k in todo:
-                    write(k, _subset_output(train_fn, measure_fn, positions[k], k, n_seeds))
+                    write(k, _subset_output(train_fn, measure_fn, positions[k], k, n_seeds, shared_seeds))
         finally:
             bar.close()
         outputs = f["outputs"][()] if "outputs" in f else np.zeros((n_subsets, 0))
@@ -144,10 +155,10 @@ def subset_ground_truth(
     return GroundTruth(masks=masks, outputs=outputs, path=path, attrs=stored)
 
 
-def _run_parallel(todo, positions, train_fn, measure_fn, n_seeds, workers, write) -> None:
+def _run_parallel(todo, positions, train_fn, measure_fn, n_seeds, workers, write, shared=False) -> None:
     ctx = mp.get_context("fork")
     with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
-                             initargs=(train_fn, measure_fn, n_seeds)) as ex:
+                             initargs=(train_fn, measure_fn, n_seeds, shared)) as ex:
         pending = {ex.submit(_worker_run, k, positions[k]) for k in todo}
         try:
             while pending:

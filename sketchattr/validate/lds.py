@@ -60,12 +60,18 @@ def _spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (ra * rb).sum(0) / np.sqrt((ra * ra).sum(0) * (rb * rb).sum(0))
 
 
-def lds(scores: ArrayLike, subsets: ArrayLike | Sequence[ArrayLike], outputs: ArrayLike) -> LDSResult:
+def lds(scores: ArrayLike, subsets: "ArrayLike | Sequence[ArrayLike] | object", outputs: ArrayLike | None = None) -> LDSResult:
     """LDS of attribution ``scores`` [n_query, n_train].
 
-    ``subsets``: bool mask [K, n_train] or a list of K integer index arrays into the train set;
-    ``outputs``: [K, n_query] measured f(z_q; theta_{S_k}) (already averaged over seeds).
+    ``lds(scores, ground_truth)`` with a :class:`~sketchattr.validate.GroundTruth`, or
+    ``lds(scores, subsets, outputs)`` with ``subsets`` a bool mask [K, n_train] or a list of K
+    integer index arrays into the train set and ``outputs`` [K, n_query] measured
+    f(z_q; theta_{S_k}) (already averaged over seeds).
     """
+    if outputs is None:
+        if not (hasattr(subsets, "masks") and hasattr(subsets, "outputs")):
+            raise TypeError("lds(scores, ground_truth) needs an object with .masks and .outputs, or pass outputs")
+        subsets, outputs = subsets.masks, subsets.outputs
     s = _to_numpy(scores).astype(np.float64, copy=False)
     if s.ndim != 2:
         raise ValueError(f"scores: expected shape [n_query, n_train], found {tuple(s.shape)}")
