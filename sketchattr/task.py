@@ -136,3 +136,38 @@ class RegressionTask(Task):
 
     def describe(self) -> str:
         return f"RegressionTask(measure={self.measure})"
+
+
+class CausalLMTask(Task):
+    """Next-token language modelling on token sequences (e.g. the maestro split).
+
+    A batch is a tensor of tokens [B, T] or a tuple/list whose first element is one (``(tokens,)``,
+    as yielded by a one-tensor TensorDataset); further elements are ignored. The model maps tokens
+    [B, T] -> logits [B, T, V]; position t predicts token t + 1.
+
+    * ``train_loss``: next-token cross-entropy summed over the T − 1 positions and the batch. With
+      ``sample=True`` the next tokens are drawn from the model's predictive distribution
+      (:func:`sample_categorical` on logits [B·(T−1), V]) — the true Fisher.
+    * ``measurement``: the negative summed next-token loss (the query's log-likelihood), so a
+      positive score means the training example helps the query, as with the classification margin.
+    """
+
+    @staticmethod
+    def _next_token_logits(model: Model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"CausalLMTask expects tokens [B, T] with T >= 2; found {tuple(tokens.shape)}")
+        logits = model(tokens)
+        if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
+            raise ValueError(f"expected logits [B, T, V] for tokens {tuple(tokens.shape)}; found {tuple(logits.shape)}")
+        pred = logits[:, :-1].reshape(-1, logits.shape[-1])  # [B·(T−1), V]
+        return pred, tokens[:, 1:].reshape(-1).long()
+
+    def train_loss(self, model: Model, batch: Batch, sample: bool = False) -> torch.Tensor:
+        pred, targets = self._next_token_logits(model, self.inputs(batch))
+        if sample:
+            targets = sample_categorical(pred)
+        return F.cross_entropy(pred, targets, reduction="sum")
+
+    def measurement(self, model: Model, batch: Batch) -> torch.Tensor:
+        pred, targets = self._next_token_logits(model, self.inputs(batch))
+        return -F.cross_entropy(pred, targets, reduction="sum")

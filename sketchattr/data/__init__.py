@@ -1,4 +1,5 @@
-"""Datasets for benches."""
+"""Datasets for benches and experiments (local files only; see :mod:`sketchattr.data.registry`)."""
 from .digits import DigitsSplit, load_digits_split
+from .registry import DatasetSplit, available_datasets, load_dataset, subsample_index
 
-__all__ = ["DigitsSplit", "load_digits_split"]
+__all__ = ["DatasetSplit", "DigitsSplit", "available_datasets", "load_dataset", "load_digits_split", "subsample_index"]

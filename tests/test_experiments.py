@@ -1,0 +1,34 @@
+"""The experiment scripts run end to end on their --quick setting (as in CI)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, tmp_path: Path) -> dict:
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "experiments" / script), "--quick", "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stem = script.removesuffix(".py") + "_digits_mlp"
+    assert (out / f"{stem}.csv").exists()
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+def test_spectrum_bounds_quick(tmp_path):
+    result = _run("spectrum_bounds.py", tmp_path)["summary"]
+    assert set(result["fits"]) == {"normal", "rademacher", "sjlt"}
+    for fit in result["fits"].values():
+        assert fit["slope"] < 0  # bigger sketches are more faithful
+    assert result["d_lambda"] > 0
+
+
+def test_hyperparam_selection_quick(tmp_path):
+    result = _run("hyperparam_selection.py", tmp_path)["summary"]
+    for info in result["projectors"].values():
+        assert -1 <= info["theory"]["lds_test"] <= 1
+        assert info["utility"]["m"] in (64, 256)
