@@ -101,7 +101,8 @@ def test_auto_damping_rule(mlp, data):
     g, _ = _grads(mlp, data)
     scorer = SketchedInfluence().fit(g)
     lam = scorer.damping_
-    assert lam >= 1e-3 * scorer.sigma_max - 1e-15
+    from sketchattr.score.damping import AUTO_RELATIVE_FLOOR
+    assert lam >= AUTO_RELATIVE_FLOOR * scorer.sigma_max - 1e-15
     assert scorer.effective_dimension() <= g.shape[1] / 4 + 1e-6
     assert lam == auto_damping(scorer.sigma, g.shape[1])
     assert effective_dimension(scorer.sigma, lam) == pytest.approx(scorer.effective_dimension())

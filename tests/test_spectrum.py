@@ -70,7 +70,7 @@ def test_exact_effective_dimension_is_the_trace_formula(mlp, data):
 
 
 def test_recommend_sketch_size():
-    assert recommend_sketch_size(100, 0.1, 0.05, scale=0.4) == math.ceil(0.16 * (100 + math.log(20)) / 0.01)
+    assert recommend_sketch_size(100, 0.1, 0.05, scale=0.4) == math.ceil(0.4**2 * (100 + math.log(20)) / 0.01)
     assert recommend_sketch_size(100, 0.05) > recommend_sketch_size(100, 0.1)
     with pytest.raises(ValueError):
         recommend_sketch_size(0, 0.1)
