@@ -25,3 +25,8 @@ __all__ = [
     "RegressionTask", "SJLTProjector", "Scorer", "SketchedInfluence", "StoreMetadata",
     "StoreMismatchError", "Task", "TopK", "make_projector", "model_fingerprint", "select_modules", "top_k",
 ]
+
+from sketchattr.curvature import Factors, FactorsMismatchError, fit_factors  # noqa: E402
+from sketchattr.score import DiagonalScorer, EKFACScorer, IdentityScorer, KFACScorer  # noqa: E402
+
+__all__ += ["DiagonalScorer", "EKFACScorer", "Factors", "FactorsMismatchError", "IdentityScorer", "KFACScorer", "fit_factors"]

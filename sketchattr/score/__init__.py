@@ -5,3 +5,12 @@ from sketchattr.score.sketched_influence import SketchedInfluence
 from sketchattr.score.topk import TopK, top_k
 
 __all__ = ["Scorer", "SketchedInfluence", "TopK", "top_k", "auto_damping", "effective_dimension"]
+
+from sketchattr.score.ekfac import (  # noqa: E402  (factored-curvature scorers)
+    CurvatureScorer, DiagonalScorer, EKFACScorer, IdentityScorer, KFACScorer, PreparedQueries, query_rank_agreement,
+)
+
+__all__ += [
+    "CurvatureScorer", "DiagonalScorer", "EKFACScorer", "IdentityScorer", "KFACScorer", "PreparedQueries",
+    "query_rank_agreement",
+]

@@ -1,0 +1,62 @@
+"""A small wall-clock profiler with a per-action table (Kronfluence-style).
+
+``with profiler.record("eigendecomposition"): ...`` times a block; :meth:`Profiler.table`
+prints ``action | mean duration (s) | calls | total (s) | percent`` sorted by total, percent
+of the wall time between the first record's start and the last record's end. Nested records
+are fine (their percents then overlap). A disabled profiler costs nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from typing import Iterator
+
+
+class Profiler:
+    """Accumulates durations per action name."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.durations: dict[str, list[float]] = defaultdict(list)
+        self._start: float | None = None
+        self._end: float | None = None
+
+    @contextlib.contextmanager
+    def record(self, action: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        t0 = time.perf_counter()
+        self._start = t0 if self._start is None else self._start
+        try:
+            yield
+        finally:
+            t1 = time.perf_counter()
+            self.durations[action].append(t1 - t0)
+            self._end = t1
+
+    def calls(self, action: str) -> int:
+        """How many times ``action`` was recorded."""
+        return len(self.durations.get(action, []))
+
+    @property
+    def wall(self) -> float:
+        """Seconds from the first record's start to the last record's end."""
+        return 0.0 if self._start is None or self._end is None else self._end - self._start
+
+    def rows(self) -> list[tuple[str, float, int, float, float]]:
+        """(action, mean s, calls, total s, percent of wall), by total descending."""
+        wall = self.wall or 1.0
+        out = [(a, sum(d) / len(d), len(d), sum(d), 100.0 * sum(d) / wall) for a, d in self.durations.items()]
+        return sorted(out, key=lambda r: -r[3])
+
+    def table(self, title: str = "profile") -> str:
+        """The timing table as text, with a Total row (the wall time)."""
+        rows = [(a, f"{m:.5f}", str(c), f"{t:.5f}", f"{p:.1f}") for a, m, c, t, p in self.rows()]
+        rows.append(("Total", "-", "-", f"{self.wall:.5f}", "100.0"))
+        head = ("Action", "Mean duration (s)", "Num calls", "Total time (s)", "Percentage %")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+        line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+        sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        return "\n".join([title, line(head), sep] + [line(r) for r in rows])
