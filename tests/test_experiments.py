@@ -32,3 +32,12 @@ def test_hyperparam_selection_quick(tmp_path):
     for info in result["projectors"].values():
         assert -1 <= info["theory"]["lds_test"] <= 1
         assert info["utility"]["m"] in (64, 256)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "sketched"])
+def test_toy_scaling_single(strategy):
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_scaling_test.py"), "--test", "single", "--model-size", "tiny",
+                           "--dataset-size", "40", "--query-size", "8", "--strategy", strategy, "--epochs", "20"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Scores shape: (8, 40)" in proc.stdout and "Factor computation time" in proc.stdout
