@@ -373,3 +373,11 @@ def test_errors():
         EKFACScorer(factors, feat).score((x[:2], y[:2]))
     with pytest.raises(ValueError, match="damping"):
         EKFACScorer(factors, feat, damping=-1.0)
+
+
+def test_correction_pass_draws_fresh_labels():
+    from sketchattr.curvature.factors import pass_seed
+
+    assert pass_seed(0, 0) == 0 and pass_seed(7, 0) == 7
+    assert pass_seed(0, 1) == pass_seed(0, 1) != 0
+    assert pass_seed(0, 1) != pass_seed(1, 1)

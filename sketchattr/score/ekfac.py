@@ -19,9 +19,9 @@ sets the dtype of the streamed products (default: the store rows' precision, at 
 ``profile=True`` prints a per-stage timing table after each scoring run.
 
 Damping and sketching: the sketch adds noise of order ‖u‖‖g‖/√m to each score, and a weakly
-damped u is large, so sketched EKFAC wants more damping than exact EKFAC. On digits-mlp (LDS,
-true Fisher) with λ = r·mean(Λ): exact (identity) 0.52 / 0.58 / 0.53 at r = 0.1 / 1 / 10;
-SJLT m = 1024: 0.12 / 0.32 / 0.46; SJLT m = 4096: 0.27 / 0.49 / 0.52.
+damped u is large, so sketched EKFAC wants more damping than exact EKFAC (on digits-mlp, SJLT
+m = 1024, LDS rises from ~0.15 at 0.1·mean(Λ) to ~0.46 at 10·mean(Λ); exact EKFAC peaks near
+0.1–1·mean(Λ)). ``python benchmarks/ekfac_digits.py`` prints the current figures.
 """
 from __future__ import annotations
 
