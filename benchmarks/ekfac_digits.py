@@ -20,6 +20,7 @@ import torch
 import sketchattr as sa
 from sketchattr.data.digits import load_digits_split
 from sketchattr.recipes import train_digits_mlp
+from sketchattr.score import query_rank_agreement
 from sketchattr.validate.ground_truth import digits_ground_truth
 from sketchattr.validate.lds import lds
 
@@ -63,6 +64,12 @@ def main() -> None:
                 scores = scorer.fit(stores[name]).score(split.query_dataset())
                 cells.append(lds(scores.double().numpy(), gt).mean)
             print(f"{kind:<9} {name:<12} {cells[0]:>15.3f} {cells[1]:>9.3f}")
+
+    # query low-rank batching: rank-k preconditioned query gradients against full rank
+    agreement = query_rank_agreement(sa.EKFACScorer(factors["ekfac"], feats["sjlt m=1024"]).fit(stores["sjlt m=1024"]),
+                                        split.query_dataset(), [1, 2, 4, 8, 16, 32])
+    print("\nquery rank k (EKFAC, SJLT m=1024): mean per-query Pearson / Spearman with full rank")
+    print("  " + ", ".join(f"k={k}: {v['pearson']:.4f}/{v['spearman']:.4f}" for k, v in agreement.items()))
 
     # query scaling: 100 vs 1,000 queries (the 1,000 train rows used as queries) on the same store
     feat, store = feats["sjlt m=1024"], stores["sjlt m=1024"]
