@@ -8,7 +8,7 @@ trained weights independent of the machine's core count (2 threads give ~1e-5 di
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -47,10 +47,12 @@ def train_classifier(
     batch_size: int = 64,
     seed: int = 0,
     num_threads: int | None = 1,
+    on_epoch_end: "Callable[[int, nn.Module], None] | None" = None,
 ) -> nn.Module:
     """Train ``model`` in place on x [N, D], y [N] with the reference recipe; returns it in eval mode.
 
     ``num_threads``: torch intra-op threads during training (None = leave the global setting).
+    ``on_epoch_end(epoch, model)``: called after each epoch (1-based), e.g. to save checkpoints.
     """
     n = len(x)
     if n == 0 or len(y) != n:
@@ -59,7 +61,7 @@ def train_classifier(
     g = torch.Generator().manual_seed(seed)
     model.train()
     with torch_threads(num_threads):
-        for _ in range(epochs):
+        for epoch in range(epochs):
             perm = torch.randperm(n, generator=g)
             for start in range(0, n, batch_size):
                 idx = perm[start : start + batch_size]
@@ -67,6 +69,8 @@ def train_classifier(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, model)
     return model.eval()
 
 
