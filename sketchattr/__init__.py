@@ -30,3 +30,7 @@ from sketchattr.curvature import Factors, FactorsMismatchError, fit_factors  # n
 from sketchattr.score import DiagonalScorer, EKFACScorer, IdentityScorer, KFACScorer  # noqa: E402
 
 __all__ += ["DiagonalScorer", "EKFACScorer", "Factors", "FactorsMismatchError", "IdentityScorer", "KFACScorer", "fit_factors"]
+
+from sketchattr.score import TracIn, tracin_from_checkpoints  # noqa: E402
+
+__all__ += ["TracIn", "tracin_from_checkpoints"]

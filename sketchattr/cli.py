@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2], help="query positions to print")
     demo.add_argument("--k", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0, help="projector seed")
+    from sketchattr.tracin_cli import add_parser as add_tracin_parser
+
+    add_tracin_parser(sub)
     return parser
 
 
@@ -23,4 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sketchattr.demo import run_demo
 
         run_demo(m=args.m, projector=args.projector, queries=tuple(args.queries), k=args.k, seed=args.seed)
+    elif args.command == "tracin":
+        from sketchattr.tracin_cli import run as run_tracin
+
+        run_tracin(args)
     return 0

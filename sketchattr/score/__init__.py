@@ -14,3 +14,7 @@ __all__ += [
     "CurvatureScorer", "DiagonalScorer", "EKFACScorer", "IdentityScorer", "KFACScorer", "PreparedQueries",
     "query_rank_agreement",
 ]
+
+from sketchattr.score.tracin import TracIn, TracInQueries, tracin_from_checkpoints  # noqa: E402
+
+__all__ += ["TracIn", "TracInQueries", "tracin_from_checkpoints"]

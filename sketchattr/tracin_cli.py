@@ -1,0 +1,257 @@
+"""``sketchattr tracin``: TracIn over saved checkpoints, from files, to a JSON report.
+
+Inputs
+------
+Model: ``--model-def module:function`` names a Python callable that returns an ``nn.Module``
+(e.g. ``sketchattr.models.mlp:make_mlp``), called with the keyword arguments of
+``--model-kwargs '{"in_dim": 64}'`` (JSON, default none). Each checkpoint given to
+``--checkpoints ck1.pt ck2.pt ...`` is a *state dict* of that module saved with
+``torch.save(model.state_dict(), path)``; it is loaded with ``torch.load(weights_only=True)``.
+``--learning-rates`` gives η_c per checkpoint (default 1.0 each; one value is used for all).
+
+Data: ``--train-data`` and ``--test-data`` are either
+
+* ``.pt`` files holding a dict of tensors ``{"x": [N, ...], "y": [N]}`` saved with
+  ``torch.save`` (loaded with ``weights_only=True``), or
+* ``.npz`` files with arrays ``x`` and ``y`` (``numpy.savez``).
+
+Floating ``x`` is cast to the model's dtype; ``y`` holds class indices (classification) or
+targets (``--task regression``). ``--stratify-by labels`` stratifies the train sample by ``y``;
+``--stratify-by NAME`` uses another per-example array ``NAME`` of the train file.
+
+Output (``--output results.json``)
+----------------------------------
+::
+
+    {"settings": {... every option, projector spec, module names and sizes, n_train,
+                  n_scored_train, checkpoints, learning_rates ...},
+     "results": [{"test_index": i, "label": y_i,
+                  "proponents": [{"train_index": j, "score": s}, ...],   # top-k, highest first
+                  "opponents":  [{"train_index": j, "score": s}, ...]},  # top-k, lowest first
+                 ...],
+     "timings": {"load_s", "featurize_train_s", "score_s", "total_s", "per_query_s"},
+     "memory": {"train_rows_bytes": {...}, "train_rows_total_bytes", "query_cache_bytes", ...}}
+
+Scores follow DESIGN.md: ``score = −Σ_c η_c ∇f_c(z_test)ᵀ∇ℓ_c(z_train)``, positive = the train
+example helps the test example (margin measurement for classification). Train indices are
+indices of the train file's rows (also after sampling).
+
+``--mode batch`` scores every test index at once; ``--mode single`` one test index at a time
+(query gradients computed per example, memory O(1) queries).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+HELP_EPILOG = __doc__[__doc__.index("Inputs") :]
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register the ``tracin`` subcommand on an argparse subparsers object."""
+    p = sub.add_parser(
+        "tracin",
+        help="TracIn over saved checkpoints (last-N layers, random projection, sampling) -> JSON",
+        description="TracIn: scores = -sum_c lr_c grad f_c(test) . grad loss_c(train) over checkpoints.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model-def", required=True, help="module:function returning the nn.Module (e.g. sketchattr.models.mlp:make_mlp)")
+    p.add_argument("--model-kwargs", default="{}", help="JSON dict of keyword arguments for the model function")
+    p.add_argument("--checkpoints", nargs="+", required=True, help="state-dict files (torch.save(model.state_dict()))")
+    p.add_argument("--learning-rates", type=float, nargs="+", default=None, help="eta per checkpoint (default 1.0 each)")
+    p.add_argument("--train-data", required=True, help=".pt dict {'x','y'} or .npz with x, y")
+    p.add_argument("--test-data", required=True, help=".pt dict {'x','y'} or .npz with x, y")
+    p.add_argument("--task", choices=["classification", "regression"], default="classification")
+    p.add_argument("--use-projection", action="store_true", help="randomly project gradients (else exact)")
+    p.add_argument("--projection-dim", type=int, default=256)
+    p.add_argument("--projection-type", choices=["gaussian", "sjlt", "sparse", "rademacher"], default="gaussian",
+                   help="'sparse' = sjlt")
+    p.add_argument("--sample-rate", type=float, default=1.0, help="fraction of train rows scored (default 1.0)")
+    p.add_argument("--stratify-by", default=None, help="'labels' (y) or the name of an array in the train file")
+    p.add_argument("--num-last-layers", type=int, default=None, help="attribute through the last N layers only")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--mode", choices=["single", "batch"], default="batch")
+    p.add_argument("--test-indices", type=int, nargs="+", default=None, help="test rows to explain (default all)")
+    p.add_argument("--output", required=True, help="JSON report path")
+    p.add_argument("--variant", choices=["dot", "cos"], default="dot")
+    p.add_argument("--seed", type=int, default=0, help="projector and sampler seed")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--store", choices=["none", "cpu", "disk"], default="none", help="where train rows are kept")
+    p.add_argument("--store-path", default=None, help="HDF5 file for --store disk (one group per checkpoint)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def load_model_def(spec: str) -> Any:
+    if ":" not in spec:
+        raise ValueError(f"--model-def must be 'module:function', got {spec!r}")
+    mod, fn = spec.split(":", 1)
+    obj = importlib.import_module(mod)
+    for part in fn.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec} is not callable")
+    return obj
+
+
+def load_data(path: str) -> dict[str, torch.Tensor]:
+    """{"x": tensor [N, ...], "y": tensor [N], ...} from a .pt dict or a .npz file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data file not found: {p}")
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as f:
+            data = {k: torch.from_numpy(np.asarray(f[k])) for k in f.files}
+    else:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict):
+            raise ValueError(f"{p} must hold a dict of tensors {{'x': ..., 'y': ...}}, found {type(data).__name__}")
+        data = {k: torch.as_tensor(v) for k, v in data.items()}
+    for key in ("x", "y"):
+        if key not in data:
+            raise ValueError(f"{p} has no {key!r} entry (found {sorted(data)})")
+    if data["x"].shape[0] != data["y"].shape[0] or data["x"].shape[0] == 0:
+        raise ValueError(f"{p}: x has {data['x'].shape[0]} rows and y {data['y'].shape[0]}; need equal and > 0")
+    return data
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from torch.utils.data import Subset, TensorDataset
+
+    from sketchattr.sample import make_sampler
+    from sketchattr.score.tracin import tracin_from_checkpoints
+    from sketchattr.task import ClassificationTask, RegressionTask
+
+    t0 = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    make = load_model_def(args.model_def)
+    kwargs = json.loads(args.model_kwargs)
+    models = []
+    for ck in args.checkpoints:
+        if not Path(ck).exists():
+            raise FileNotFoundError(f"checkpoint not found: {ck}")
+        model = make(**kwargs)
+        state = torch.load(ck, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        models.append(model.to(device))
+    lrs = args.learning_rates if args.learning_rates is not None else [1.0] * len(models)
+    if len(lrs) == 1:
+        lrs = lrs * len(models)
+    if len(lrs) != len(models):
+        raise ValueError(f"{len(lrs)} learning rates for {len(models)} checkpoints")
+    dtype = next(models[0].parameters()).dtype
+    train, test = load_data(args.train_data), load_data(args.test_data)
+
+    def dataset(d: dict[str, torch.Tensor]) -> TensorDataset:
+        x = d["x"].to(dtype) if d["x"].is_floating_point() else d["x"]
+        y = d["y"] if args.task == "classification" else d["y"].to(dtype)
+        return TensorDataset(x, y.long() if args.task == "classification" else y)
+
+    train_set, test_set = dataset(train), dataset(test)
+    n_test = len(test_set)
+    test_idx = list(range(n_test)) if args.test_indices is None else list(args.test_indices)
+    bad = [i for i in test_idx if not 0 <= i < n_test]
+    if bad:
+        raise ValueError(f"--test-indices {bad} outside [0, {n_test})")
+
+    sampler = None
+    if args.sample_rate < 1.0 or args.stratify_by:
+        if args.stratify_by in (None, ""):
+            sampler = make_sampler("uniform", rate=args.sample_rate, seed=args.seed)
+        elif args.stratify_by == "labels":
+            sampler = make_sampler("stratified", key="labels", rate=args.sample_rate, seed=args.seed)
+        elif args.stratify_by in train:
+            sampler = make_sampler("stratified", key=train[args.stratify_by].numpy(), rate=args.sample_rate, seed=args.seed)
+        else:
+            raise ValueError(f"--stratify-by {args.stratify_by!r}: use 'labels' or an array of the train file ({sorted(train)})")
+    projector = {"sparse": "sjlt"}.get(args.projection_type, args.projection_type) if args.use_projection else "identity"
+    t_load = time.perf_counter()
+
+    tracin = tracin_from_checkpoints(
+        models, ClassificationTask() if args.task == "classification" else RegressionTask(), train_set,
+        learning_rates=lrs, projector=projector, m=args.projection_dim if args.use_projection else None,
+        seed=args.seed, modules=args.num_last_layers, sampler=sampler, store=args.store,
+        path=args.store_path, batch_size=args.batch_size, variant=args.variant, device=device,
+        progress=not args.no_progress,
+    )
+    t_feat = time.perf_counter()
+    k = min(args.top_k, tracin.n_train)
+    results, memory = [], None
+
+    def add(indices: list[int], top: Any) -> None:
+        for r, i in enumerate(indices):
+            results.append({
+                "test_index": int(i),
+                "label": _jsonable(test["y"][i]),
+                "proponents": [{"train_index": int(j), "score": float(s)} for j, s in zip(top.proponents[r], top.proponent_scores[r])],
+                "opponents": [{"train_index": int(j), "score": float(s)} for j, s in zip(top.opponents[r], top.opponent_scores[r])],
+            })
+
+    if args.mode == "batch":
+        add(test_idx, tracin.top_k(Subset(test_set, test_idx), k=k))
+        memory = tracin.memory_footprint()
+    else:
+        from tqdm.auto import tqdm
+
+        for i in tqdm(test_idx, desc="tracin single", unit="query", disable=args.no_progress):
+            add([i], tracin.top_k(Subset(test_set, [i]), k=k))
+            memory = tracin.memory_footprint()
+            tracin.clear_query_cache()
+    t_end = time.perf_counter()
+
+    sel = tracin.featurizers[0].selection()
+    report = {
+        "settings": {
+            **{key: (list(v) if isinstance(v, tuple) else v) for key, v in vars(args).items() if key != "handler"},
+            "learning_rates": lrs,
+            "projector": tracin.featurizers[0].projector.spec(),
+            "modules": sel.spec(),
+            "n_parameters": sel.total,
+            "n_train": len(train_set),
+            "n_scored_train": int(tracin.n_train),
+            "sampler": None if sampler is None else sampler.spec(),
+            "top_k": k,
+            "device": str(device),
+            "sign": "score = -sum_c lr_c grad f_c(test).grad loss_c(train); positive = helps the test example",
+        },
+        "results": results,
+        "timings": {
+            "load_s": t_load - t0,
+            "featurize_train_s": t_feat - t_load,
+            "score_s": t_end - t_feat,
+            "total_s": t_end - t0,
+            "per_query_s": (t_end - t_feat) / max(len(test_idx), 1),
+        },
+        "memory": memory,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _jsonable(v: torch.Tensor) -> Any:
+    return v.item() if v.numel() == 1 else v.tolist()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sketchattr tracin`` alone (``python -m sketchattr.tracin_cli ...``)."""
+    parser = argparse.ArgumentParser(prog="sketchattr")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    run(parser.parse_args(["tracin", *(argv or [])]))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
