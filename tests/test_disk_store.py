@@ -181,3 +181,13 @@ def test_sampler_indices_and_weights_are_stored(tmp_path, mlp):
     assert np.allclose(store.weights[np.argsort(store.indices)], expect.weights)
     with pytest.raises(ValueError, match="either"):
         feat.featurize((x, y), sampler="uniform", indices=[1, 2])
+
+
+def test_scoring_leaves_no_open_handle_on_the_file(tmp_path, mlp, data):
+    x, y = data
+    feat = _feat(mlp)
+    store = feat.featurize(data, store=DiskStore(tmp_path / "h.h5"), indices=range(12))
+    scorer = SketchedInfluence().fit(store)
+    scorer.top_k(feat.query_rows((x[:3], y[:3])), k=2)
+    feat.featurize(data, store=store)  # writing to the same file afterwards must work
+    assert len(DiskStore(tmp_path / "h.h5")) == 24

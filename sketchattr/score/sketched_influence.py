@@ -65,6 +65,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         if n == 0:
             raise ValueError("the store holds no rows: featurize a training set first")
         self.store, self.train_indices = store, store.indices
+        self._store_device = None
         self.n_train, self.dim = n, m
         w = torch.as_tensor(store.weights, dtype=self.dtype)
         if not (torch.isfinite(w).all() and (w > 0).all()):
@@ -145,11 +146,18 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
 
     # ------------------------------------------------------------------ internals
     def _compute_device(self) -> torch.device:
+        """The scorer's device, else where the store's rows live (read once; the reader is closed
+        so that no file handle outlives the call)."""
         if self.device is not None:
             return self.device
-        for _, rows in self.store.iter_blocks(1):
-            return rows.device
-        return torch.device("cpu")
+        if getattr(self, "_store_device", None) is None:
+            blocks = self.store.iter_blocks(1)
+            try:
+                first = next(blocks, None)
+            finally:
+                blocks.close()
+            self._store_device = first[1].device if first is not None else torch.device("cpu")
+        return self._store_device
 
     def _blocks(self, dtype: torch.dtype | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Store blocks on the compute device, in ``dtype`` (default: the rows' own precision,
