@@ -14,12 +14,23 @@ from sketchattr.project import (
     make_projector,
 )
 from sketchattr.score import Scorer, SketchedInfluence, TopK, top_k
-from sketchattr.store import GradientStore, MemoryStore, StoreMetadata, StoreMismatchError
+from sketchattr.sample import make_sampler
+from sketchattr.store import (
+    CPUStore,
+    DiskStore,
+    GradientStore,
+    MemoryStore,
+    StoreCorruptedError,
+    StoreMetadata,
+    StoreMismatchError,
+    make_store,
+)
 from sketchattr.task import ClassificationTask, RegressionTask, Task
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CPUStore", "DiskStore", "StoreCorruptedError", "make_sampler", "make_store",
     "ClassificationTask", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
     "MemoryStore", "ModuleSelection", "NonFiniteGradientError", "Projector", "RademacherProjector",
     "RegressionTask", "SJLTProjector", "Scorer", "SketchedInfluence", "StoreMetadata",

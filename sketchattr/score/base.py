@@ -76,6 +76,7 @@ class Scorer(abc.ABC):
         self._check_fitted()
         n_q, n = queries.shape[0], len(self.train_indices)
         merger = TopKMerger(k) if k else None
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with h5py.File(path, "a") as f:
             if dataset in f:
                 del f[dataset]
