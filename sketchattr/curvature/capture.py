@@ -67,9 +67,18 @@ class LayerSpec:
         return torch.cat([weight, flat[:, nw:, None]], dim=2) if self.bias else weight
 
 
-def layer_specs(model: nn.Module, names: "list[str] | tuple[str, ...]") -> list[LayerSpec]:
+_CURVATURE = (
+    "EKFAC/KFAC/diagonal curvature",
+    "Select supported modules with modules=[...] or use SketchedInfluence, which works for any module.",
+)
+
+
+def layer_specs(
+    model: nn.Module, names: "list[str] | tuple[str, ...]", purpose: str = _CURVATURE[0], remedy: str = _CURVATURE[1]
+) -> list[LayerSpec]:
     """Specs of the named modules; raises :class:`UnsupportedModuleError` listing every
-    selected module that is not a Linear or a groups=1, zero-padded Conv2d."""
+    selected module that is not a Linear or a groups=1, zero-padded Conv2d (the message says
+    what needs them, ``purpose``, and how to proceed, ``remedy``)."""
     modules = dict(model.named_modules())
     specs, bad = [], []
     for name in names:
@@ -84,9 +93,8 @@ def layer_specs(model: nn.Module, names: "list[str] | tuple[str, ...]") -> list[
         specs.append(LayerSpec(name, kind, module.weight.shape[0], d_in, bias))
     if bad:
         raise UnsupportedModuleError(
-            "EKFAC/KFAC/diagonal curvature supports nn.Linear and nn.Conv2d (groups=1, zero padding) "
-            f"only; unsupported selected module(s): {', '.join(bad)}. Select supported modules with "
-            "modules=[...] or use SketchedInfluence, which works for any module."
+            f"{purpose} supports nn.Linear and nn.Conv2d (groups=1, zero padding) "
+            f"only; unsupported selected module(s): {', '.join(bad)}. {remedy}"
         )
     return specs
 

@@ -3,9 +3,15 @@
 Gradients are taken with ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``), so any
 module type works. Each batch's per-example gradients are split into one block per selected
 module and handed to the projector immediately; the [n, d] gradient matrix is never held.
+
+With a :class:`~sketchattr.project.FactorizedProjector` the hook path runs instead: one forward +
+backward of the batch's summed loss captures each selected Linear/Conv2d module's per-example
+layer inputs ``a`` and output gradients ``s`` (:mod:`sketchattr.curvature.capture`), and the
+projector sketches them without forming the per-example gradients at all.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -17,7 +23,7 @@ from tqdm.auto import tqdm
 
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.modules import ModuleSelection, select_modules
-from sketchattr.project import Projector, make_projector
+from sketchattr.project import FactorizedProjector, Projector, make_projector
 from sketchattr.sample import Sampler, dataset_labels, make_sampler
 from sketchattr.store import GradientStore, StoreMetadata, make_store
 from sketchattr.task import Task, validate_task
@@ -51,7 +57,10 @@ class Featurizer:
     modules: ``None``/``"all"``, an int N (last N in forward order) or a list of module names;
         defaults to ``task.modules``.
     projector: a :class:`~sketchattr.project.Projector` or a name (``"sjlt"``, ``"gaussian"``,
-        ``"rademacher"``, ``"identity"``) used with ``m`` and ``seed``.
+        ``"rademacher"``, ``"identity"``) used with ``m`` and ``seed``. A
+        :class:`~sketchattr.project.FactorizedProjector` selects the hook path (every selected
+        module must be a Linear/Conv2d; the model runs as is, so ``device``/``dtype`` must be its
+        own) and is bound to the selected layers' shapes.
     batch_size: examples per vmap call. device: where gradients are computed (default: the
         model's). dtype: gradient dtype (default: the model's parameter dtype).
     """
@@ -83,12 +92,23 @@ class Featurizer:
         self.dtype = dtype if dtype is not None else first.dtype
         self.progress = progress
         self._selection: ModuleSelection | None = None
+        self._layers: list | None = None  # LayerSpecs of the selected modules (factorized path)
 
     # ------------------------------------------------------------------ selection / metadata
     def selection(self, example_input: Any = None) -> ModuleSelection:
         """The selected modules (resolved once; last-N is traced on the first batch)."""
         if self._selection is None:
-            self._selection = select_modules(self.model, self.module_spec, example_input)
+            sel = select_modules(self.model, self.module_spec, example_input)
+            if isinstance(self.projector, FactorizedProjector):
+                from sketchattr.curvature.capture import layer_specs  # lazy: sketchattr.curvature imports this module
+
+                self._layers = layer_specs(
+                    self.model, sel.names, purpose="the factorized projector",
+                    remedy="Select Linear/Conv2d modules with modules=[...] or use a dense projector "
+                    "(gaussian, rademacher, sjlt), which works for any module.",
+                )
+                self.projector.bind([(s.d_out, s.d_in, s.bias) for s in self._layers])
+            self._selection = sel
         return self._selection
 
     def metadata(self, kind: str = "train") -> StoreMetadata:
@@ -173,31 +193,74 @@ class Featurizer:
             return
         sel = self.selection()
         loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=self.batch_size, shuffle=False)
-        per_example = self._per_example_fn(kind, sample)
         was_training = self.model.training
         self.model.eval()
         try:
-            params, frozen = self._split_state(sel)
-            start = 0
-            bar = tqdm(total=len(indices), desc=f"featurize {kind}", unit="ex", disable=not self.progress)
-            for batch in loader:
-                batch = _tree_map(self._to_device, batch)
-                grads = vmap(grad(per_example), in_dims=(None, None, 0), randomness="different")(
-                    params, frozen, batch
+            with contextlib.ExitStack() as stack:
+                rows_of = self._batch_rows(kind, sample, sel, stack)
+                start = 0
+                bar = stack.enter_context(
+                    tqdm(total=len(indices), desc=f"featurize {kind}", unit="ex", disable=not self.progress)
                 )
-                b = indices[start : start + _batch_len(batch)]
-                blocks = [
-                    torch.cat([grads[p].reshape(len(b), -1) for p in group], dim=1)
-                    for group in sel.param_names
-                ]
-                rows = self.projector.project(blocks)
-                _check_finite(rows, b, kind)  # every projector maps a NaN/inf coordinate into its row
-                yield b, rows
-                start += len(b)
-                bar.update(len(b))
-            bar.close()
+                for batch in loader:
+                    batch = _tree_map(self._to_device, batch)
+                    rows = rows_of(batch)
+                    b = indices[start : start + _batch_len(batch)]
+                    _check_finite(rows, b, kind)  # every projector maps a NaN/inf coordinate into its row
+                    yield b, rows
+                    start += len(b)
+                    bar.update(len(b))
         finally:
             self.model.train(was_training)
+
+    # ------------------------------------------------------------------ per-batch strategies
+    def _batch_rows(
+        self, kind: str, sample: bool, sel: ModuleSelection, stack: contextlib.ExitStack
+    ) -> Callable[[Any], torch.Tensor]:
+        """The per-batch computation, chosen once per pass: batch -> sketched rows [B, m]."""
+        if isinstance(self.projector, FactorizedProjector):
+            return self._hook_rows(kind, sample, stack)
+        return self._vmap_rows(kind, sample, sel)
+
+    def _vmap_rows(self, kind: str, sample: bool, sel: ModuleSelection) -> Callable[[Any], torch.Tensor]:
+        """Per-example gradients by vmap, one flat block per module, projected."""
+        per_example = self._per_example_fn(kind, sample)
+        params, frozen = self._split_state(sel)
+
+        def rows(batch: Any) -> torch.Tensor:
+            grads = vmap(grad(per_example), in_dims=(None, None, 0), randomness="different")(params, frozen, batch)
+            n = _batch_len(batch)
+            return self.projector.project(
+                [torch.cat([grads[p].reshape(n, -1) for p in group], dim=1) for group in sel.param_names]
+            )
+
+        return rows
+
+    def _hook_rows(self, kind: str, sample: bool, stack: contextlib.ExitStack) -> Callable[[Any], torch.Tensor]:
+        """Factorized path: capture (a, s) per Linear/Conv2d module by hooks (removed when the
+        pass ends) in one forward + backward of the summed loss; sketch them from the factors."""
+        from sketchattr.curvature.capture import LayerCapture  # lazy: sketchattr.curvature imports this module
+
+        first = next(self.model.parameters())
+        same_device = first.device.type == self.device.type and self.device.index in (None, first.device.index)
+        if first.dtype != self.dtype or not same_device:
+            raise ValueError(
+                "the factorized projector runs the model itself: the featurizer's device/dtype "
+                f"({self.device}, {self.dtype}) must be the model's ({first.device}, {first.dtype})"
+            )
+        model, task, proj, layers = self.model, self.task, self.projector, self._layers
+        cap = stack.enter_context(LayerCapture(model, layers))
+
+        def rows(batch: Any) -> torch.Tensor:
+            if kind == "train":
+                loss = lambda: task.train_loss(model, batch, sample=sample)
+            else:
+                loss = lambda: task.measurement(model, batch)
+            with torch.enable_grad():
+                acts = cap.run(loss)
+            return torch.cat([proj.project_factors(*acts[spec.name], k) for k, spec in enumerate(layers)], dim=1)
+
+        return rows
 
     # ------------------------------------------------------------------ helpers
     def _per_example_fn(self, kind: str, sample: bool) -> Callable:

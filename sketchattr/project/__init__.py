@@ -5,7 +5,8 @@
 >>> sketch = proj.project([g_module0, g_module1])      # [B, 4096]
 
 Types: ``identity``, ``gaussian`` (alias ``normal``), ``rademacher``, ``sjlt`` (alias
-``sparse``).  ``spec()`` is the JSON-able identity of a sketch (store metadata).
+``sparse``), ``factorized`` (Kronecker sketch of Linear/Conv2d gradients from the layer factors;
+``make_projector("factorized", m_out=32, m_in=32)``).  ``spec()`` is the JSON-able identity of a sketch (store metadata).
 """
 from .base import (
     DEFAULT_BLOCK_SIZE,
@@ -16,6 +17,7 @@ from .base import (
     make_projector,
 )
 from .dense import DenseProjector, GaussianProjector, RademacherProjector
+from .factorized import FactorizedProjector
 from .identity import IdentityProjector
 from .sjlt import SJLTProjector, sjlt_cuda_available
 
@@ -23,6 +25,7 @@ __all__ = [
     "Projector",
     "ChunkedProjector",
     "DenseProjector",
+    "FactorizedProjector",
     "IdentityProjector",
     "GaussianProjector",
     "RademacherProjector",

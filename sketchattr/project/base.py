@@ -349,7 +349,7 @@ def make_projector(
     """Build a projector by registry name (or return a :class:`Projector` instance as is).
 
     Names: ``"identity"``, ``"gaussian"`` (alias ``"normal"``), ``"rademacher"``, ``"sjlt"``
-    (alias ``"sparse"``).  ``kwargs`` go to the constructor (e.g. ``c=``, ``block_size=``).
+    (alias ``"sparse"``), ``"factorized"`` (``m_out=``, ``m_in=`` instead of ``m``).  ``kwargs`` go to the constructor (e.g. ``c=``, ``block_size=``).
     """
     if isinstance(kind, Projector):
         return kind
@@ -360,6 +360,10 @@ def make_projector(
         names = sorted(Projector.registry) + [f"{a} (= {t})" for a, t in sorted(_ALIASES.items())]
         raise ValueError(f"unknown projector {kind!r}; available: {', '.join(names)}")
     cls = Projector.registry[key]
+    if key == "factorized":  # sized by m_out= and m_in= (per module), not by m
+        if m is not None:
+            raise ValueError("projector 'factorized' takes m_out= and m_in= (its sketch has m_out*m_in per module), not m")
+        return cls(seed=seed, **kwargs)
     if m is None and key != "identity":
         raise ValueError(f"projector {key!r} needs a sketch dimension m")
     return cls(m, seed=seed, **kwargs)
