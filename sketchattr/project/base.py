@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from sketchattr.registry import Registered
+
 __all__ = [
     "Projector",
     "ChunkedProjector",
@@ -145,7 +147,7 @@ class _BlockCache:
         return len(self._items)
 
 
-class Projector(abc.ABC):
+class Projector(Registered, abc.ABC):
     """Random linear sketch ``g -> P g`` of per-module gradient blocks.
 
     Args:
@@ -157,15 +159,7 @@ class Projector(abc.ABC):
 
     name: ClassVar[str] = "abstract"
     registry: ClassVar[dict[str, type[Projector]]] = {}
-
-    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if name is not None:
-            prev = Projector.registry.get(name)
-            if prev is not None and prev.__qualname__ != cls.__qualname__:
-                raise ValueError(f"projector name {name!r} is already registered by {prev}")
-            cls.name = name
-            Projector.registry[name] = cls
+    kind: ClassVar[str] = "projector"
 
     def __init__(self, m: int, seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE):
         self.m = _check_int("m", m, minimum=1)

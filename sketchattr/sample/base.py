@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from sketchattr.registry import Registered
+
 __all__ = [
     "Sample",
     "Sampler",
@@ -146,7 +148,7 @@ def _fingerprint(arr: np.ndarray) -> str:
 
 
 # ---------------------------------------------------------------------------- sampler
-class Sampler(abc.ABC):
+class Sampler(Registered, abc.ABC):
     """Chooses training rows (with importance weights) out of a dataset of ``n`` rows.
 
     Subclasses register with ``class Foo(Sampler, name="foo")`` and implement :meth:`_draw`.
@@ -154,17 +156,9 @@ class Sampler(abc.ABC):
 
     name: ClassVar[str] = "abstract"
     registry: ClassVar[dict[str, type[Sampler]]] = {}
+    kind: ClassVar[str] = "sampler"
     needs_keys: bool = False
     """True when :meth:`sample` must be given ``keys=`` (e.g. ``StratifiedSampler("labels")``)."""
-
-    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if name is not None:
-            prev = Sampler.registry.get(name)
-            if prev is not None and prev.__qualname__ != cls.__qualname__:
-                raise ValueError(f"sampler name {name!r} is already registered by {prev}")
-            cls.name = name
-            Sampler.registry[name] = cls
 
     # ----------------------------------------------------------------------- public API
     def sample(self, n: int, keys: Any = None) -> Sample:

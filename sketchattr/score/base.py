@@ -11,6 +11,7 @@ import torch
 
 from sketchattr.score.topk import TopK, TopKMerger
 from sketchattr.store import GradientStore, MemoryStore, StoreMetadata
+from sketchattr.registry import Registered
 
 
 def as_store(rows: "GradientStore | torch.Tensor", indices: np.ndarray | None = None) -> GradientStore:
@@ -26,7 +27,7 @@ def as_store(rows: "GradientStore | torch.Tensor", indices: np.ndarray | None = 
     return store
 
 
-class Scorer(abc.ABC):
+class Scorer(Registered, abc.ABC):
     """Base of scorers. Subclasses register under ``name`` via ``class X(Scorer, name="x")``.
 
     Scores follow the sign convention of DESIGN.md: ``scores[q, i]`` is the predicted change of
@@ -37,13 +38,8 @@ class Scorer(abc.ABC):
 
     name: ClassVar[str]
     registry: ClassVar[dict[str, type["Scorer"]]] = {}
+    kind: ClassVar[str] = "scorer"
     train_indices: np.ndarray
-
-    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if name is not None:
-            cls.name = name
-            Scorer.registry[name] = cls
 
     @abc.abstractmethod
     def fit(self, store: GradientStore) -> "Scorer":

@@ -15,10 +15,12 @@ import abc
 import contextlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
+
+from sketchattr.registry import Registered
 
 
 class StoreMismatchError(ValueError):
@@ -68,7 +70,7 @@ class StoreMetadata:
             )
 
 
-class GradientStore(abc.ABC):
+class GradientStore(Registered, abc.ABC):
     """Rows of sketched training gradients [n_train, m] with dataset indices [n_train].
 
     Subclasses register a short name (``class X(GradientStore, name="disk")``) used by
@@ -76,13 +78,8 @@ class GradientStore(abc.ABC):
     """
 
     registry: dict[str, type["GradientStore"]] = {}
+    kind: ClassVar[str] = "store"
     metadata: StoreMetadata | None
-
-    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if name is not None:
-            cls.name = name
-            GradientStore.registry[name] = cls
 
     @abc.abstractmethod
     def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False) -> None:
