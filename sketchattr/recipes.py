@@ -35,6 +35,14 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Per epoch, the row-index batches [≤ batch_size] of a fresh permutation of range(n); one
+    ``torch.Generator().manual_seed(seed)`` drives every permutation (the recipe's shuffling)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        yield torch.split(torch.randperm(n, generator=g), batch_size)
+
+
 def train_classifier(
     model: nn.Module,
     x: torch.Tensor,
@@ -58,19 +66,16 @@ def train_classifier(
     if n == 0 or len(y) != n:
         raise ValueError(f"expected non-empty x [N, ...] and y [N]; found {tuple(x.shape)} and {tuple(y.shape)}")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
     model.train()
     with torch_threads(num_threads):
-        for epoch in range(epochs):
-            perm = torch.randperm(n, generator=g)
-            for start in range(0, n, batch_size):
-                idx = perm[start : start + batch_size]
+        for epoch, batches in enumerate(epoch_batches(n, batch_size, epochs, seed), start=1):
+            for idx in batches:
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, model)
+                on_epoch_end(epoch, model)
     return model.eval()
 
 

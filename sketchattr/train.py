@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .models.registry import model_name_of
-from .recipes import torch_threads, train_classifier
+from .recipes import epoch_batches, torch_threads, train_classifier
 
 if TYPE_CHECKING:
     from .data.registry import DatasetSplit
@@ -88,13 +88,11 @@ def train_lm(model: nn.Module, tokens: torch.Tensor, *, epochs: int, lr: float, 
     if n == 0 or tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"expected non-empty tokens [N, T] with T >= 2; found {tuple(tokens.shape)}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
     model.train()
     with torch_threads(num_threads):
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=g)
-            for start in range(0, n, batch_size):
-                batch = tokens[perm[start : start + batch_size]]
+        for batches in epoch_batches(n, batch_size, epochs, seed):
+            for idx in batches:
+                batch = tokens[idx]
                 logits = model(batch)
                 loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
                 opt.zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from sketchattr.curvature.capture import LayerCapture, LayerSpec, layer_specs, per_example_gradients
 from sketchattr.curvature.profiler import Profiler
-from sketchattr.featurize.featurizer import _as_dataset, _tree_map
+from sketchattr.featurize.featurizer import _as_dataset, _tree_map, dataset_length
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.modules import select_modules
 from sketchattr.task import Task, validate_task
@@ -211,12 +211,7 @@ def fit_factors(
 
 
 def _n_examples(dataset: Dataset, max_examples: int | None) -> int:
-    try:
-        n = len(dataset)
-    except TypeError as exc:
-        raise TypeError("train_dataset must be a map-style torch Dataset (with __len__) or a tuple of tensors") from exc
-    if n == 0:
-        raise ValueError("the train dataset is empty")
+    n = dataset_length(dataset, "train dataset")
     if max_examples is not None:
         if max_examples < 1:
             raise ValueError(f"max_examples must be >= 1, got {max_examples}")

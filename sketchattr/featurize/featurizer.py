@@ -298,12 +298,7 @@ class Featurizer:
 
     @staticmethod
     def _resolve_indices(dataset: Dataset, indices: Sequence[int] | None) -> np.ndarray:
-        try:
-            n = len(dataset)
-        except TypeError as exc:
-            raise TypeError("dataset must be a map-style torch Dataset (with __len__) or a tuple of tensors") from exc
-        if n == 0:
-            raise ValueError("the dataset is empty")
+        n = dataset_length(dataset)
         if indices is None:
             return np.arange(n)
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -312,6 +307,17 @@ class Featurizer:
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"indices must lie in [0, {n}); found range [{idx.min()}, {idx.max()}]")
         return idx
+
+
+def dataset_length(dataset: Any, what: str = "dataset") -> int:
+    """len(dataset), with clear errors for an unsized or empty dataset."""
+    try:
+        n = len(dataset)
+    except TypeError as exc:
+        raise TypeError(f"{what} must be a map-style torch Dataset (with __len__) or a tuple of tensors") from exc
+    if n == 0:
+        raise ValueError(f"the {what} is empty")
+    return n
 
 
 def _batch_len(batch: Any) -> int:
