@@ -6,6 +6,7 @@ Quick path: ``Featurizer(model, task, projector="sjlt", m=1024).featurize(train_
 from sketchattr.featurize import Featurizer, NonFiniteGradientError, model_fingerprint
 from sketchattr.modules import ModuleSelection, select_modules
 from sketchattr.project import (
+    FactGraSSProjector,
     FactorizedProjector,
     GaussianProjector,
     IdentityProjector,
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CPUStore", "DiskStore", "StoreCorruptedError", "make_sampler", "make_store",
-    "ClassificationTask", "FactorizedProjector", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
+    "ClassificationTask", "FactGraSSProjector", "FactorizedProjector", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
     "MemoryStore", "ModuleSelection", "NonFiniteGradientError", "Projector", "RademacherProjector",
     "RegressionTask", "SJLTProjector", "Scorer", "SketchedInfluence", "StoreMetadata",
     "StoreMismatchError", "Task", "TopK", "make_projector", "model_fingerprint", "select_modules", "top_k",

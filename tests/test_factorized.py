@@ -124,8 +124,13 @@ def test_determinism_by_seed_and_spec(mlp, data):
     assert not torch.allclose(a, rows(2, 5))
     proj = make_projector("factorized", m_out=4, m_in=2, seed=3)
     assert proj.spec() == {"type": "factorized", "m_out": 4, "m_in": 2, "seed": 3}
-    with pytest.raises(ValueError, match="m_out= and m_in="):
-        make_projector("factorized", m=8)
+    assert make_projector("factorized", m=8).spec() == {"type": "factorized", "m_out": 4, "m_in": 2, "seed": 0}
+    with pytest.raises(ValueError, match="either m"):
+        make_projector("factorized", m=8, m_out=2, m_in=4)
+    with pytest.raises(ValueError, match="needs m"):
+        make_projector("factorized")
+    by_name = Featurizer(mlp, ClassificationTask(), projector="factorized", m=16, seed=1, batch_size=5, progress=False)
+    assert torch.equal(by_name.train_rows((x, y)), a)
 
 
 def test_sketched_influence_on_factorized_store_equals_dense_formula(mlp, data):

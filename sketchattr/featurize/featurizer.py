@@ -258,7 +258,7 @@ class Featurizer:
                 loss = lambda: task.measurement(model, batch)
             with torch.enable_grad():
                 acts = cap.run(loss)
-            return torch.cat([proj.project_factors(*acts[spec.name], k) for k, spec in enumerate(layers)], dim=1)
+            return proj.project_layers([acts[spec.name] for spec in layers])
 
         return rows
 

@@ -6,7 +6,8 @@
 
 Types: ``identity``, ``gaussian`` (alias ``normal``), ``rademacher``, ``sjlt`` (alias
 ``sparse``), ``factorized`` (Kronecker sketch of Linear/Conv2d gradients from the layer factors;
-``make_projector("factorized", m_out=32, m_in=32)``).  ``spec()`` is the JSON-able identity of a sketch (store metadata).
+``make_projector("factorized", m_out=32, m_in=32)`` or ``m=1024`` per module), ``factgrass``
+(masked Kronecker factors mixed by an SJLT into ``m``).  ``spec()`` is the JSON-able identity of a sketch (store metadata).
 """
 from .base import (
     DEFAULT_BLOCK_SIZE,
@@ -17,6 +18,7 @@ from .base import (
     make_projector,
 )
 from .dense import DenseProjector, GaussianProjector, RademacherProjector
+from .factgrass import FactGraSSProjector
 from .factorized import FactorizedProjector
 from .identity import IdentityProjector
 from .sjlt import SJLTProjector, sjlt_cuda_available
@@ -25,6 +27,7 @@ __all__ = [
     "Projector",
     "ChunkedProjector",
     "DenseProjector",
+    "FactGraSSProjector",
     "FactorizedProjector",
     "IdentityProjector",
     "GaussianProjector",

@@ -343,7 +343,9 @@ def make_projector(
     """Build a projector by registry name (or return a :class:`Projector` instance as is).
 
     Names: ``"identity"``, ``"gaussian"`` (alias ``"normal"``), ``"rademacher"``, ``"sjlt"``
-    (alias ``"sparse"``), ``"factorized"`` (``m_out=``, ``m_in=`` instead of ``m``).  ``kwargs`` go to the constructor (e.g. ``c=``, ``block_size=``).
+    (alias ``"sparse"``), ``"factorized"`` (``m`` is per module: ``m_out × m_in`` = the near-square
+    split of ``m``, or give ``m_out=`` and ``m_in=``), ``"factgrass"`` (mask → Kronecker → SJLT to
+    ``m``).  ``kwargs`` go to the constructor (e.g. ``c=``, ``block_size=``).
     """
     if isinstance(kind, Projector):
         return kind
@@ -354,9 +356,15 @@ def make_projector(
         names = sorted(Projector.registry) + [f"{a} (= {t})" for a, t in sorted(_ALIASES.items())]
         raise ValueError(f"unknown projector {kind!r}; available: {', '.join(names)}")
     cls = Projector.registry[key]
-    if key == "factorized":  # sized by m_out= and m_in= (per module), not by m
+    if key == "factorized":  # sized per module: m_out * m_in
+        if m is not None and ("m_out" in kwargs or "m_in" in kwargs):
+            raise ValueError("projector 'factorized': give either m (per module, split near-square) or m_out= and m_in=")
         if m is not None:
-            raise ValueError("projector 'factorized' takes m_out= and m_in= (its sketch has m_out*m_in per module), not m")
+            from .factorized import square_split
+
+            kwargs["m_out"], kwargs["m_in"] = square_split(m)
+        if "m_out" not in kwargs or "m_in" not in kwargs:
+            raise ValueError("projector 'factorized' needs m (per module) or m_out= and m_in=")
         return cls(seed=seed, **kwargs)
     if m is None and key != "identity":
         raise ValueError(f"projector {key!r} needs a sketch dimension m")

@@ -22,7 +22,9 @@ layout.
 **Rows are concatenated, not summed.**  Unlike the dense projectors (``P = [P_0 | P_1 | ...]``,
 per-module sketches summed into one ``m``), the row of an example is the concatenation over the
 selected modules of their ``m_out * m_in`` sketches: ``m = K * m_out * m_in`` for ``K`` modules,
-and :meth:`matrix` is block-diagonal.  (A second, mixing stage à la FactGraSS is not applied.)
+and :meth:`matrix` is block-diagonal.  The FactGraSS-style variant
+(:class:`~sketchattr.project.factgrass.FactGraSSProjector`) replaces the Gaussian factors by
+coordinate masks and mixes the modules' sketches with a second, SJLT stage into one ``m``.
 
 **Generation rule** (what the tests rebuild).  With ``gen(b) = torch.Generator(device="cpu")
 .manual_seed(block_seed(seed, k, b))``::
@@ -49,7 +51,7 @@ import torch
 
 from .base import DEFAULT_BLOCK_SIZE, Projector, _check_dims, _check_grads, _check_int, block_seed, cpu_generator
 
-__all__ = ["FactorizedProjector"]
+__all__ = ["FactorizedProjector", "square_split"]
 
 LayerShape = tuple[int, int, bool]
 """``(d_out, d_in, bias)``: d_in without the bias column; bias: the block ends with a bias."""
@@ -70,7 +72,7 @@ class FactorizedProjector(Projector, name="factorized"):
         self.m_in = _check_int("m_in", m_in, minimum=1)
         super().__init__(self.m_out * self.m_in, seed=seed, block_size=block_size)  # m: per module
         self.shapes: list[LayerShape] | None = None
-        self._factors: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._factors: dict[Any, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ shapes
     def bind(self, shapes: Sequence[tuple[int, int, bool]]) -> "FactorizedProjector":
@@ -110,16 +112,25 @@ class FactorizedProjector(Projector, name="factorized"):
         """``(P_out [m_out, d_out], P_in [m_in, d_in])`` of module ``module_index`` (``d_in`` here
         is the width of ``a``, bias column included), cast to ``dtype`` on ``device``."""
         k = _check_int("module_index", module_index, minimum=0)
-        key = (k, d_out, d_in, dtype, str(device))
+        return self.factor(k, 0, d_out, dtype, device), self.factor(k, 1, d_in, dtype, device)
+
+    def factor(
+        self, module_index: int, side: int, d: int, dtype: torch.dtype = torch.float32,
+        device: "torch.device | str" = "cpu",
+    ) -> torch.Tensor:
+        """One factor as a matrix: ``side`` 0 is ``P_out [m_out, d]``, 1 is ``P_in [m_in, d]``
+        (each drawn from its own stream ``block_seed(seed, module_index, side)``)."""
+        key = (module_index, side, d, dtype, str(device))
         cached = self._factors.get(key)
         if cached is None:
-            p_out = torch.randn(self.m_out, d_out, generator=cpu_generator(block_seed(self.seed, k, 0)), dtype=torch.float32)
-            p_in = torch.randn(self.m_in, d_in, generator=cpu_generator(block_seed(self.seed, k, 1)), dtype=torch.float32)
-            p_out.div_(math.sqrt(self.m_out))
-            p_in.div_(math.sqrt(self.m_in))
-            cached = (p_out.to(device=device, dtype=dtype), p_in.to(device=device, dtype=dtype))
+            cached = self._draw_factor(module_index, side, d).to(device=device, dtype=dtype)
             self._factors[key] = cached
         return cached
+
+    def _draw_factor(self, k: int, side: int, d: int) -> torch.Tensor:
+        rows = self.m_out if side == 0 else self.m_in
+        p = torch.randn(rows, d, generator=cpu_generator(block_seed(self.seed, k, side)), dtype=torch.float32)
+        return p.div_(math.sqrt(rows))
 
     # ------------------------------------------------------------------ public API
     def output_dim(self, dims: Sequence[int]) -> int:
@@ -135,10 +146,23 @@ class FactorizedProjector(Projector, name="factorized"):
             raise ValueError(f"a and s must be [B, T, d] with the same B and T, got {tuple(a.shape)} and {tuple(s.shape)}")
         if a.dtype != s.dtype or not a.is_floating_point():
             raise ValueError(f"a and s must share a floating dtype, got {a.dtype} and {s.dtype}")
-        p_out, p_in = self.factors(module_index, s.shape[2], a.shape[2], a.dtype, a.device)
-        pa = a @ p_in.T  # [B, T, m_in]
-        ps = s @ p_out.T  # [B, T, m_out]
-        return torch.einsum("btk,btl->bkl", ps, pa).reshape(a.shape[0], self.m)
+        k = _check_int("module_index", module_index, minimum=0)
+        pa = self._sketch_in(a, k)  # [B, T, m_in]
+        ps = self._sketch_out(s, k)  # [B, T, m_out]
+        return torch.einsum("btk,btl->bkl", ps, pa).reshape(a.shape[0], -1)
+
+    def project_layers(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Rows of a batch from every module's captured ``(a, s)`` (module order):
+        the concatenated :meth:`project_factors` sketches ``[B, K * m_out * m_in]``."""
+        return torch.cat([self.project_factors(a, s, k) for k, (a, s) in enumerate(factors)], dim=1)
+
+    def _sketch_in(self, a: torch.Tensor, k: int) -> torch.Tensor:
+        """``P_in a``: ``[..., d_in(+1)]`` -> ``[..., m_in]``."""
+        return a @ self.factor(k, 1, a.shape[-1], a.dtype, a.device).T
+
+    def _sketch_out(self, s: torch.Tensor, k: int) -> torch.Tensor:
+        """``P_out s``: ``[..., d_out]`` -> ``[..., m_out]``."""
+        return s @ self.factor(k, 0, s.shape[-1], s.dtype, s.device).T
 
     def project(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """Dense path: flat per-module blocks ``[B, d_k]`` (featurizer layout, shapes bound with
@@ -171,7 +195,7 @@ class FactorizedProjector(Projector, name="factorized"):
         d_out, d_in, bias = self._shape(k, g.shape[1])
         dw = _flat_to_dw(g, d_out, d_in, bias)  # [B, d_out, d_in(+1)]
         p_out, p_in = self.factors(k, d_out, d_in + bias, g.dtype, g.device)
-        return (p_out @ dw @ p_in.T).reshape(g.shape[0], self.m)
+        return self._sketch_out(self._sketch_in(dw, k).transpose(1, 2), k).transpose(1, 2).reshape(g.shape[0], -1)
 
     def _accumulate(self, out: torch.Tensor, g: torch.Tensor, k: int) -> None:  # pragma: no cover
         raise NotImplementedError("FactorizedProjector overrides project() directly")
@@ -191,3 +215,10 @@ def _dw_to_flat(dw: torch.Tensor, d_in: int, bias: bool) -> torch.Tensor:
     """Inverse of :func:`_flat_to_dw`: ``[B, d_out, d_in(+1)]`` -> ``[B, d_out*d_in (+ d_out)]``."""
     weight = dw[:, :, :d_in].reshape(dw.shape[0], -1)
     return torch.cat([weight, dw[:, :, d_in]], dim=1) if bias else weight
+
+
+def square_split(m: int) -> tuple[int, int]:
+    """``(m_out, m_in)`` with ``m_out * m_in == m`` and ``m_in`` the largest divisor <= sqrt(m)."""
+    m = _check_int("m", m, minimum=1)
+    m_in = max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
+    return m // m_in, m_in
