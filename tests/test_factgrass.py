@@ -1,12 +1,15 @@
-"""FactGraSSProjector: masked Kronecker factors + SJLT, against an explicit matrix of the documented rule."""
+"""FactGraSSProjector: masked Kronecker factors + SJLT, against an explicit matrix of the documented rule;
+half-precision featurization and storage end to end."""
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_data, tiny_mlp
 from dense_reference import ce_loss, margin_fn, per_example_grads
-from sketchattr import ClassificationTask, FactGraSSProjector, Featurizer, SketchedInfluence, make_projector
+from sketchattr import ClassificationTask, DiskStore, FactGraSSProjector, Featurizer, SketchedInfluence, make_projector
 from sketchattr.project import block_seed
 from test_factorized import CASES
 
@@ -86,3 +89,26 @@ def test_factgrass_by_name_spec_and_store(mlp, data):
     assert scores.shape == (3, len(x)) and torch.isfinite(scores).all()
     with pytest.raises(ValueError, match="m must be"):
         FactGraSSProjector(0)
+
+
+
+@pytest.mark.parametrize("dtype,storage", [(torch.bfloat16, "bfloat16"), (torch.float16, "float16")])
+@pytest.mark.parametrize("projector", ["sjlt", "factorized", "factgrass"])
+def test_half_precision_end_to_end_on_disk(tmp_path, dtype, storage, projector):
+    """Gradients computed in bf16/fp16, stored as bf16/fp16 on disk, scored: close to fp32."""
+    x, y = tiny_data(n=40)
+    x = x.float()
+
+    def scores(net, dt, store):
+        feat = Featurizer(net, ClassificationTask(), projector=projector, m=64, seed=1, dtype=dt, batch_size=16, progress=False)
+        st = feat.featurize((x, y), store=store)
+        return st, SketchedInfluence(damping=1e-2).fit(st).score(feat.query_rows((x[:5], y[:5]))).float()
+
+    model = tiny_mlp().float()
+    _, ref = scores(model, torch.float32, "none")
+    # the hook paths run the model itself, so they get a half-precision copy
+    half = model if projector == "sjlt" else copy.deepcopy(model).to(dtype)
+    st, low = scores(half, dtype, DiskStore(tmp_path / "s.h5", storage_dtype=storage))
+    assert st.rows().dtype == dtype
+    rel = float((low - ref).norm() / ref.norm())
+    assert 0 < rel < 0.05, rel
