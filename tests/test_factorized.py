@@ -40,8 +40,14 @@ def _data(shape, n=12, classes=3, seed=5):
     return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
 
 
+def _inplace_relu():
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)).double()
+
+
 CASES = {
     "linear": (lambda: tiny_mlp(), lambda: tiny_data(n=12)),
+    "inplace_relu": (_inplace_relu, lambda: tiny_data(n=12)),
     "linear_no_bias": (_linear_no_bias, lambda: tiny_data(n=12)),
     "sequence": (_sequence_model, lambda: _data((5, 4))),
     "conv": (_conv_model, lambda: _data((2, 6, 6))),
@@ -90,6 +96,20 @@ def test_factorized_rows_equal_kronecker_projection_of_autograd_gradients(case):
     assert torch.allclose(proj.project(blocks), g @ kron.T, atol=1e-12)
     assert torch.allclose(proj.project_module(blocks[-1], len(dims) - 1), blocks[-1] @ kron[-12:, -dims[-1]:].T, atol=1e-12)
     assert proj.output_dim(dims) == kron.shape[0] == feat.metadata().dim
+
+
+def test_no_parameter_gradient_is_computed(mlp, data):
+    """The hook path asks autograd for output gradients only: the dW = sᵀa products are skipped."""
+    x, y = data
+    fired = []
+    handles = [p.register_hook(lambda g, n=n: fired.append(n)) for n, p in mlp.named_parameters()]
+    Featurizer(mlp, ClassificationTask(), projector=FactorizedProjector(3, 3), progress=False).train_rows((x, y))
+    assert fired == []
+    ce_loss(mlp(x[:2]), y[:2]).backward()  # the same hooks do fire on an ordinary backward
+    assert len(fired) == len(handles)
+    for h in handles:
+        h.remove()
+    mlp.zero_grad(set_to_none=True)
 
 
 def test_hooks_removed_and_model_untouched(mlp, data):

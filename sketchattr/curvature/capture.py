@@ -12,7 +12,10 @@ The per-example parameter gradient is then ``DW_i = Σ_t s_t a_tᵀ`` ``[d_out, 
 (:func:`per_example_gradients`). :class:`LayerSpec` converts between this matrix and the
 featurizer's flat layout (weight flattened as the module stores it, then bias).
 A module called several times in one forward (shared weights) contributes every call's
-positions. In-place ops after the module are fine: tensor hooks see the pre-in-place gradient.
+positions. The backward pass asks autograd for the gradients w.r.t. the module outputs only, so
+no parameter gradient (``sᵀa``, a third of a training step's work) is computed. Each captured
+output is handed on as a copy, so in-place ops after the module (``ReLU(inplace=True)``) do not
+change the tensor whose gradient is taken.
 """
 from __future__ import annotations
 
@@ -161,7 +164,7 @@ class LayerCapture:
         self.modules = {s.name: modules[s.name] for s in specs}
         self._handles: list[Any] = []
         self._a: dict[str, list[torch.Tensor]] = {}
-        self._s: dict[str, dict[int, torch.Tensor]] = {}
+        self._outputs: dict[str, list[torch.Tensor | None]] = {}
 
     def __enter__(self) -> "LayerCapture":
         for spec in self.specs:
@@ -174,35 +177,45 @@ class LayerCapture:
         self._handles.clear()
 
     def _forward_hook(self, spec: LayerSpec) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            calls = self._a.setdefault(spec.name, [])
-            call = len(calls)
-            calls.append(layer_inputs(module, inputs[0].detach(), spec.bias))
-            if output.requires_grad:
-                output.register_hook(lambda g: self._s.setdefault(spec.name, {}).__setitem__(call, g.detach()))
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> "torch.Tensor | None":
+            self._a.setdefault(spec.name, []).append(layer_inputs(module, inputs[0].detach(), spec.bias))
+            outputs = self._outputs.setdefault(spec.name, [])
+            if not output.requires_grad:
+                outputs.append(None)
+                return None
+            outputs.append(output)
+            return output.clone()  # later in-place ops modify the copy, not the captured output
 
         return hook
 
     def run(self, loss_fn: Callable[[], torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Evaluate ``loss_fn()``, backpropagate, return {name: (a [B,T,d_in(+1)], s [B,T,d_out])}."""
-        self._a, self._s = {}, {}
-        loss = loss_fn()
-        weights = [self.modules[s.name].weight for s in self.specs]
-        torch.autograd.grad(loss, weights, allow_unused=True)
-        out = {}
-        for spec in self.specs:
-            acts = self._a.get(spec.name)
-            if not acts:
-                raise RuntimeError(f"module {spec.name!r} was not called in the forward pass")
-            grads = self._s.get(spec.name, {})
-            module = self.modules[spec.name]
-            s = [
-                output_gradients(module, grads[c]) if c in grads else acts[c].new_zeros(*acts[c].shape[:2], spec.d_out)
-                for c in range(len(acts))
-            ]
-            out[spec.name] = (torch.cat(acts, dim=1), torch.cat(s, dim=1))
-        self._a, self._s = {}, {}
-        return out
+        self._a, self._outputs = {}, {}
+        try:
+            loss = loss_fn()
+            for spec in self.specs:
+                if not self._a.get(spec.name):
+                    raise RuntimeError(f"module {spec.name!r} was not called in the forward pass")
+            keys = [(n, c) for n, outs in self._outputs.items() for c, o in enumerate(outs) if o is not None]
+            targets = [self._outputs[n][c] for n, c in keys]
+            grads = dict(zip(keys, torch.autograd.grad(loss, targets, allow_unused=True))) if targets else {}
+            out = {}
+            for spec in self.specs:
+                acts, module = self._a[spec.name], self.modules[spec.name]
+                s = [
+                    output_gradients(module, grads[spec.name, c].detach()) if grads.get((spec.name, c)) is not None
+                    else a.new_zeros(*a.shape[:2], spec.d_out)
+                    for c, a in enumerate(acts)
+                ]
+                out[spec.name] = (_cat_positions(acts), _cat_positions(s))
+            return out
+        finally:
+            self._a, self._outputs = {}, {}
+
+
+def _cat_positions(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate the calls of a module along positions (no copy for the usual single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def per_example_gradients(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
