@@ -49,9 +49,19 @@ FACTOR_KIND = {"ekfac": "ekfac", "kfac": "kfac", "diagonal": "diagonal"}
 CURVATURE_SCORERS = {"ekfac": sa.EKFACScorer, "kfac": sa.KFACScorer, "diagonal": sa.DiagonalScorer}
 
 
+class _Help(argparse.HelpFormatter):
+    """Appends ``(default: ...)`` where there is a default the help text does not already name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The example's command line (shared with ddp_analyze.py)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=_Help)
     data = ap.add_argument_group("data and model")
     data.add_argument("--dataset_dir", required=True, help="folder with train/<class>/ and val/<class>/ image folders")
     data.add_argument("--num_train", type=int, default=None, help="train images used (a seeded subset; default all)")
@@ -80,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--top_k", type=int, default=10, help="proponents/opponents kept per query")
     out.add_argument("--show_queries", type=int, default=3, help="queries whose top-k are printed")
     out.add_argument("--seed", type=int, default=0, help="subsets, projector and sampled Fisher labels")
-    out.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    out.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where gradients are computed")
     out.add_argument("--overwrite", action="store_true", help="recompute a cached store/factors made with other settings")
     out.add_argument("--no_progress", action="store_true", help="no tqdm bars")
     return ap
