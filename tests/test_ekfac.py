@@ -381,3 +381,21 @@ def test_correction_pass_draws_fresh_labels():
     assert pass_seed(0, 0) == 0 and pass_seed(7, 0) == 7
     assert pass_seed(0, 1) == pass_seed(0, 1) != 0
     assert pass_seed(0, 1) != pass_seed(1, 1)
+
+
+def test_profiler_merge_and_detail_table():
+    from sketchattr.curvature.profiler import Profiler
+
+    outer, inner = Profiler(), Profiler()
+    with outer.record("stage"):
+        with inner.record("step"):
+            pass
+        with inner.record("step"):
+            pass
+    merged = Profiler().merge(inner, "inner: ")
+    assert merged.calls("inner: step") == 2 and merged.wall == pytest.approx(inner.wall)
+    both = Profiler().merge(outer).merge(inner, "inner: ")
+    assert both.wall == pytest.approx(outer.wall) and both.calls("stage") == 1
+    table = inner.table("detail", wall=outer.wall)
+    assert f"{outer.wall:.5f}" in table.splitlines()[-1]
+    assert all(r[4] <= 100.0 for r in inner.rows(outer.wall))

@@ -3,7 +3,9 @@
 ``with profiler.record("eigendecomposition"): ...`` times a block; :meth:`Profiler.table`
 prints ``action | mean duration (s) | calls | total (s) | percent`` sorted by total, percent
 of the wall time between the first record's start and the last record's end. Nested records
-are fine (their percents then overlap). A disabled profiler costs nothing.
+are fine (their percents then overlap). A disabled profiler costs nothing. :meth:`Profiler.merge`
+folds another profiler's records in (e.g. ``fit_factors``'s and a scorer's into a script's
+per-stage table).
 """
 from __future__ import annotations
 
@@ -36,6 +38,15 @@ class Profiler:
             self.durations[action].append(t1 - t0)
             self._end = t1
 
+    def merge(self, other: "Profiler", prefix: str = "") -> "Profiler":
+        """Add ``other``'s records (action names prefixed with ``prefix``); the wall time spans both."""
+        for action, durations in other.durations.items():
+            self.durations[prefix + action].extend(durations)
+        starts = [t for t in (self._start, other._start) if t is not None]
+        ends = [t for t in (self._end, other._end) if t is not None]
+        self._start, self._end = (min(starts) if starts else None), (max(ends) if ends else None)
+        return self
+
     def calls(self, action: str) -> int:
         """How many times ``action`` was recorded."""
         return len(self.durations.get(action, []))
@@ -45,16 +56,18 @@ class Profiler:
         """Seconds from the first record's start to the last record's end."""
         return 0.0 if self._start is None or self._end is None else self._end - self._start
 
-    def rows(self) -> list[tuple[str, float, int, float, float]]:
-        """(action, mean s, calls, total s, percent of wall), by total descending."""
-        wall = self.wall or 1.0
+    def rows(self, wall: float | None = None) -> list[tuple[str, float, int, float, float]]:
+        """(action, mean s, calls, total s, percent of ``wall`` (default: this profiler's)), by total descending."""
+        wall = wall or self.wall or 1.0
         out = [(a, sum(d) / len(d), len(d), sum(d), 100.0 * sum(d) / wall) for a, d in self.durations.items()]
         return sorted(out, key=lambda r: -r[3])
 
-    def table(self, title: str = "profile") -> str:
-        """The timing table as text, with a Total row (the wall time)."""
-        rows = [(a, f"{m:.5f}", str(c), f"{t:.5f}", f"{p:.1f}") for a, m, c, t, p in self.rows()]
-        rows.append(("Total", "-", "-", f"{self.wall:.5f}", "100.0"))
+    def table(self, title: str = "profile", wall: float | None = None) -> str:
+        """The timing table as text, with a Total row: the wall time, or ``wall`` seconds (e.g. an
+        enclosing profiler's, when this one details its stages)."""
+        wall = wall or self.wall
+        rows = [(a, f"{m:.5f}", str(c), f"{t:.5f}", f"{p:.1f}") for a, m, c, t, p in self.rows(wall)]
+        rows.append(("Total", "-", "-", f"{wall:.5f}", "100.0"))
         head = ("Action", "Mean duration (s)", "Num calls", "Total time (s)", "Percentage %")
         widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
         line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
