@@ -381,3 +381,11 @@ def test_correction_pass_draws_fresh_labels():
     assert pass_seed(0, 0) == 0 and pass_seed(7, 0) == 7
     assert pass_seed(0, 1) == pass_seed(0, 1) != 0
     assert pass_seed(0, 1) != pass_seed(1, 1)
+
+
+def test_batch_seeds_are_distinct_and_batch_zero_keeps_the_pass_seed():
+    from sketchattr.curvature.factors import batch_seed, pass_seed
+
+    assert batch_seed(3, 0, 0) == pass_seed(3, 0) == 3 and batch_seed(3, 1, 0) == pass_seed(3, 1)
+    seeds = {batch_seed(3, p, b) for p in (0, 1) for b in range(50)}
+    assert len(seeds) == 100  # all distinct: no batch of the covariance pass reuses a correction-pass seed

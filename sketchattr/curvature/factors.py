@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from sketchattr.curvature.capture import LayerCapture, LayerSpec, layer_specs, per_example_gradients
 from sketchattr.curvature.profiler import Profiler
-from sketchattr.featurize.featurizer import _as_dataset, _tree_map, dataset_length
+from sketchattr.featurize.featurizer import _as_dataset, _tree_map, dataset_length, main_process
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.modules import select_modules, unwrap_model
 from sketchattr.task import Task, validate_task
@@ -208,7 +208,7 @@ def fit_factors(
     meta["label_batch_size"] = batch_size if fisher == "true" else None
     profiler = Profiler(enabled=True)
     main = collective is None or collective.is_main
-    run = _Run(model, task, dataset, n, specs, batch_size, dtype, seed, fisher == "true", progress and main, profiler, collective)
+    run = _Run(model, task, dataset, n, specs, batch_size, dtype, seed, fisher == "true", progress and main_process(), profiler, collective)
     files = _stage_files(path) if path is not None else {}
     if path is not None:
         Path(path).mkdir(parents=True, exist_ok=True)

@@ -59,33 +59,28 @@ def featurize(
     c.together(lambda: _check_same_plan(c, meta, idx, weights))
     part = c.shard(len(idx), featurizer.batch_size)
     rows, w = idx[part], None if weights is None else weights[part]
-    progress = featurizer.progress
-    featurizer.progress = progress and c.is_main
-    try:
-        if path is None:
-            shard = make_store(store, **store_kwargs)
-            with prof.record("featurize shard"):
-                c.together(lambda: featurizer.featurize_rows(dataset, rows, w, shard, overwrite))
-            return shard
-        info = {"rank": c.rank, "world_size": c.world_size, "start": part.start, "stop": part.stop,
-                "batch_size": featurizer.batch_size, "rows_sha256": _digest(idx, weights)}
-        file = shard_path(path, c.rank, c.world_size)
-        c.together(lambda: overwrite and c.is_main and remove_shards(path))  # before any rank reopens its file
-        c.together(lambda: _open_shard(path, file, info, c.world_size, overwrite))
-        shard = DiskStore(file, **store_kwargs)
+    if path is None:
+        shard = make_store(store, **store_kwargs)
         with prof.record("featurize shard"):
-            try:
-                featurizer.featurize_rows(dataset, rows, w, shard, overwrite)
-                error = None
-            except Exception as exc:  # noqa: BLE001 - raised on every rank by together()
-                error = exc
-        with prof.record("wait for ranks"):
-            c.together(lambda: _raise(error))
-        with prof.record("join"):
-            c.together(lambda: c.is_main and join_store(path, c.world_size, shard.checkpoint))
+            c.together(lambda: featurizer.featurize_rows(dataset, rows, w, shard, overwrite))
         return shard
-    finally:
-        featurizer.progress = progress
+    info = {"rank": c.rank, "world_size": c.world_size, "start": part.start, "stop": part.stop,
+            "batch_size": featurizer.batch_size, "rows_sha256": _digest(idx, weights)}
+    file = shard_path(path, c.rank, c.world_size)
+    c.together(lambda: overwrite and c.is_main and remove_shards(path))  # before any rank reopens its file
+    c.together(lambda: _open_shard(path, file, info, c.world_size, overwrite))
+    shard = DiskStore(file, **store_kwargs)
+    with prof.record("featurize shard"):
+        try:
+            featurizer.featurize_rows(dataset, rows, w, shard, overwrite)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by together()
+            error = exc
+    with prof.record("wait for ranks"):
+        c.together(lambda: _raise(error))
+    with prof.record("join"):
+        c.together(lambda: c.is_main and join_store(path, c.world_size, shard.checkpoint))
+    return shard
 
 
 def _raise(error: BaseException | None) -> None:

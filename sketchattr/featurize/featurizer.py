@@ -64,7 +64,8 @@ class Featurizer:
         module must be a Linear/Conv2d; the model runs as is, so ``device``/``dtype`` must be its
         own) and is bound to the selected layers' shapes.
     batch_size: examples per vmap call. device: where gradients are computed (default: the
-        model's). dtype: gradient dtype (default: the model's parameter dtype).
+        model's). dtype: gradient dtype (default: the model's parameter dtype). progress: tqdm
+        bars (never on ranks > 0 of a torch.distributed job).
     """
 
     def __init__(
@@ -92,7 +93,7 @@ class Featurizer:
         first = next(self.model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype
-        self.progress = progress
+        self.progress = progress and main_process()
         self._selection: ModuleSelection | None = None
         self._layers: list | None = None  # LayerSpecs of the selected modules (factorized path)
 
@@ -333,6 +334,12 @@ class Featurizer:
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"indices must lie in [0, {n}); found range [{idx.min()}, {idx.max()}]")
         return idx
+
+
+def main_process() -> bool:
+    """False on the ranks > 0 of an initialised torch.distributed job (they show no progress bars)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def dataset_length(dataset: Any, what: str = "dataset") -> int:
