@@ -181,6 +181,11 @@ def test_world_size_mismatch_and_missing_shard(run, single, tmp_path):
         sad.featurize(single["feat"], single["train"], path=out / "store.h5")  # 2-process shards, 1 process now
     with pytest.raises(FileNotFoundError, match="rank1-of-2"):
         sad.join_store(tmp_path / "store.h5", 2)
+    for f in out.glob("resume*.h5"):  # a joined store whose shard files were not moved with it
+        f.rename(tmp_path / f.name)
+    (tmp_path / "resume.rank0-of-2.h5").unlink()
+    with pytest.raises(sa.StoreCorruptedError, match="rank0-of-2"):
+        sa.DiskStore(tmp_path / "resume.h5")
 
 
 def test_single_process_fallback(single, tmp_path):

@@ -139,6 +139,10 @@ class DiskStore(GradientStore, name="disk"):
 
     def _open_existing(self) -> None:
         with self._open() as f:
+            if f.attrs.get("layout") == JOINED:  # virtual datasets read missing sources as zeros: check them
+                absent = [s for s in json.loads(f.attrs["shards"]) if not (self.path.parent / s).exists()]
+                if absent:
+                    raise StoreCorruptedError(f"{self.path} joins shard files that are missing beside it: {absent}")
             if self.checkpoint not in f:
                 return
             g = f[self.checkpoint]
