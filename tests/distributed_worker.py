@@ -7,7 +7,6 @@ compare against a single-process run of the same :func:`build` and settings.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Sequence
 
 import h5py
-import numpy as np
 
 from sketchattr.store import StoreMismatchError
 from sketchattr.store.hdf5 import FORMAT, FORMAT_VERSION, JOINED
