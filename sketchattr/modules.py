@@ -49,6 +49,26 @@ class ModuleSelection:
         return {"names": list(self.names), "dims": list(self.dims)}
 
 
+WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside (Distributed)DataParallel wrappers (through the public
+    ``.module``); any other model is returned as is. Names, fingerprints and hooks refer to it,
+    so a model wrapped before or after creating a featurizer gives the same stores."""
+    while isinstance(model, WRAPPERS):
+        model = model.module
+    return model
+
+
+def _unprefixed(name: str, available: dict[str, nn.Module]) -> str:
+    """``name`` as given, or without the ``module.`` prefix a DDP wrapper adds when only the
+    unprefixed name exists (so names copied from a wrapped model work)."""
+    if name in available or not name.startswith("module."):
+        return name
+    return name[len("module."):] if name[len("module."):] in available else name
+
+
 def supported_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules that own trainable parameters directly, in registration order."""
     found = {}
@@ -84,8 +104,10 @@ def select_modules(
 
     which: ``None`` or ``"all"`` — every supported module; an int N — the last N supported modules
     in forward order (traced on ``example_input`` when given, registration order otherwise);
-    a sequence of names — exactly those modules, in the order given.
+    a sequence of names — exactly those modules, in the order given (names of a
+    DistributedDataParallel-wrapped model, ``module.`` prefix included, work too).
     """
+    model = unwrap_model(model)
     available = supported_modules(model)
     if not available:
         raise ValueError("the model has no trainable parameters to attribute through")
@@ -101,7 +123,7 @@ def select_modules(
     elif isinstance(which, str):
         raise ValueError(f"unknown module selection {which!r}: use 'all', an int N (last N), or a list of names")
     else:
-        names = list(which)
+        names = [_unprefixed(n, available) for n in which]
         unknown = [n for n in names if n not in available]
         if unknown:
             raise ValueError(f"unknown module name(s) {unknown}; available: {list(available)}")

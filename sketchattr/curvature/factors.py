@@ -11,13 +11,21 @@ Conventions (N = number of training examples used, t = positions, see :mod:`.cap
 * ``diagonal``: ``Λ = (1/N) Σ_i DW_i^∘2`` in the parameter basis (one pass, no eigenbases).
 
 Fisher: ``"true"`` (default) samples targets from the model (``task.train_loss(...,
-sample=True)``). Each pass is seeded (the global RNG state is restored afterwards), so a refit
-is reproducible: the covariance and diagonal passes with ``seed``, the correction pass with
-``pass_seed(seed, 1)``, i.e. with *fresh* labels. Reusing the covariance pass's labels would fit
+sample=True)``). Every batch is seeded (the global RNG state is restored afterwards) from the
+pass and its global batch index, ``batch_seed(seed, pass, b)``, so a refit is
+reproducible and the labels do not depend on how batches are spread over processes
+(``collective=``); they do depend on ``batch_size`` (recorded as ``label_batch_size``). The
+covariance and diagonal passes use ``pass_seed(seed, 0) = seed``, the correction pass
+``pass_seed(seed, 1)``, i.e. *fresh* labels. Reusing the covariance pass's labels would fit
 Λ to the very sample the eigenbases were fitted to and shrink it in the small-eigenvalue
 directions (on digits-mlp the median EKFAC Λ of the first layer fell 14×, and LDS at λ = 1e-8
 from 0.52 to 0.29); Kronfluence also draws fresh labels for its correction pass. ``"empirical"`` uses the data's targets. The first
 ``max_examples`` rows of the dataset are used (all by default), in the model's eval mode.
+
+Distributed (``collective=``, see :mod:`sketchattr.distributed`): each rank passes over a
+contiguous, batch-aligned shard of those rows; the per-module sums are all-reduced, so every
+rank ends with the single-process factors (to float summation order). Rank 0 saves the stages;
+a stage is loaded only if every rank can read it.
 
 Stages (``kfac``: covariance → eigen; ``ekfac``: covariance → eigen → correction;
 ``diagonal``: diagonal) are saved under ``path`` as ``<stage>.pt`` (``torch.save`` of
@@ -33,7 +41,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -43,10 +51,13 @@ from tqdm.auto import tqdm
 
 from sketchattr.curvature.capture import LayerCapture, LayerSpec, layer_specs, per_example_gradients
 from sketchattr.curvature.profiler import Profiler
-from sketchattr.featurize.featurizer import _as_dataset, _tree_map, dataset_length
+from sketchattr.featurize.featurizer import _as_dataset, _tree_map, dataset_length, main_process
 from sketchattr.featurize.fingerprint import model_fingerprint
-from sketchattr.modules import select_modules
+from sketchattr.modules import select_modules, unwrap_model
 from sketchattr.task import Task, validate_task
+
+if TYPE_CHECKING:
+    from sketchattr.distributed.collective import Collective
 
 STAGES: dict[str, tuple[str, ...]] = {
     "kfac": ("covariance", "eigen"),
@@ -145,6 +156,15 @@ class _Run:
     sample: bool
     progress: bool
     profiler: Profiler
+    collective: "Collective | None" = None
+
+    @property
+    def rows(self) -> range:
+        """This process's rows of ``range(n)`` (all of them without a collective)."""
+        if self.collective is None:
+            return range(self.n)
+        part = self.collective.shard(self.n, self.batch_size)
+        return range(part.start, part.stop)
 
 
 def fit_factors(
@@ -162,6 +182,7 @@ def fit_factors(
     overwrite: bool = False,
     progress: bool = True,
     profile: bool = False,
+    collective: "Collective | None" = None,
 ) -> Factors:
     """Fit ``kind`` curvature factors of the selected Linear/Conv2d modules on ``train_dataset``.
 
@@ -169,6 +190,8 @@ def fit_factors(
     featurizer's selection so the scorer can pair them. fisher: ``"true"`` | ``"empirical"``.
     path: a folder for the stage files (resume; see module docstring). profile: print the
     per-stage timing table at the end (``factors.profiler`` holds it either way).
+    collective: fit across processes, each over its shard (see module docstring); a
+    DistributedDataParallel-wrapped model is unwrapped.
     """
     if kind not in STAGES:
         raise ValueError(f"kind must be one of {sorted(STAGES)}, got {kind!r}")
@@ -177,12 +200,15 @@ def fit_factors(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     task = validate_task(task)
+    model = unwrap_model(model)
     dataset = _as_dataset(train_dataset)
     n = _n_examples(dataset, max_examples)
     specs = _resolve_specs(model, task, modules, dataset)
     meta = _metadata(model, task, specs, kind, fisher, n, len(dataset), max_examples, seed, dtype)
+    meta["label_batch_size"] = batch_size if fisher == "true" else None
     profiler = Profiler(enabled=True)
-    run = _Run(model, task, dataset, n, specs, batch_size, dtype, seed, fisher == "true", progress, profiler)
+    main = collective is None or collective.is_main
+    run = _Run(model, task, dataset, n, specs, batch_size, dtype, seed, fisher == "true", progress and main_process(), profiler, collective)
     files = _stage_files(path) if path is not None else {}
     if path is not None:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -195,13 +221,15 @@ def fit_factors(
         if files and not computed and not overwrite:
             with profiler.record("load stage"):
                 saved = _load_stage(files[stage], stage, meta, overwrite)
+            if collective is not None and not all(collective.gather_objects(saved is not None)):
+                saved = None  # a rank cannot read it: recompute together
         if saved is not None:
             loaded.append(stage)
         else:
             with profiler.record(f"stage: {stage}"):
                 saved = _STAGE_FNS[stage](run, tensors)
             computed.append(stage)
-            if files:
+            if files and main:
                 with profiler.record("save stage"):
                     _save_stage(files[stage], stage, meta, saved)
         _merge(tensors, saved)
@@ -262,21 +290,33 @@ def pass_seed(seed: int, pass_index: int) -> int:
     return int(np.random.SeedSequence([seed, pass_index]).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
 
 
+def batch_seed(seed: int, pass_index: int, batch_index: int) -> int:
+    """Seed of global batch ``batch_index`` of data pass ``pass_index`` (batch 0: the pass's
+    seed, so a one-batch pass samples as ``torch.manual_seed(pass_seed(seed, pass_index))``)."""
+    if batch_index == 0:
+        return pass_seed(seed, pass_index)
+    state = np.random.SeedSequence([seed, pass_index, batch_index]).generate_state(1, np.uint64)[0]
+    return int(state & ((1 << 63) - 1))
+
+
 def _data_pass(run: _Run, desc: str, consume: Callable[[dict[str, tuple[torch.Tensor, torch.Tensor]]], None], pass_index: int = 0) -> None:
-    """One pass over the first ``run.n`` examples: ``consume({module: (a, s)})`` per batch, with
-    a and s in ``run.dtype``. Seeds the global RNG with ``run.seed`` (restored afterwards)."""
+    """One pass over this process's rows of the first ``run.n`` examples: ``consume({module:
+    (a, s)})`` per batch, with a and s in ``run.dtype``. Seeds the global RNG per batch with
+    ``batch_seed(run.seed, pass_index, global batch index)`` (restored afterwards)."""
     model, prof = run.model, run.profiler
+    rows = run.rows
     # own generator: the DataLoader's base-seed draw must not consume the seeded global RNG
-    loader = DataLoader(Subset(run.dataset, range(run.n)), batch_size=run.batch_size, shuffle=False, generator=torch.Generator())
+    loader = DataLoader(Subset(run.dataset, rows), batch_size=run.batch_size, shuffle=False, generator=torch.Generator())
+    first_batch = rows.start // run.batch_size
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     cast = _caster(model)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
-            torch.manual_seed(pass_seed(run.seed, pass_index))
             with LayerCapture(model, run.specs) as cap:
-                for batch in tqdm(loader, desc=desc, unit="batch", disable=not run.progress):
+                for b, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not run.progress)):
+                    torch.manual_seed(batch_seed(run.seed, pass_index, first_batch + b))
                     batch = _tree_map(cast, batch)
                     with prof.record("forward + backward"):
                         acts = cap.run(lambda: run.task.train_loss(model, batch, sample=run.sample))
@@ -297,6 +337,15 @@ def _sum_over_data(run: _Run, desc: str, terms: Callable[[str, torch.Tensor, tor
                 acc[key] = acc[key] + value if key in acc else value
 
     _data_pass(run, desc, consume, pass_index)
+    if run.collective is not None:
+        device = next(run.model.parameters()).device
+        for spec in run.specs:
+            acc = sums[spec.name]
+            if not acc:  # no rows on this rank: zeros of the right shapes from an empty batch
+                empty = lambda d: torch.zeros(0, 1, d, dtype=run.dtype, device=device)
+                acc.update(terms(spec.name, empty(spec.shape[1]), empty(spec.d_out)))
+            for key in sorted(acc):
+                acc[key] = run.collective.sum(acc[key])
     return {name: {k: v / run.n for k, v in acc.items()} for name, acc in sums.items()}
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from sketchattr.featurize.fingerprint import model_fingerprint
-from sketchattr.modules import ModuleSelection, select_modules
+from sketchattr.modules import ModuleSelection, select_modules, unwrap_model
 from sketchattr.project import FactorizedProjector, Projector, make_projector
 from sketchattr.sample import Sampler, dataset_labels, make_sampler
 from sketchattr.store import GradientStore, StoreMetadata, make_store
@@ -52,7 +52,9 @@ def _as_dataset(data: Any) -> Dataset:
 class Featurizer:
     """Computes sketched per-example gradients of a model.
 
-    model: the trained model (put in eval mode while featurizing, restored after).
+    model: the trained model (put in eval mode while featurizing, restored after). A
+        DistributedDataParallel-wrapped model is unwrapped (``.module``): wrapping before or
+        after creating the featurizer gives the same rows, names and fingerprint.
     task: a :class:`~sketchattr.task.Task`.
     modules: ``None``/``"all"``, an int N (last N in forward order) or a list of module names;
         defaults to ``task.modules``.
@@ -62,7 +64,8 @@ class Featurizer:
         module must be a Linear/Conv2d; the model runs as is, so ``device``/``dtype`` must be its
         own) and is bound to the selected layers' shapes.
     batch_size: examples per vmap call. device: where gradients are computed (default: the
-        model's). dtype: gradient dtype (default: the model's parameter dtype).
+        model's). dtype: gradient dtype (default: the model's parameter dtype). progress: tqdm
+        bars (never on ranks > 0 of a torch.distributed job).
     """
 
     def __init__(
@@ -82,15 +85,15 @@ class Featurizer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
+        self.model = unwrap_model(model)
         self.task = validate_task(task)
         self.module_spec = modules if modules is not None else getattr(task, "modules", None)
         self.projector = make_projector(projector, m=m, seed=seed)
         self.batch_size = int(batch_size)
-        first = next(model.parameters())
+        first = next(self.model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype
-        self.progress = progress
+        self.progress = progress and main_process()
         self._selection: ModuleSelection | None = None
         self._layers: list | None = None  # LayerSpecs of the selected modules (factorized path)
 
@@ -142,10 +145,28 @@ class Featurizer:
         metadata must match this featurizer's unless ``overwrite``.
         """
         dataset = _as_dataset(dataset)
-        idx, weights = self._resolve_rows(dataset, indices, sampler)
-        self.selection(self._example_input(dataset, idx))
+        idx, weights = self.plan_rows(dataset, indices, sampler)
+        return self.featurize_rows(dataset, idx, weights, store, overwrite, **store_kwargs)
+
+    def featurize_rows(
+        self,
+        dataset: Any,
+        indices: np.ndarray,
+        weights: np.ndarray | None = None,
+        store: "GradientStore | str | None" = None,
+        overwrite: bool = False,
+        **store_kwargs: Any,
+    ) -> GradientStore:
+        """Sketch exactly the rows ``indices`` [n] (importance ``weights`` [n] or None) into a
+        store, skipping rows already written; ``featurize`` after :meth:`plan_rows`. Batches
+        start at ``indices[0]``, so a shard starting on a batch boundary of the full plan gets
+        the batches of a single-process run (bit-identical rows on CPU)."""
+        dataset = _as_dataset(dataset)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx):
+            self.selection(self._example_input(dataset, idx))
         store = make_store(store, **store_kwargs)
-        weight_of = dict(zip(idx.tolist(), weights.tolist())) if weights is not None else None
+        weight_of = dict(zip(idx.tolist(), np.asarray(weights).tolist())) if weights is not None else None
         with store.writing():
             store.prepare(self.metadata("train"), planned=idx, overwrite=overwrite)
             todo = store.missing(idx)
@@ -154,18 +175,24 @@ class Featurizer:
                 store.write(batch_idx, rows, w)
         return store
 
-    def _resolve_rows(
-        self, dataset: Dataset, indices: Sequence[int] | None, sampler: "Sampler | str | None"
+    def plan_rows(
+        self, dataset: Any, indices: Sequence[int] | None = None, sampler: "Sampler | str | None" = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The dataset indices [n] to featurize (all, ``indices``, or a sampler's draw) and
+        their importance weights [n] (None without a sampler). Resolves the module selection
+        on the first planned row (last-N modules are traced there)."""
+        dataset = _as_dataset(dataset)
         if sampler is None:
-            return self._resolve_indices(dataset, indices), None
-        if indices is not None:
+            idx, weights = self._resolve_indices(dataset, indices), None
+        elif indices is not None:
             raise ValueError("give either indices or a sampler, not both")
-        sampler = make_sampler(sampler)
-        n = len(dataset)
-        keys = dataset_labels(dataset) if getattr(sampler, "needs_keys", False) else None
-        sample = sampler.sample(n, keys=keys)
-        return np.asarray(sample.indices, dtype=np.int64), np.asarray(sample.weights)
+        else:
+            sampler = make_sampler(sampler)
+            keys = dataset_labels(dataset) if getattr(sampler, "needs_keys", False) else None
+            sample = sampler.sample(len(dataset), keys=keys)
+            idx, weights = np.asarray(sample.indices, dtype=np.int64), np.asarray(sample.weights)
+        self.selection(self._example_input(dataset, idx))
+        return idx, weights
 
     def query_rows(self, dataset: Any, indices: Sequence[int] | None = None) -> torch.Tensor:
         """Sketched measurement gradients of query examples. Returns [n_query, m]."""
@@ -307,6 +334,12 @@ class Featurizer:
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"indices must lie in [0, {n}); found range [{idx.min()}, {idx.max()}]")
         return idx
+
+
+def main_process() -> bool:
+    """False on the ranks > 0 of an initialised torch.distributed job (they show no progress bars)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def dataset_length(dataset: Any, what: str = "dataset") -> int:

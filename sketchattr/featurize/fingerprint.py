@@ -6,9 +6,13 @@ import hashlib
 import torch
 from torch import nn
 
+from sketchattr.modules import unwrap_model
+
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 (first 16 hex digits) over every parameter and buffer's name, shape, dtype and values."""
+    """sha256 (first 16 hex digits) over every parameter and buffer's name, shape, dtype and values
+    (of the module inside a DistributedDataParallel wrapper: wrapped or not, the same hash)."""
+    model = unwrap_model(model)
     h = hashlib.sha256()
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         t = tensor.detach()

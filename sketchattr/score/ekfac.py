@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import scipy.stats
@@ -41,6 +41,9 @@ from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.score.base import Scorer
 from sketchattr.score.topk import TopK
 from sketchattr.store import GradientStore
+
+if TYPE_CHECKING:
+    from sketchattr.distributed.collective import Collective
 
 Curvature = tuple["torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
 
@@ -135,12 +138,14 @@ class CurvatureScorer(Scorer):
         return [_apply(c, dw.to(self.dtype)) for c, dw in zip(self._curvature, dws)]
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, store: GradientStore) -> "CurvatureScorer":
-        """Bind the store of train rows; it must come from this featurizer (else StoreMismatchError)."""
+    def fit(self, store: GradientStore, collective: "Collective | None" = None) -> "CurvatureScorer":
+        """Bind the store of train rows; it must come from this featurizer (else StoreMismatchError).
+        collective: the store is this rank's shard (:func:`sketchattr.distributed.featurize`);
+        every rank then prepares all queries, scores its shard, and ``score``/``top_k`` gather."""
         if store.metadata is None or len(store) == 0:
             raise ValueError("the store holds no rows: featurize a training set first")
         store.metadata.check_matches(self.featurizer.metadata("train"))
-        self.store, self.train_indices = store, store.indices
+        self._bind(store, collective)
         self.profiler = Profiler(enabled=True)
         return self
 
@@ -218,8 +223,8 @@ class CurvatureScorer(Scorer):
         """Scores [n_query, n_train] (``per_module=True``: dict module -> [n_query, n_train])."""
         blocks = [s for _, s in self.iter_scores(queries, **kwargs)]
         if isinstance(blocks[0], dict):
-            return {k: torch.cat([b[k] for b in blocks], dim=1) for k in blocks[0]}
-        return torch.cat(blocks, dim=1)
+            return {k: self._gather_columns(torch.cat([b[k] for b in blocks], dim=1)) for k in blocks[0]}
+        return self._gather_columns(torch.cat(blocks, dim=1))
 
     def top_k(self, queries: Any, k: int = 10, **kwargs: Any) -> TopK:
         if kwargs.get("per_module"):
@@ -230,11 +235,12 @@ class CurvatureScorer(Scorer):
         return super().score_to_hdf5(self._prepared(queries, kwargs), path, dataset, k)
 
     def self_influence(self, train_dataset: Any, indices: Sequence[int] | None = None, sketched: bool = False) -> torch.Tensor:
-        """⟨M g_i, g_i⟩ ≥ 0 (summed over modules) for the store's rows (default) or ``indices``
-        of ``train_dataset``: [n]. Recomputes those train gradients; ``sketched=True`` gives
-        ⟨P M g_i, P g_i⟩, the diagonal of the sketched train-vs-train scores."""
+        """⟨M g_i, g_i⟩ ≥ 0 (summed over modules) for the store's rows (default; distributed:
+        each rank computes its shard's, gathered) or ``indices`` of ``train_dataset``: [n].
+        Recomputes those train gradients; ``sketched=True`` gives ⟨P M g_i, P g_i⟩, the
+        diagonal of the sketched train-vs-train scores."""
         self._check_fitted()
-        idx = self.train_indices if indices is None else indices
+        idx = self._local_indices() if indices is None else indices
         out = []
         for _, dws in self.module_gradients(train_dataset, "train", idx):
             us = self.precondition(dws)
@@ -243,7 +249,7 @@ class CurvatureScorer(Scorer):
                 out.append((flat(us) * flat([d.to(self.dtype) for d in dws])).sum(dim=1))
             else:
                 out.append(sum((u * dw.to(self.dtype)).sum(dim=(1, 2)) for u, dw in zip(us, dws)))
-        return torch.cat(out)
+        return torch.cat(out) if indices is not None else self._gather_columns(torch.cat(out), dim=0)
 
     def _prepared(self, queries: Any, kwargs: dict[str, Any]) -> PreparedQueries:
         return queries if isinstance(queries, PreparedQueries) else self.prepare_queries(queries, kwargs.get("kind", "query"))

@@ -13,7 +13,7 @@ block, so a store larger than memory can be scored (see :meth:`Scorer.top_k`).
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from sketchattr.score.base import Scorer, as_store
 from sketchattr.score.damping import auto_damping, effective_dimension
 from sketchattr.score.linalg import accumulate_gram, eigh_ascending, symmetrize_upper
 from sketchattr.store import GradientStore
+
+if TYPE_CHECKING:
+    from sketchattr.distributed.collective import Collective
 
 
 class SketchedInfluence(Scorer, name="sketched_influence"):
@@ -58,32 +61,43 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         self.block_rows = block_rows
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, store: "GradientStore | torch.Tensor", indices: np.ndarray | None = None) -> "SketchedInfluence":
-        """Decompose F̂ (or the Gram matrix) of the store's rows [n_train, m]."""
+    def fit(
+        self, store: "GradientStore | torch.Tensor", indices: np.ndarray | None = None, collective: "Collective | None" = None
+    ) -> "SketchedInfluence":
+        """Decompose F̂ (or the Gram matrix) of the store's rows [n_train, m].
+
+        collective: when each rank holds a shard of the rows (:func:`sketchattr.distributed.featurize`),
+        F̂, Σw and n are summed over the ranks (the Gram path gathers the rows) so every rank
+        holds the single-process decomposition; scores then cover all ranks' rows.
+        """
         store = as_store(store, indices)
-        n, m = len(store), store.dim
+        self._bind(store, collective)
+        m = store.dim
+        n = int(self._sum(torch.tensor(len(store), dtype=torch.int64)))
         if n == 0:
             raise ValueError("the store holds no rows: featurize a training set first")
-        self.store, self.train_indices = store, store.indices
         self._store_device = None
         self.n_train, self.dim = n, m
         w = torch.as_tensor(store.weights, dtype=self.dtype)
         if not (torch.isfinite(w).all() and (w > 0).all()):
             raise ValueError("store weights must be finite and > 0")
-        self.weight_sum = float(w.sum())
+        self.weight_sum = float(self._sum(w.sum()))
         self.path = ("gram" if m > n else "eigen") if self.method == "auto" else self.method
-        uniform = bool((w == w[0]).all())
+        mine = (bool((w == w[0]).all()), float(w[0]))  # uniform weights: unweighted accumulation
+        views = [mine] if collective is None else collective.gather_objects(mine)
+        uniform = all(u for u, _ in views) and len({w0 for _, w0 in views}) == 1
         if self.path == "eigen":
             fhat = torch.zeros(m, m, dtype=self.dtype, device=self._compute_device())
             for (_, rows), wb in self._blocks_with_weights(w):
                 accumulate_gram(fhat, rows, None if uniform else wb)
+            fhat = self._sum(fhat)
             symmetrize_upper(fhat)
-            fhat /= self.weight_sum / (float(w[0]) if uniform else 1.0)
+            fhat /= self.weight_sum / (views[0][1] if uniform else 1.0)
             sigma, vecs = eigh_ascending(fhat)
             del fhat
         else:
             G = self._checked(torch.cat([r for _, r in self._blocks(self.dtype)]))
-            self._H = G * w.to(G.device).sqrt()[:, None]
+            self._H = self._gather_columns(G * w.to(G.device).sqrt()[:, None], dim=0)
             sigma, vecs = eigh_ascending(self._H @ self._H.T / self.weight_sum)
         # eigenpairs kept in ascending order (no reordering copy of the m×m eigenvectors)
         self._sigma = sigma.to(device=vecs.device, dtype=self.dtype).clamp(min=0)
@@ -142,9 +156,14 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
     def self_influence(self, damping: "float | str | None" = None) -> torch.Tensor:
         """ĝ_iᵀ(F̂ + λI)⁻¹ĝ_i ≥ 0 for every train row: [n_train]."""
         lam = self.resolve_damping(damping)
-        return torch.cat([(rows * self.precondition(rows, lam)).sum(dim=1) for _, rows in self._blocks(self.dtype)])
+        local = torch.cat([(rows * self.precondition(rows, lam)).sum(dim=1) for _, rows in self._blocks(self.dtype)])
+        return self._gather_columns(local, dim=0)
 
     # ------------------------------------------------------------------ internals
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (``t`` itself in one process)."""
+        return t if self.collective is None else self.collective.sum(t)
+
     def _compute_device(self) -> torch.device:
         """The scorer's device, else where the store's rows live (read once; the reader is closed
         so that no file handle outlives the call)."""

@@ -33,6 +33,12 @@ class TopKMerger:
         self._hi = self._merge(self._hi, scores, idx, largest=True)
         self._lo = self._merge(self._lo, scores, idx, largest=False)
 
+    def add(self, top: TopK) -> None:
+        """Merge another (partial) top-k [n_query, k'] into this one (e.g. another rank's)."""
+        as_t = lambda a: torch.as_tensor(np.asarray(a))
+        self._hi = self._merge(self._hi, as_t(top.proponent_scores), as_t(top.proponents), largest=True)
+        self._lo = self._merge(self._lo, as_t(top.opponent_scores), as_t(top.opponents), largest=False)
+
     def _merge(self, best, scores, idx, largest: bool):
         if best is not None:
             scores = torch.cat([best[0], scores], dim=1)

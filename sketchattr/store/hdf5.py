@@ -10,7 +10,8 @@ Layout (one group per checkpoint / model id, default ``"main"``)::
     /<checkpoint>/written      bool    [N]     True once the row's values are on disk
     /<checkpoint>/weights      float64 [N]     importance weight of each row (sampling)
 
-All datasets are chunked and resizable along N. A batch's rows are written and flushed
+All datasets are chunked and resizable along N (in a file joined from per-rank shards by
+:mod:`sketchattr.distributed`, root attr ``layout = "joined"``, they are read-only virtual datasets). A batch's rows are written and flushed
 *before* its ``written`` flags are set and flushed, so a crash at any point leaves only rows
 that are flagged complete or rows that will be recomputed; reads return flagged rows only.
 """
@@ -30,6 +31,7 @@ from sketchattr.store.base import GradientStore, StoreCorruptedError, StoreMetad
 
 FORMAT = "sketchattr-store"
 FORMAT_VERSION = 1
+JOINED = "joined"  # root attr ``layout`` of a read-only join of per-rank shard files (sketchattr.distributed)
 DEFAULT_PATH = Path("grad_cache") / "store.h5"
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
@@ -121,6 +123,11 @@ class DiskStore(GradientStore, name="disk"):
                 f"a write): {exc}. Delete it, or use another path, to featurize again."
             ) from exc
         try:
+            if write and f.attrs.get("layout") == JOINED:
+                raise PermissionError(
+                    f"{self.path} joins per-rank shard files (torch.distributed featurization) and is "
+                    "read-only: featurize with sketchattr.distributed.featurize to add or resume rows"
+                )
             if write and "format" not in f.attrs:
                 f.attrs["format"] = FORMAT
                 f.attrs["format_version"] = FORMAT_VERSION
@@ -132,6 +139,10 @@ class DiskStore(GradientStore, name="disk"):
 
     def _open_existing(self) -> None:
         with self._open() as f:
+            if f.attrs.get("layout") == JOINED:  # virtual datasets read missing sources as zeros: check them
+                absent = [s for s in json.loads(f.attrs["shards"]) if not (self.path.parent / s).exists()]
+                if absent:
+                    raise StoreCorruptedError(f"{self.path} joins shard files that are missing beside it: {absent}")
             if self.checkpoint not in f:
                 return
             g = f[self.checkpoint]

@@ -1,0 +1,27 @@
+"""sketchattr on torch.distributed (torchrun; gloo on CPU, NCCL on GPUs), no other transport.
+
+* :func:`featurize` — each rank sketches a contiguous, batch-aligned shard of the train rows;
+  per-rank HDF5 shard files joined by rank 0 into one logical store (virtual datasets).
+* ``collective=`` on ``SketchedInfluence.fit`` / ``EKFACScorer.fit`` (any scorer of
+  :mod:`sketchattr.score` but TracIn) and ``fit_factors``: F̂ and the EKFAC/KFAC sums are
+  all-reduced; ``score`` gathers the full matrix, ``top_k`` merges the ranks' top-k,
+  ``score_to_hdf5`` writes one file per rank and joins them.
+* :func:`get_collective` — the world's :class:`TorchCollective`, or a :class:`LocalCollective`
+  when torch.distributed is not initialised (everything then runs as one process).
+* :func:`unwrap_model` — DistributedDataParallel models are accepted everywhere (unwrapped).
+"""
+from sketchattr.distributed.collective import (
+    Collective,
+    LocalCollective,
+    RankFailedError,
+    TorchCollective,
+    get_collective,
+)
+from sketchattr.distributed.featurize import featurize
+from sketchattr.distributed.shards import join_scores, join_store, shard_path
+from sketchattr.modules import unwrap_model
+
+__all__ = [
+    "Collective", "LocalCollective", "RankFailedError", "TorchCollective", "featurize", "get_collective",
+    "join_scores", "join_store", "shard_path", "unwrap_model",
+]

@@ -1,0 +1,219 @@
+"""torch.distributed: 2 gloo processes on CPU against one process (tests/distributed_worker.py).
+
+One 2-rank run (module fixture) covers featurization into joined HDF5 shards, F̂ (eigen and
+Gram paths), scores, top-k, per-shard score files, EKFAC factors with sampled labels, DDP
+models wrapped before and after the featurizer, resume per rank and a metadata mismatch
+between ranks; the single-process side is computed here with the same settings.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sketchattr as sa
+import sketchattr.distributed as sad
+from sketchattr.store import StoreMismatchError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as W  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Launch the 2 ranks like torchrun; return (output folder, [rank results])."""
+    out = tmp_path_factory.mktemp("dist")
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(Path(W.__file__)), str(out)], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=180)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the 2-process run timed out")
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The single-process results with the same settings (1 thread, like each rank)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("single")
+        model, train, query = W.build()
+        task = sa.ClassificationTask()
+        feat = sa.Featurizer(model, task, projector="sjlt", m=W.M, seed=0, batch_size=W.BATCH, progress=False)
+        store = feat.featurize(train, store=sa.DiskStore(out / "store.h5"))
+        qrows = feat.query_rows(query)
+        si = sa.SketchedInfluence().fit(store)
+        feat_id = sa.Featurizer(model, task, batch_size=W.BATCH, progress=False)
+        gram = sa.SketchedInfluence().fit(feat_id.featurize(train))
+        factors = sa.fit_factors(model, task, train, kind="ekfac", fisher="true", batch_size=W.BATCH, progress=False)
+        ekfac = sa.EKFACScorer(factors, feat).fit(store)
+        return dict(rows=store.rows(), indices=store.indices, si=si, qrows=qrows, gram=gram, gram_q=feat_id.query_rows(query),
+                    factors=factors, ekfac_scores=ekfac.score(query), ekfac_top=ekfac.top_k(query, k=W.K), feat=feat,
+                    train=train)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same_topk(res: dict, prefix: str, top, atol: float = 1e-10) -> None:
+    assert np.array_equal(res[f"{prefix}_proponents"].numpy(), top.proponents)
+    assert np.array_equal(res[f"{prefix}_opponents"].numpy(), top.opponents)
+    assert np.allclose(res[f"{prefix}_proponent_scores"].numpy(), top.proponent_scores, atol=atol)
+    assert np.allclose(res[f"{prefix}_opponent_scores"].numpy(), top.opponent_scores, atol=atol)
+
+
+def test_joined_store_rows_bit_identical(run, single):
+    out, results = run
+    with h5py.File(out / "store.h5", "r") as f:  # plain h5py reads the joined file
+        assert f["main/rows"].is_virtual
+        rows, idx = f["main/rows"][:], f["main/indices"][:]
+        assert f["main/written"][:].all()
+    assert torch.equal(torch.from_numpy(rows), single["rows"]) and np.array_equal(idx, single["indices"])
+    joined = sa.DiskStore(out / "store.h5")
+    assert torch.equal(joined.rows(), single["rows"]) and joined.metadata == single["feat"].metadata()
+    shards = [res["shard_indices"].numpy() for res in results]
+    assert len(shards[0]) == 32 and np.array_equal(np.concatenate(shards), np.arange(W.N))  # 4 whole batches, then the rest
+    with pytest.raises(PermissionError, match="read-only"):
+        joined.prepare(single["feat"].metadata())
+
+
+def test_fhat_scores_topk_match_single_process(run, single):
+    _, results = run
+    si, q = single["si"], single["qrows"]
+    ref_scores, ref_top = si.score(q), si.top_k(q, k=W.K)
+    for res in results:  # every rank holds the whole answer
+        assert torch.allclose(res["sigma"], si.sigma, rtol=1e-10, atol=1e-12)
+        assert res["damping"].item() == pytest.approx(si.damping_, rel=1e-10)
+        assert res["scores"].shape == (W.NQ, W.N)
+        assert torch.allclose(res["scores"], ref_scores, rtol=1e-5, atol=1e-6)  # float32 store: float32 products
+        assert torch.allclose(res["self_influence"], si.self_influence(), rtol=1e-8)
+        _same_topk(res, "top", ref_top)
+        _same_topk(res, "h5top", ref_top)
+    assert results[0]["gram_path"].item()
+    gram = single["gram"]
+    for res in results:
+        assert torch.allclose(res["gram_sigma"], gram.sigma, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(res["gram_scores"], gram.score(single["gram_q"]), rtol=1e-8, atol=1e-10)
+
+
+def test_score_files_joined_per_shard(run, single):
+    out, _ = run
+    with h5py.File(out / "scores.h5", "r") as f:
+        scores, idx = f["scores"][:], f["train_indices"][:]
+    assert np.array_equal(idx, np.arange(W.N))
+    ref = single["si"].score(single["qrows"]).float().numpy()
+    assert np.allclose(scores, ref, rtol=1e-5, atol=1e-6)
+    assert (out / "scores.rank1-of-2.h5").exists()
+
+
+def test_ekfac_factors_and_scores_match(run, single):
+    _, results = run
+    factors = single["factors"]
+    for res in results:
+        for name, tensors in factors.tensors.items():
+            for key, t in tensors.items():
+                got = res[f"factors/{name}/{key}"]
+                if key in ("QA", "QS"):  # eigenvectors up to sign: compare the projectors Q diag(λ) Qᵀ below
+                    continue
+                assert torch.allclose(got, t, rtol=1e-9, atol=1e-12), (name, key)
+        assert torch.allclose(res["ekfac_scores"], single["ekfac_scores"], rtol=1e-6, atol=1e-9)
+        _same_topk(res, "ekfac_top", single["ekfac_top"], atol=1e-8)
+        assert torch.allclose(res["ddp_factors_lambda"], factors.tensors["2"]["Lambda"], rtol=1e-9, atol=1e-12)
+
+
+def test_ddp_wrapped_before_or_after(run, single):
+    _, results = run
+    for res in results:
+        assert res["ddp_same_metadata"].item()
+    for key in ("ddp_before_rows", "ddp_after_rows"):
+        joined = torch.cat([res[key] for res in results])
+        assert torch.equal(joined.to(torch.float32), single["rows"]), key  # the disk store keeps float32
+
+
+def test_resume_per_rank(run, single):
+    _, results = run
+    rows = results[0]["resumed_rows"]
+    ref = single["rows"]
+    assert torch.equal(rows[:32], ref[:32])  # rank 0: whole shard recomputed, bit-identical
+    assert torch.equal(rows[32], torch.full((W.M,), 7.0, dtype=rows.dtype))  # flagged row kept, not recomputed
+    assert torch.equal(rows[33:], ref[33:])  # unflagged rows recomputed
+
+
+def test_metadata_mismatch_across_ranks_raises_on_every_rank(run):
+    _, results = run
+    for res in results:
+        msg = bytes(res["mismatch_error"].tolist()).decode()
+        assert "rank 1 sketches with other settings" in msg and "seed" in msg
+
+
+def test_world_size_mismatch_and_missing_shard(run, single, tmp_path):
+    out, _ = run
+    with pytest.raises(StoreMismatchError, match="world size 1"):
+        sad.featurize(single["feat"], single["train"], path=out / "store.h5")  # 2-process shards, 1 process now
+    with pytest.raises(FileNotFoundError, match="rank1-of-2"):
+        sad.join_store(tmp_path / "store.h5", 2)
+    for f in out.glob("resume*.h5"):  # a joined store whose shard files were not moved with it
+        f.rename(tmp_path / f.name)
+    (tmp_path / "resume.rank0-of-2.h5").unlink()
+    with pytest.raises(sa.StoreCorruptedError, match="rank0-of-2"):
+        sa.DiskStore(tmp_path / "resume.h5")
+
+
+def test_single_process_fallback(single, tmp_path):
+    """Without torch.distributed everything runs as one process: same rows, one shard file."""
+    feat, train = single["feat"], single["train"]
+    shard = sad.featurize(feat, train, path=tmp_path / "s.h5")
+    assert torch.equal(shard.rows(), single["rows"]) and torch.equal(sa.DiskStore(tmp_path / "s.h5").rows(), single["rows"])
+    si = sa.SketchedInfluence().fit(shard, collective=sad.get_collective())
+    assert torch.allclose(si.sigma, single["si"].sigma)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        sad.TorchCollective()
+
+
+def test_shards_are_batch_aligned_and_cover_everything():
+    class Rank(sad.LocalCollective):
+        def __init__(self, rank: int, world: int) -> None:
+            self.rank, self.world_size = rank, world
+
+    for n, bs, world in [(60, 8, 2), (5, 8, 3), (100, 1, 7), (64, 16, 4)]:
+        parts = [Rank(r, world).shard(n, bs) for r in range(world)]
+        assert parts[0].start == 0 and parts[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+        assert all(p.start % bs == 0 for p in parts)
+
+
+def test_unwrap_and_prefixed_names():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    wrapped = nn.DataParallel(model)  # same public .module as DistributedDataParallel
+    assert sad.unwrap_model(wrapped) is model
+    assert sa.model_fingerprint(wrapped) == sa.model_fingerprint(model)
+    assert sa.select_modules(wrapped, ["module.1"]).names == ("1",)
