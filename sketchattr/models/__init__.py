@@ -1,4 +1,5 @@
 """Model constructors (see :mod:`sketchattr.models.registry` for ``make_model``)."""
+from .gpt import GPTConfig, make_gpt
 from .logistic import make_logistic
 from .mlp import make_mlp
 from .music_transformer import MusicTransformer, make_music_transformer
@@ -6,6 +7,6 @@ from .registry import available_models, make_model, model_name_of
 from .resnet9 import ResNet9, make_resnet9
 
 __all__ = [
-    "MusicTransformer", "ResNet9", "available_models", "make_logistic", "make_mlp", "make_model",
+    "GPTConfig", "MusicTransformer", "ResNet9", "available_models", "make_gpt", "make_logistic", "make_mlp", "make_model",
     "make_music_transformer", "make_resnet9", "model_name_of",
 ]

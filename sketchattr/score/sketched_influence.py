@@ -13,7 +13,8 @@ block, so a store larger than memory can be scored (see :meth:`Scorer.top_k`).
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import contextlib
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from sketchattr.score.base import Scorer, as_store
 from sketchattr.score.damping import auto_damping, effective_dimension
 from sketchattr.score.linalg import accumulate_gram, eigh_ascending, symmetrize_upper
 from sketchattr.store import GradientStore
+
+if TYPE_CHECKING:
+    from sketchattr.curvature.profiler import Profiler
 
 
 class SketchedInfluence(Scorer, name="sketched_influence"):
@@ -33,7 +37,9 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
     default); streamed score products run in the store rows' precision (float32 for fp32, fp16
     and bf16 stores, float64 for float64 rows). device: where blocks are scored
     (default: where the store's rows are). block_rows: rows per streamed block (default: the
-    store's choice).
+    store's choice). profiler: optional :class:`~sketchattr.curvature.profiler.Profiler`;
+    ``fit`` records ``"fit: accumulate F̂"`` (or ``"fit: Gram matrix"``, with the rows read) and
+    ``"fit: eigendecomposition"``.
 
     After ``fit``: ``sigma`` (eigenvalues of F̂, descending), ``sigma_max``, ``damping_``
     (resolved λ), ``effective_dimension(λ)``, ``path`` (``"eigen"`` or ``"gram"``).
@@ -46,6 +52,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         dtype: torch.dtype = torch.float64,
         device: "str | torch.device | None" = None,
         block_rows: int | None = None,
+        profiler: "Profiler | None" = None,
     ) -> None:
         if method not in ("auto", "eigen", "gram"):
             raise ValueError(f"method must be 'auto', 'eigen' or 'gram', got {method!r}")
@@ -56,6 +63,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
         self.block_rows = block_rows
+        self.profiler = profiler
 
     # ------------------------------------------------------------------ fitting
     def fit(self, store: "GradientStore | torch.Tensor", indices: np.ndarray | None = None) -> "SketchedInfluence":
@@ -74,17 +82,22 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         self.path = ("gram" if m > n else "eigen") if self.method == "auto" else self.method
         uniform = bool((w == w[0]).all())
         if self.path == "eigen":
-            fhat = torch.zeros(m, m, dtype=self.dtype, device=self._compute_device())
-            for (_, rows), wb in self._blocks_with_weights(w):
-                accumulate_gram(fhat, rows, None if uniform else wb)
-            symmetrize_upper(fhat)
-            fhat /= self.weight_sum / (float(w[0]) if uniform else 1.0)
-            sigma, vecs = eigh_ascending(fhat)
+            with self._record("fit: accumulate F̂", n):
+                fhat = torch.zeros(m, m, dtype=self.dtype, device=self._compute_device())
+                for (_, rows), wb in self._blocks_with_weights(w):
+                    accumulate_gram(fhat, rows, None if uniform else wb)
+                symmetrize_upper(fhat)
+                fhat /= self.weight_sum / (float(w[0]) if uniform else 1.0)
+            with self._record("fit: eigendecomposition"):
+                sigma, vecs = eigh_ascending(fhat)
             del fhat
         else:
-            G = self._checked(torch.cat([r for _, r in self._blocks(self.dtype)]))
-            self._H = G * w.to(G.device).sqrt()[:, None]
-            sigma, vecs = eigh_ascending(self._H @ self._H.T / self.weight_sum)
+            with self._record("fit: Gram matrix", n):
+                G = self._checked(torch.cat([r for _, r in self._blocks(self.dtype)]))
+                self._H = G * w.to(G.device).sqrt()[:, None]
+                gram = self._H @ self._H.T / self.weight_sum
+            with self._record("fit: eigendecomposition"):
+                sigma, vecs = eigh_ascending(gram)
         # eigenpairs kept in ascending order (no reordering copy of the m×m eigenvectors)
         self._sigma = sigma.to(device=vecs.device, dtype=self.dtype).clamp(min=0)
         self._vecs = vecs.to(dtype=self.dtype)
@@ -145,6 +158,9 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         return torch.cat([(rows * self.precondition(rows, lam)).sum(dim=1) for _, rows in self._blocks(self.dtype)])
 
     # ------------------------------------------------------------------ internals
+    def _record(self, action: str, items: int | None = None) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.profiler is None else self.profiler.record(action, items=items)
+
     def _compute_device(self) -> torch.device:
         """The scorer's device, else where the store's rows live (read once; the reader is closed
         so that no file handle outlives the call)."""
