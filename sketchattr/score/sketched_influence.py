@@ -38,7 +38,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
     and bf16 stores, float64 for float64 rows). device: where blocks are scored
     (default: where the store's rows are). block_rows: rows per streamed block (default: the
     store's choice). profiler: optional :class:`~sketchattr.curvature.profiler.Profiler`;
-    ``fit`` records ``"fit: accumulate F̂"`` (or ``"fit: Gram matrix"``, with the rows read) and
+    ``fit`` records ``"fit: accumulate Fhat"`` (or ``"fit: Gram matrix"``, with the rows read) and
     ``"fit: eigendecomposition"``.
 
     After ``fit``: ``sigma`` (eigenvalues of F̂, descending), ``sigma_max``, ``damping_``
@@ -82,7 +82,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         self.path = ("gram" if m > n else "eigen") if self.method == "auto" else self.method
         uniform = bool((w == w[0]).all())
         if self.path == "eigen":
-            with self._record("fit: accumulate F̂", n):
+            with self._record("fit: accumulate Fhat", n):
                 fhat = torch.zeros(m, m, dtype=self.dtype, device=self._compute_device())
                 for (_, rows), wb in self._blocks_with_weights(w):
                     accumulate_gram(fhat, rows, None if uniform else wb)
