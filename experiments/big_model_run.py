@@ -145,9 +145,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{torch.get_num_threads()} torch threads")
 
     budget = None if args.max_minutes is None else 60.0 * args.max_minutes
+    cpu0 = time.process_time()
     with prof.record("featurize train"):
         store = feat.featurize(train_set, store=args.offload, overwrite=args.no_resume, max_rows=args.stop_after_rows,
                                max_seconds=budget, **store_kwargs)
+    cpu_s = time.process_time() - cpu0  # CPU seconds of all this process's threads: unaffected by other jobs' load
     done = feat.last_run
     prof.count("featurize train", done.rows)
     n_stored = len(store)
@@ -165,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "params": cfg.num_params, "m": m, "projector": feat.projector.spec(), "n_train": args.num_train,
         "rows_this_run": done.rows, "rows_stored": n_stored, "remaining": done.remaining, "complete": done.complete,
-        "featurize_rows_per_s": rate, "peak_rss_mb": peak_rss_mb(), "damping": scorer.damping_,
+        "featurize_rows_per_s": rate, "featurize_cpu_seconds": cpu_s, "peak_rss_mb": peak_rss_mb(), "damping": scorer.damping_,
         "store_bytes": path.stat().st_size if args.offload == "disk" else None,
         "stage_seconds": {s: sum(prof.durations.get(s, [])) for s in STAGES},
         "top_k": {"proponents": top.proponents.tolist(), "proponent_scores": top.proponent_scores.tolist(),
@@ -178,6 +180,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         full = args.num_train * m * (2 if args.dtype == "bfloat16" else 4)
         print(f"store on disk: {summary['store_bytes'] / 2**20:.1f} MiB for {n_stored:,} rows (full run: {full / 2**30:.2f} GiB of rows)")
     print(f"damping λ = {scorer.damping_:.3g} (auto), d_λ = {scorer.effective_dimension():.1f}")
+    if done.rows and cpu_s > 0:
+        threads = torch.get_num_threads()
+        idle = threads * done.rows / cpu_s  # assumes the threads scale perfectly on cores of their own
+        print(f"featurize train CPU time: {cpu_s:.0f} s for {done.rows:,} rows in {done.seconds:.0f} s wall; with its {threads} "
+              f"threads on otherwise idle cores: ≈ {idle:.1f} rows/s, {args.num_train / idle / 60:.1f} min for {args.num_train:,} rows "
+              "(other jobs on the cores inflate CPU time per row, so idle cores usually do better)")
     for q in range(min(2, args.num_query)):
         print(f"query {q}: top proponents {top.proponents[q, :3].tolist()} scores {[f'{s:.3g}' for s in top.proponent_scores[q, :3].tolist()]}")
     if not done.complete:

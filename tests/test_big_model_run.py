@@ -37,6 +37,7 @@ def test_quick_run_interrupted_and_resumed_equals_uninterrupted(tmp_path, capsys
     for stage in ("build model", "featurize train", "fit SketchedInfluence", "featurize queries", "top-k", "Items/s"):
         assert stage in out
     assert first["extrapolated_seconds"]["total"] > first["stage_seconds"]["featurize train"]
+    assert first["featurize_cpu_seconds"] > 0 and "featurize train CPU time" in out
     assert (tmp_path / "cut.json").exists()
     resumed = run(common + ["--store", str(tmp_path / "cut.h5")])
     assert resumed["complete"] and resumed["rows_this_run"] == 96 and resumed["rows_stored"] == 160
