@@ -1,6 +1,7 @@
 """Samples/s and peak memory of (a) a plain training step, (b) vmap per-example gradients + dense
 SJLT projection (m = 1024), (c) the factorized (Kronecker, 32×32 per module) sketch and (d) the
-FactGraSS-style sketch (m = 1024), on a ≥ 10M-parameter GPT-style model on random tokens and a
+FactGraSS-style sketch (m = 1024), on a ≥ 10M-parameter GPT-style model on random tokens
+(``sketchattr.models.gpt`` preset ``gpt-14m`` on ``sketchattr.data.synthetic.RandomTokens``) and a
 1.33M-parameter MLP. Each path runs in its own subprocess so its peak memory is its own (CPU:
 ru_maxrss; CUDA: torch.cuda.max_memory_allocated). Sketches cover every Linear layer (embeddings
 and LayerNorms are not Linear; they are excluded from (b) too, so all paths see the same
@@ -22,13 +23,6 @@ import torch
 from torch import nn
 
 
-def gpt(seed: int = 0) -> nn.Module:
-    from sketchattr.models.music_transformer import MusicTransformer
-
-    torch.manual_seed(seed)
-    return MusicTransformer(vocab_size=4096, max_len=64, d_model=384, n_heads=6, n_layers=6)
-
-
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))
@@ -36,12 +30,15 @@ def mlp(seed: int = 0) -> nn.Module:
 
 def case(name: str, batch: int):
     import sketchattr as sa
+    from sketchattr.data.synthetic import RandomTokens
+    from sketchattr.models.gpt import PRESETS, make_gpt
     from sketchattr.task import CausalLMTask
 
     g = torch.Generator().manual_seed(0)
     if name == "gpt":
-        model, task = gpt(), CausalLMTask()
-        data = torch.utils.data.TensorDataset(torch.randint(0, 4096, (batch * 64, 64), generator=g))
+        cfg = PRESETS["gpt-14m"]
+        model, task = make_gpt(cfg, seed=0), CausalLMTask()
+        data = RandomTokens(batch * 64, cfg.seq_len, cfg.vocab, seed=0)
     else:
         model, task = mlp(), sa.ClassificationTask()
         data = torch.utils.data.TensorDataset(torch.randn(batch * 64, 784, generator=g), torch.randint(0, 10, (batch * 64,), generator=g))
@@ -75,13 +72,12 @@ def worker(name: str, path: str, batch: int, batches: int, device: str) -> None:
         t0 = None
         for i in range(batches + 1):  # first batch is warm-up
             if i == 1:
-                t0 = time.perf_counter()
-            if i == 1:
                 sync()
                 t0 = time.perf_counter()
-            b = [t.to(device) for t in next(it)]
+            b = next(it)
+            b = b.to(device) if isinstance(b, torch.Tensor) else tuple(t.to(device) for t in b)
             opt.zero_grad()
-            task.train_loss(model, tuple(b) if len(b) > 1 else b[0]).div(batch).backward()
+            task.train_loss(model, b).div(batch).backward()
             opt.step()
         sync()
         sec = time.perf_counter() - t0

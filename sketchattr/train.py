@@ -14,6 +14,7 @@ cross-entropy with the same shuffling and threading. Defaults by (dataset, model
 | cifar2 | lr / mlp | 10 | 0.01 | ~0.1 s / ~0.35 s |
 | any | resnet9 (width 16, 0.41M params) | 10 | 0.05 | ~25 s (~12 s with ``num_threads=None``) |
 | any | musictransformer (0.12M params, V=128, T=64) | 10 | 3e-3 (AdamW) | ~12 s |
+| any | gpt (preset ``gpt-14m``: 13.8M params) | 10 | 3e-3 (AdamW) | not timed |
 | other | lr / mlp | 20 | 0.05 | |
 
 Epoch counts are for ~1000-row experiment subsets; pass ``epochs=`` for full-size datasets.
@@ -54,6 +55,7 @@ DEFAULT_RECIPES: dict[tuple[str, str], Recipe] = {
     ("*", "mlp"): Recipe(20, 0.05),
     ("*", "resnet9"): Recipe(10, 0.05),
     ("*", "musictransformer"): Recipe(10, 3e-3),
+    ("*", "gpt"): Recipe(10, 3e-3),
 }
 FALLBACK = Recipe(20, 0.05)
 

@@ -39,7 +39,7 @@ def task_for(name: str):
 
 
 def test_available_models_and_unknown_names():
-    assert available_models() == ["lr", "mlp", "resnet9", "musictransformer"]
+    assert available_models() == ["lr", "mlp", "resnet9", "musictransformer", "gpt"]
     with pytest.raises(ValueError, match="available.*resnet9"):
         make_model("vgg", image_split())
     with pytest.raises(ValueError, match="available.*cifar2"):

@@ -12,7 +12,9 @@ projector sketches them without forming the per-example gradients at all.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,9 +30,27 @@ from sketchattr.sample import Sampler, dataset_labels, make_sampler
 from sketchattr.store import GradientStore, StoreMetadata, make_store
 from sketchattr.task import Task, validate_task
 
+if TYPE_CHECKING:
+    from sketchattr.curvature.profiler import Profiler
+
 
 class NonFiniteGradientError(ValueError):
     """A per-example gradient contained NaN or inf."""
+
+
+@dataclass(frozen=True)
+class FeaturizeRun:
+    """What one :meth:`Featurizer.featurize` call did: ``rows`` computed and written,
+    ``remaining`` planned rows still missing (> 0 when it stopped at ``max_rows`` /
+    ``max_seconds``; calling again resumes), ``seconds`` of wall time."""
+
+    rows: int
+    remaining: int
+    seconds: float
+
+    @property
+    def complete(self) -> bool:
+        return self.remaining == 0
 
 
 def _tree_map(fn: Callable[[Any], Any], obj: Any) -> Any:
@@ -66,6 +86,9 @@ class Featurizer:
     batch_size: examples per vmap call. device: where gradients are computed (default: the
         model's). dtype: gradient dtype (default: the model's parameter dtype). progress: tqdm
         bars (never on ranks > 0 of a torch.distributed job).
+    profiler: optional :class:`~sketchattr.curvature.profiler.Profiler`; records per batch
+        ``"featurize <kind>: gradients + sketch"`` and ``"featurize train: store write"`` with
+        their row counts.
     """
 
     def __init__(
@@ -80,6 +103,7 @@ class Featurizer:
         device: "str | torch.device | None" = None,
         dtype: torch.dtype | None = None,
         progress: bool = True,
+        profiler: "Profiler | None" = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -94,6 +118,8 @@ class Featurizer:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype
         self.progress = progress and main_process()
+        self.profiler = profiler
+        self.last_run: FeaturizeRun | None = None
         self._selection: ModuleSelection | None = None
         self._layers: list | None = None  # LayerSpecs of the selected modules (factorized path)
 
@@ -134,6 +160,8 @@ class Featurizer:
         indices: Sequence[int] | None = None,
         sampler: "Sampler | str | None" = None,
         overwrite: bool = False,
+        max_rows: int | None = None,
+        max_seconds: float | None = None,
         **store_kwargs: Any,
     ) -> GradientStore:
         """Sketch the training-loss gradients of ``dataset`` rows into a store and return it.
@@ -143,10 +171,13 @@ class Featurizer:
         indices / sampler: which rows (default all). A sampler's importance weights are stored.
         Rows already written are skipped, so re-running after a crash resumes. The store's
         metadata must match this featurizer's unless ``overwrite``.
+        max_rows / max_seconds: stop after at least this many new rows / this much wall time
+            (checked after each batch); the rows written so far are kept and a later call
+            resumes. ``self.last_run`` (:class:`FeaturizeRun`) says what the call did.
         """
         dataset = _as_dataset(dataset)
         idx, weights = self.plan_rows(dataset, indices, sampler)
-        return self.featurize_rows(dataset, idx, weights, store, overwrite, **store_kwargs)
+        return self.featurize_rows(dataset, idx, weights, store, overwrite, max_rows, max_seconds, **store_kwargs)
 
     def featurize_rows(
         self,
@@ -155,12 +186,20 @@ class Featurizer:
         weights: np.ndarray | None = None,
         store: "GradientStore | str | None" = None,
         overwrite: bool = False,
+        max_rows: int | None = None,
+        max_seconds: float | None = None,
         **store_kwargs: Any,
     ) -> GradientStore:
         """Sketch exactly the rows ``indices`` [n] (importance ``weights`` [n] or None) into a
         store, skipping rows already written; ``featurize`` after :meth:`plan_rows`. Batches
         start at ``indices[0]``, so a shard starting on a batch boundary of the full plan gets
-        the batches of a single-process run (bit-identical rows on CPU)."""
+        the batches of a single-process run (bit-identical rows on CPU). ``max_rows`` /
+        ``max_seconds``: see :meth:`featurize`."""
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+        if max_seconds is not None and not max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
+        t0 = time.perf_counter()
         dataset = _as_dataset(dataset)
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx):
@@ -170,9 +209,18 @@ class Featurizer:
         with store.writing():
             store.prepare(self.metadata("train"), planned=idx, overwrite=overwrite)
             todo = store.missing(idx)
-            for batch_idx, rows in self.iter_rows(dataset, todo, kind="train"):
-                w = None if weight_of is None else np.array([weight_of[i] for i in batch_idx.tolist()])
-                store.write(batch_idx, rows, w)
+            done = 0
+            with contextlib.closing(self.iter_rows(dataset, todo, kind="train")) as batches:
+                for batch_idx, rows in batches:
+                    w = None if weight_of is None else np.array([weight_of[i] for i in batch_idx.tolist()])
+                    with self._record("featurize train: store write", len(batch_idx)):
+                        store.write(batch_idx, rows, w)
+                    done += len(batch_idx)
+                    if (max_rows is not None and done >= max_rows) or (
+                        max_seconds is not None and time.perf_counter() - t0 >= max_seconds
+                    ):
+                        break
+        self.last_run = FeaturizeRun(done, len(todo) - done, time.perf_counter() - t0)
         return store
 
     def plan_rows(
@@ -231,7 +279,8 @@ class Featurizer:
                 )
                 for batch in loader:
                     batch = _tree_map(self._to_device, batch)
-                    rows = rows_of(batch)
+                    with self._record(f"featurize {kind}: gradients + sketch", _batch_len(batch)):
+                        rows = rows_of(batch)
                     b = indices[start : start + _batch_len(batch)]
                     _check_finite(rows, b, kind)  # every projector maps a NaN/inf coordinate into its row
                     yield b, rows
@@ -290,6 +339,9 @@ class Featurizer:
         return rows
 
     # ------------------------------------------------------------------ helpers
+    def _record(self, action: str, items: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.profiler is None else self.profiler.record(action, items=items)
+
     def _per_example_fn(self, kind: str, sample: bool) -> Callable:
         model, task = self.model, self.task
 

@@ -1,4 +1,5 @@
 """Model constructors (see :mod:`sketchattr.models.registry` for ``make_model``)."""
+from .gpt import GPTConfig, make_gpt
 from .logistic import make_logistic
 from .mlp import make_mlp
 from .music_transformer import MusicTransformer, make_music_transformer
@@ -7,6 +8,7 @@ from .resnet import ResNet, load_weights, resnet50, tiny_resnet
 from .resnet9 import ResNet9, make_resnet9
 
 __all__ = [
-    "MusicTransformer", "ResNet", "ResNet9", "load_weights", "resnet50", "tiny_resnet", "available_models", "make_logistic", "make_mlp", "make_model",
+    "GPTConfig", "MusicTransformer", "ResNet", "ResNet9", "available_models", "load_weights", "make_gpt", "make_logistic",
+    "make_mlp", "make_model", "resnet50", "tiny_resnet",
     "make_music_transformer", "make_resnet9", "model_name_of",
 ]

@@ -6,6 +6,7 @@
 | ``mlp`` | ``make_mlp(prod(input_shape), hidden=128, num_classes)``, preceded by Flatten for non-flat inputs (digits: exactly the bench MLP, 9,610 params, same init as ``make_mlp(seed=seed)``) | classification |
 | ``resnet9`` | :class:`~sketchattr.models.resnet9.ResNet9` (``width=16``) | images [C, H, W] |
 | ``musictransformer`` | :class:`~sketchattr.models.music_transformer.MusicTransformer` (2 layers, d_model 64, 4 heads, max_len = T) | token LM |
+| ``gpt`` | :func:`~sketchattr.models.gpt.make_gpt` (a preset, default ``gpt-14m``: 6 layers, d_model 384, 6 heads; vocab and seq_len from the split) | token LM |
 
 The returned module carries ``sketchattr_model_name`` (the registry name), which
 :func:`sketchattr.train.train_model` uses to pick its default recipe.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from .gpt import make_gpt
 from .logistic import make_logistic
 from .mlp import make_mlp
 from .music_transformer import MusicTransformer, make_music_transformer
@@ -55,8 +57,14 @@ def _music_transformer(split: "DatasetSplit", seed: int, **kwargs: Any) -> nn.Mo
     return make_music_transformer(split.vocab_size, seed=seed, **kwargs)
 
 
+def _gpt(split: "DatasetSplit", seed: int, preset: str = "gpt-14m", **dims: Any) -> nn.Module:
+    if split.vocab_size is None:
+        raise ValueError(f"gpt needs a token split with vocab_size; {split.name!r} has none")
+    return make_gpt(preset, seed=seed, **{"vocab": split.vocab_size, "seq_len": split.input_shape[-1], **dims})
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "lr": _lr, "mlp": _mlp, "resnet9": _resnet9, "musictransformer": _music_transformer,
+    "lr": _lr, "mlp": _mlp, "resnet9": _resnet9, "musictransformer": _music_transformer, "gpt": _gpt,
 }
 
 
@@ -69,7 +77,7 @@ def make_model(name: str, split: "DatasetSplit", seed: int = 0, **kwargs: Any) -
     """Build model ``name`` for ``split`` after ``torch.manual_seed(seed)`` (float32, train mode).
 
     kwargs: ``hidden`` (mlp), ``width`` (resnet9), ``max_len`` / ``d_model`` / ``n_heads`` /
-    ``n_layers`` (musictransformer).
+    ``n_layers`` (musictransformer), ``preset`` / ``d_model`` / ``n_layer`` / ``n_head`` (gpt).
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; available: {available_models()}")

@@ -13,6 +13,7 @@ block, so a store larger than memory can be scored (see :meth:`Scorer.top_k`).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from sketchattr.score.linalg import accumulate_gram, eigh_ascending, symmetrize_
 from sketchattr.store import GradientStore
 
 if TYPE_CHECKING:
+    from sketchattr.curvature.profiler import Profiler
     from sketchattr.distributed.collective import Collective
 
 
@@ -36,7 +38,9 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
     default); streamed score products run in the store rows' precision (float32 for fp32, fp16
     and bf16 stores, float64 for float64 rows). device: where blocks are scored
     (default: where the store's rows are). block_rows: rows per streamed block (default: the
-    store's choice).
+    store's choice). profiler: optional :class:`~sketchattr.curvature.profiler.Profiler`;
+    ``fit`` records ``"fit: accumulate Fhat"`` (or ``"fit: Gram matrix"``, with the rows read) and
+    ``"fit: eigendecomposition"``.
 
     After ``fit``: ``sigma`` (eigenvalues of F̂, descending), ``sigma_max``, ``damping_``
     (resolved λ), ``effective_dimension(λ)``, ``path`` (``"eigen"`` or ``"gram"``).
@@ -49,6 +53,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         dtype: torch.dtype = torch.float64,
         device: "str | torch.device | None" = None,
         block_rows: int | None = None,
+        profiler: "Profiler | None" = None,
     ) -> None:
         if method not in ("auto", "eigen", "gram"):
             raise ValueError(f"method must be 'auto', 'eigen' or 'gram', got {method!r}")
@@ -59,6 +64,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
         self.block_rows = block_rows
+        self.profiler = profiler
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -87,18 +93,23 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         views = [mine] if collective is None else collective.gather_objects(mine)
         uniform = all(u for u, _ in views) and len({w0 for _, w0 in views}) == 1
         if self.path == "eigen":
-            fhat = torch.zeros(m, m, dtype=self.dtype, device=self._compute_device())
-            for (_, rows), wb in self._blocks_with_weights(w):
-                accumulate_gram(fhat, rows, None if uniform else wb)
-            fhat = self._sum(fhat)
-            symmetrize_upper(fhat)
-            fhat /= self.weight_sum / (views[0][1] if uniform else 1.0)
-            sigma, vecs = eigh_ascending(fhat)
+            with self._record("fit: accumulate Fhat", n):
+                fhat = torch.zeros(m, m, dtype=self.dtype, device=self._compute_device())
+                for (_, rows), wb in self._blocks_with_weights(w):
+                    accumulate_gram(fhat, rows, None if uniform else wb)
+                fhat = self._sum(fhat)
+                symmetrize_upper(fhat)
+                fhat /= self.weight_sum / (views[0][1] if uniform else 1.0)
+            with self._record("fit: eigendecomposition"):
+                sigma, vecs = eigh_ascending(fhat)
             del fhat
         else:
-            G = self._checked(torch.cat([r for _, r in self._blocks(self.dtype)]))
-            self._H = self._gather_columns(G * w.to(G.device).sqrt()[:, None], dim=0)
-            sigma, vecs = eigh_ascending(self._H @ self._H.T / self.weight_sum)
+            with self._record("fit: Gram matrix", n):
+                G = self._checked(torch.cat([r for _, r in self._blocks(self.dtype)]))
+                self._H = self._gather_columns(G * w.to(G.device).sqrt()[:, None], dim=0)
+                gram = self._H @ self._H.T / self.weight_sum
+            with self._record("fit: eigendecomposition"):
+                sigma, vecs = eigh_ascending(gram)
         # eigenpairs kept in ascending order (no reordering copy of the m×m eigenvectors)
         self._sigma = sigma.to(device=vecs.device, dtype=self.dtype).clamp(min=0)
         self._vecs = vecs.to(dtype=self.dtype)
@@ -163,6 +174,9 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the ranks (``t`` itself in one process)."""
         return t if self.collective is None else self.collective.sum(t)
+
+    def _record(self, action: str, items: int | None = None) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.profiler is None else self.profiler.record(action, items=items)
 
     def _compute_device(self) -> torch.device:
         """The scorer's device, else where the store's rows live (read once; the reader is closed
