@@ -205,10 +205,12 @@ def _tag(args: argparse.Namespace) -> str:
     return "bf16" if args.use_half_precision else "fp32"
 
 
-def store_path(args: argparse.Namespace) -> Path:
-    """HDF5 file of the train store (``--offload disk``)."""
+def store_path(args: argparse.Namespace, world_size: int = 1) -> Path:
+    """HDF5 file of the train store (``--offload disk``). A store written by ``world_size`` > 1
+    processes (shard files joined read-only) is named apart: ``..._<W>procs.h5``."""
     size = "" if args.proj_type == "identity" else str(args.proj_dim)
-    return Path(args.cache_dir) / f"train_store_{args.model}_{args.proj_type}{size}_{_tag(args)}.h5"
+    procs = f"_{world_size}procs" if world_size > 1 else ""
+    return Path(args.cache_dir) / f"train_store_{args.model}_{args.proj_type}{size}_{_tag(args)}{procs}.h5"
 
 
 def featurize_train(args: argparse.Namespace, featurizer: sa.Featurizer, data: ImageData,
@@ -218,12 +220,13 @@ def featurize_train(args: argparse.Namespace, featurizer: sa.Featurizer, data: I
 
     collective: distributed (:func:`sketchattr.distributed.featurize`): this rank sketches a
     batch-aligned shard of the rows and the returned store holds that shard; with ``--offload
-    disk`` every rank writes ``<store>.rank<r>-of-<W>.h5`` and rank 0 joins them at :func:`store_path`.
+    disk`` every rank writes ``<store>.rank<r>-of-<W>.h5`` and rank 0 joins them at
+    ``store_path(args, W)``.
     """
     idx = data.train_index if indices is None else indices
     dtype = {"storage_dtype": "bfloat16" if args.use_half_precision else "float32"} if args.offload == "disk" else {}
     if collective is not None:
-        path = store_path(args) if args.offload == "disk" else None
+        path = store_path(args, collective.world_size) if args.offload == "disk" else None
         return sad.featurize(featurizer, data.train, path=path, indices=idx, collective=collective, overwrite=args.overwrite,
                              store=args.offload, **dtype)
     if store is None:

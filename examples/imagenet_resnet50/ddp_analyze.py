@@ -7,8 +7,8 @@
 The options and stages of ``analyze.py`` (this script runs its :func:`analyze.run`), on
 ``torch.distributed`` (NCCL on GPUs, one per ``LOCAL_RANK``; gloo on CPU): the model is wrapped
 in DistributedDataParallel, each rank sketches a contiguous, batch-aligned shard of the train
-images (``--offload disk``: ``<store>.rank<r>-of-<W>.h5``, joined by rank 0 into the same
-store path as ``analyze.py``'s), factor sums and F̂ are all-reduced, every rank scores its
+images (``--offload disk``: ``<store>_<W>procs.rank<r>-of-<W>.h5``, joined by rank 0 into
+``<store>_<W>procs.h5``), factor sums and F̂ are all-reduced, every rank scores its
 shard against all queries, and rank 0 joins the score files into ``OUTPUT_DIR/scores.h5``
 (same layout as ``analyze.py``), writes ``topk.json`` / ``summary.json`` and prints the
 per-stage profiler tables (rank 0's, then the slowest rank's per stage). Scores equal a
