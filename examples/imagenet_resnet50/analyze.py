@@ -205,11 +205,11 @@ def _tag(args: argparse.Namespace) -> str:
     return "bf16" if args.use_half_precision else "fp32"
 
 
-def store_path(args: argparse.Namespace, world_size: int = 1) -> Path:
-    """HDF5 file of the train store (``--offload disk``). A store written by ``world_size`` > 1
-    processes (shard files joined read-only) is named apart: ``..._<W>procs.h5``."""
+def store_path(args: argparse.Namespace, world_size: int | None = None) -> Path:
+    """HDF5 file of the train store (``--offload disk``). A store written through torch.distributed
+    by ``world_size`` processes (shard files joined read-only) is named apart: ``..._<W>procs.h5``."""
     size = "" if args.proj_type == "identity" else str(args.proj_dim)
-    procs = f"_{world_size}procs" if world_size > 1 else ""
+    procs = f"_{world_size}procs" if world_size is not None else ""
     return Path(args.cache_dir) / f"train_store_{args.model}_{args.proj_type}{size}_{_tag(args)}{procs}.h5"
 
 
@@ -221,7 +221,7 @@ def featurize_train(args: argparse.Namespace, featurizer: sa.Featurizer, data: I
     collective: distributed (:func:`sketchattr.distributed.featurize`): this rank sketches a
     batch-aligned shard of the rows and the returned store holds that shard; with ``--offload
     disk`` every rank writes ``<store>.rank<r>-of-<W>.h5`` and rank 0 joins them at
-    ``store_path(args, W)``.
+    ``store_path(args, W)``; ``store`` is not used.
     """
     idx = data.train_index if indices is None else indices
     dtype = {"storage_dtype": "bfloat16" if args.use_half_precision else "float32"} if args.offload == "disk" else {}
