@@ -7,9 +7,6 @@ between ranks; the single-process side is computed here with the same settings.
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,38 +22,16 @@ from sketchattr.store import StoreMismatchError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as W  # noqa: E402
+from launcher import run_ranks  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Launch the 2 ranks like torchrun; return (output folder, [rank results])."""
     out = tmp_path_factory.mktemp("dist")
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(Path(W.__file__)), str(out)], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the 2-process run timed out")
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    run_ranks([str(Path(W.__file__)), str(out)], WORLD)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

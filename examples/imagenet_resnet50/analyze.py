@@ -17,7 +17,8 @@ of the Conv2d/Linear layers are sketched once into a gradient store (``--proj_ty
 
 Scores ``[n_query, n_train]`` (positive = the train image helps the query's margin) go to
 ``OUTPUT_DIR/scores.h5`` with the top-k in ``topk.json``; a per-stage profiler table is
-printed at the end. ``ddp_analyze.py`` reuses :func:`build_parser` and the stage functions.
+printed at the end. ``ddp_analyze.py`` runs the same :func:`run` under torchrun with a
+collective (each rank featurizes and scores a shard of the train rows).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -37,6 +38,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 import sketchattr as sa
+import sketchattr.distributed as sad
 from sketchattr.curvature.profiler import Profiler
 from sketchattr.data.image_folder import CenterCropTransform, ImageFolderDataset
 from sketchattr.data.registry import subsample_index
@@ -165,9 +167,10 @@ def load_data(args: argparse.Namespace) -> ImageData:
     )
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+def build_model(args: argparse.Namespace, num_classes: int, verbose: bool = True) -> nn.Module:
     """ResNet-50 (torchvision's when it imports) or the tiny ResNet, weights from ``--checkpoint``,
-    on ``--device``, bfloat16 with ``--use_half_precision``, in eval mode."""
+    on ``--device``, bfloat16 with ``--use_half_precision``, in eval mode (``verbose``: say
+    when the weights are random)."""
     n_out = args.num_classes or (checkpoint_num_classes(args.checkpoint) if args.checkpoint else None) or num_classes
     if n_out < num_classes:
         raise ValueError(f"the model has {n_out} outputs but the data has {num_classes} classes")
@@ -175,7 +178,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     model = resnet50(n_out) if args.model == "resnet50" else tiny_resnet(n_out)
     if args.checkpoint:
         load_weights(model, args.checkpoint)
-    else:
+    elif verbose:
         print("note: no --checkpoint given: random weights (the scores only exercise the pipeline)")
     dtype = torch.bfloat16 if args.use_half_precision else torch.float32
     return model.to(device=args.device, dtype=dtype).eval()
@@ -202,27 +205,40 @@ def _tag(args: argparse.Namespace) -> str:
     return "bf16" if args.use_half_precision else "fp32"
 
 
-def store_path(args: argparse.Namespace) -> Path:
-    """HDF5 file of the train store (``--offload disk``)."""
+def store_path(args: argparse.Namespace, world_size: int | None = None) -> Path:
+    """HDF5 file of the train store (``--offload disk``). A store written through torch.distributed
+    by ``world_size`` processes (shard files joined read-only) is named apart: ``..._<W>procs.h5``."""
     size = "" if args.proj_type == "identity" else str(args.proj_dim)
-    return Path(args.cache_dir) / f"train_store_{args.model}_{args.proj_type}{size}_{_tag(args)}.h5"
+    procs = f"_{world_size}procs" if world_size is not None else ""
+    return Path(args.cache_dir) / f"train_store_{args.model}_{args.proj_type}{size}_{_tag(args)}{procs}.h5"
 
 
 def featurize_train(args: argparse.Namespace, featurizer: sa.Featurizer, data: ImageData,
-                    indices: np.ndarray | None = None, store: sa.GradientStore | None = None) -> sa.GradientStore:
-    """Sketch the train rows ``indices`` (default ``data.train_index``) into the ``--offload`` store."""
-    if store is None:
-        kwargs: dict[str, Any] = {}
-        if args.offload == "disk":
-            kwargs = {"path": store_path(args), "storage_dtype": "bfloat16" if args.use_half_precision else "float32"}
-        store = sa.make_store(args.offload, **kwargs)
+                    indices: np.ndarray | None = None, store: sa.GradientStore | None = None,
+                    collective: sad.Collective | None = None) -> sa.GradientStore:
+    """Sketch the train rows ``indices`` (default ``data.train_index``) into the ``--offload`` store.
+
+    collective: distributed (:func:`sketchattr.distributed.featurize`): this rank sketches a
+    batch-aligned shard of the rows and the returned store holds that shard; with ``--offload
+    disk`` every rank writes ``<store>.rank<r>-of-<W>.h5`` and rank 0 joins them at
+    ``store_path(args, W)``; ``store`` is not used.
+    """
     idx = data.train_index if indices is None else indices
+    dtype = {"storage_dtype": "bfloat16" if args.use_half_precision else "float32"} if args.offload == "disk" else {}
+    if collective is not None:
+        path = store_path(args, collective.world_size) if args.offload == "disk" else None
+        return sad.featurize(featurizer, data.train, path=path, indices=idx, collective=collective, overwrite=args.overwrite,
+                             store=args.offload, **dtype)
+    if store is None:
+        store = sa.make_store(args.offload, **({"path": store_path(args), **dtype} if args.offload == "disk" else {}))
     return featurizer.featurize(data.train, store=store, indices=idx, overwrite=args.overwrite)
 
 
-def fit_curvature(args: argparse.Namespace, model: nn.Module, modules: list[str], data: ImageData) -> sa.Factors | None:
+def fit_curvature(args: argparse.Namespace, model: nn.Module, modules: list[str], data: ImageData,
+                  collective: sad.Collective | None = None) -> sa.Factors | None:
     """Fit the strategy's factors on the train rows (saved under the cache dir, reloaded on a
-    rerun; None when the strategy needs none); ``factors.profiler`` holds the stage timings."""
+    rerun; None when the strategy needs none); ``factors.profiler`` holds the stage timings.
+    collective: each rank passes over a shard of the rows, sums all-reduced, rank 0 saves."""
     kind = FACTOR_KIND.get(args.factor_strategy)
     if kind is None:
         return None
@@ -230,22 +246,23 @@ def fit_curvature(args: argparse.Namespace, model: nn.Module, modules: list[str]
         model, sa.ClassificationTask(), data.train_subset(), kind=kind, modules=modules, fisher=args.fisher,
         batch_size=args.factor_batch_size, dtype=torch.float32 if args.use_half_precision else torch.float64,
         seed=args.seed, path=Path(args.cache_dir) / f"factors_{args.model}_{kind}_{args.fisher}_{_tag(args)}",
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, collective=collective,
     )
     return factors
 
 
 def build_scorer(args: argparse.Namespace, factors: sa.Factors | None, query_featurizer: sa.Featurizer,
-                 store: sa.GradientStore) -> sa.Scorer:
-    """The ``--factor_strategy`` scorer, fitted on the store."""
+                 store: sa.GradientStore, collective: sad.Collective | None = None) -> sa.Scorer:
+    """The ``--factor_strategy`` scorer, fitted on the store (distributed: this rank's shard,
+    with ``collective``; scores and top-k then cover every rank's rows)."""
     if args.factor_strategy == "sketched":
-        return sa.SketchedInfluence(damping=args.damping or "auto").fit(store)
+        return sa.SketchedInfluence(damping=args.damping or "auto").fit(store, collective=collective)
     rank = None if args.query_gradient_rank == -1 else args.query_gradient_rank
     if args.factor_strategy == "identity":
         scorer: sa.Scorer = sa.IdentityScorer(query_featurizer, query_rank=rank)
     else:
         scorer = CURVATURE_SCORERS[args.factor_strategy](factors, query_featurizer, damping=args.damping, query_rank=rank)
-    return scorer.fit(store)
+    return scorer.fit(store, collective=collective)
 
 
 def prepare_queries(args: argparse.Namespace, scorer: sa.Scorer, query_featurizer: sa.Featurizer,
@@ -258,12 +275,16 @@ def prepare_queries(args: argparse.Namespace, scorer: sa.Scorer, query_featurize
 
 def save_scores(args: argparse.Namespace, scorer: sa.Scorer, queries: Any, data: ImageData) -> tuple[Path, sa.TopK]:
     """Full scores to ``OUTPUT_DIR/scores.h5`` (``scores`` [n_query, n_train] float32,
-    ``train_indices``, ``query_indices``) streamed over the store; top-k to ``topk.json``."""
+    ``train_indices``, ``query_indices``) streamed over the store; top-k to ``topk.json``.
+    Distributed (a scorer fitted with a collective): every rank writes its columns, rank 0 joins
+    them into ``scores.h5`` and writes the rest."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "scores.h5"
     k = min(args.top_k, len(scorer.train_indices))
     top = scorer.score_to_hdf5(queries, path, k=k)
+    if scorer.collective is not None and not scorer.collective.is_main:
+        return path, top
     with h5py.File(path, "a") as f:
         if "query_indices" in f:
             del f["query_indices"]
@@ -296,49 +317,81 @@ def print_top_k(data: ImageData, top: sa.TopK, n_show: int, k_show: int = 3) -> 
 
 
 # ---------------------------------------------------------------------------- driver
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """All stages in one process; prints the top-k of a few queries and the profiler tables
-    (stages, then the steps inside them); returns a summary (also in ``OUTPUT_DIR/summary.json``)."""
+def _profile_rows(rows: list[tuple[str, float, int, float, float]]) -> list[dict[str, Any]]:
+    return [dict(zip(("action", "mean_s", "calls", "total_s", "percent"), r)) for r in rows]
+
+
+def slowest_rank(prof: Profiler, collective: sad.Collective) -> tuple[Profiler, float]:
+    """Per stage, the records of the rank that spent longest in it, and the longest wall time
+    (a collective call: every rank must take part)."""
+    views = collective.gather_objects((dict(prof.durations), prof.wall))
+    slowest = Profiler()
+    for action in dict.fromkeys(a for durations, _ in views for a in durations):
+        slowest.durations[action] = max((d.get(action, []) for d, _ in views), key=sum)
+    return slowest, max(wall for _, wall in views)
+
+
+def run(args: argparse.Namespace, collective: sad.Collective | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, Any]:
+    """All stages; prints the top-k of a few queries and the profiler tables (stages, then the
+    steps inside them); returns a summary (also in ``OUTPUT_DIR/summary.json``).
+
+    collective / wrap (``ddp_analyze.py``): each rank featurizes, fits and scores its shard of
+    the train rows with the sums and scores combined across ranks; ``wrap`` wraps the model
+    (e.g. in DistributedDataParallel). Rank 0 prints and writes the outputs; the stage table
+    is then followed by the slowest rank's.
+    """
+    main = collective is None or collective.is_main
+    say = print if main else (lambda *_: None)
     prof, detail = Profiler(), Profiler()
     with prof.record("Load Data"):
         data = load_data(args)
     with prof.record("Build Model"):
-        model = build_model(args, data.num_classes)
-        modules = tracked_modules(model)
+        model = build_model(args, data.num_classes, verbose=main)
+        model = wrap(model) if wrap is not None else model
+        modules = tracked_modules(sad.unwrap_model(model))
         featurizer = make_featurizer(args, model, modules, args.train_batch_size)
         query_featurizer = make_featurizer(args, model, modules, args.query_batch_size)
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(modules)} Conv2d/Linear layers; "
-          f"{len(data.train_index)} train / {len(data.query_index)} query images, {data.num_classes} classes")
+    procs = f", {collective.world_size} processes" if collective is not None else ""
+    say(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(modules)} Conv2d/Linear layers; "
+        f"{len(data.train_index)} train / {len(data.query_index)} query images, {data.num_classes} classes{procs}")
     with prof.record("Featurize Train (store)"):
-        store = featurize_train(args, featurizer, data)
+        store = featurize_train(args, featurizer, data, collective=collective)
     factors = None
     if args.factor_strategy in FACTOR_KIND:
         with prof.record("Fit Factors"):
-            factors = fit_curvature(args, model, modules, data)
+            factors = fit_curvature(args, model, modules, data, collective=collective)
         detail.merge(factors.profiler, "factors: ")
     with prof.record("Fit Scorer"):
-        scorer = build_scorer(args, factors, query_featurizer, store)
+        scorer = build_scorer(args, factors, query_featurizer, store, collective=collective)
     with prof.record("Prepare Queries"):
         queries = prepare_queries(args, scorer, query_featurizer, data)
     with prof.record("Compute + Save Pairwise Score"):
         path, top = save_scores(args, scorer, queries, data)
     if isinstance(scorer, CurvatureScorer):  # query gradients, preconditioning, store blocks
         detail.merge(scorer.profiler, "scorer: ")
-    print_top_k(data, top, args.show_queries)
-    with h5py.File(path) as f:
-        shape = tuple(f["scores"].shape)
+    slowest = slowest_rank(prof, collective) if collective is not None and collective.world_size > 1 else None
+    shape = (len(data.query_index), len(scorer.train_indices))
     summary = {
         "scores": str(path), "shape": list(shape), "factor_strategy": args.factor_strategy, "proj_type": args.proj_type,
         "proj_dim": store.dim, "n_train": len(data.train_index), "n_query": len(data.query_index),
         "damping": getattr(scorer, "damping_", None), "args": vars(args),
-        "profile": [dict(zip(("action", "mean_s", "calls", "total_s", "percent"), r)) for r in prof.rows()],
-        "profile_detail": [dict(zip(("action", "mean_s", "calls", "total_s", "percent"), r)) for r in detail.rows(prof.wall)],
+        "world_size": 1 if collective is None else collective.world_size,
+        "profile": _profile_rows(prof.rows()), "profile_detail": _profile_rows(detail.rows(prof.wall)),
     }
+    if slowest is not None:
+        summary["profile_slowest_rank"] = _profile_rows(slowest[0].rows(slowest[1]))
+    if not main:
+        return summary
+    print_top_k(data, top, args.show_queries)
     Path(args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"scores {shape} -> {path}")
-    print(prof.table("Profiler: stages"))
+    print(prof.table("Profiler: stages" + (" (rank 0)" if collective is not None else "")))
+    if slowest is not None:
+        print(slowest[0].table("Profiler: stages, slowest rank per stage", wall=slowest[1]))
     if detail.durations:
-        print(detail.table("Profiler: inside the stages (percent of the whole run)", wall=prof.wall))
+        title = "Profiler: inside the stages (percent of the whole run)" + (", rank 0" if collective is not None else "")
+        print(detail.table(title, wall=prof.wall))
     return summary
 
 
