@@ -1,21 +1,17 @@
 """EKFAC / KFAC / diagonal / identity on digits-mlp: LDS, unsketched and from an SJLT store,
-and the cost of more queries: against the existing store, for the whole job with the store built
-once, and for a baseline that recomputes training gradients per query batch. True-Fisher
-figures are averaged over --label-seeds label-sampling seeds (its noise is about ±0.015).
+and the agreement of rank-k query batching with full rank (query scaling: benchmarks/query_scaling.py).
+True-Fisher figures are averaged over --label-seeds label-sampling seeds (their noise is about ±0.02).
 
 LDS uses the cached retraining ground truth (benchmarks/lds_digits.py builds it). Two damping
 rules: 0.1·mean(Λ) per module (the heuristic Kronfluence documents) and 1e-8 (Kronfluence
-1.0.1's actual ScoreArguments default). Query scaling: scoring 10× more queries against the
-same store, beside a baseline that recomputes the training gradients for every query batch
-(what Kronfluence's pairwise scoring does).
+1.0.1's actual ScoreArguments default).
 
-    python benchmarks/ekfac_digits.py [--repeats 3]
+    python benchmarks/ekfac_digits.py [--label-seeds 5]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -29,18 +25,8 @@ from sketchattr.validate.lds import lds
 SCORERS = {"ekfac": sa.EKFACScorer, "kfac": sa.KFACScorer, "diagonal": sa.DiagonalScorer}
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fisher", default="true", choices=["true", "empirical"])
     ap.add_argument("--label-seeds", type=int, default=5, help="true-Fisher label-sampling seeds averaged over")
     args = ap.parse_args()
@@ -79,35 +65,6 @@ def main() -> None:
                                         split.query_dataset(), [1, 2, 4, 8, 16, 32])
     print("\nquery rank k (EKFAC, SJLT m=1024): mean per-query Pearson / Spearman with full rank")
     print("  " + ", ".join(f"k={k}: {v['pearson']:.4f}/{v['spearman']:.4f}" for k, v in agreement.items()))
-    query_scaling(model, task, split, feats["sjlt m=1024"], args.repeats)
-
-
-def query_scaling(model, task, split, feat, repeats: int, batch: int = 100) -> None:
-    """100 vs 1,000 queries (the 1,000 train rows serve as queries). Three timings per query
-    count: scoring against the existing store (factors fitted, store built); the whole job with
-    the store built once (featurize train + fit factors + score); and the baseline that fits
-    factors once but recomputes the training gradients for every query batch of ``batch``."""
-    train, q100, q1000 = split.train_dataset(), split.query_dataset(), split.train_dataset()
-    fit = lambda: sa.fit_factors(model, task, train, kind="ekfac", progress=False)
-    factors, store = fit(), feat.featurize(train)
-    scorer = sa.EKFACScorer(factors, feat).fit(store)
-
-    def job(queries) -> None:
-        sa.EKFACScorer(fit(), feat).fit(feat.featurize(train)).score(queries)
-
-    def baseline(queries) -> None:
-        f = fit()
-        for s in range(0, len(queries), batch):
-            sa.EKFACScorer(f, feat).fit(feat.featurize(train)).score(torch.utils.data.Subset(queries, range(s, min(s + batch, len(queries)))))
-
-    rows = {}
-    for label, fn in (("scoring, store exists", scorer.score), ("job, store built once", job), ("baseline: train grads per batch", baseline)):
-        rows[label] = [median_seconds(lambda: fn(q), repeats) for q in (q100, q1000)]
-    print(f"\nquery scaling (EKFAC, SJLT m=1024, median of {repeats}; baseline query batch {batch}):")
-    print(f"{'':<32} {'100 queries s':>14} {'1,000 queries s':>16} {'ratio':>7}")
-    for label, (a, b) in rows.items():
-        print(f"{label:<32} {a:>14.3f} {b:>16.3f} {b / a:>6.2f}x")
-    print("bar: 10x queries <= 1.5x the time, with the training side computed once (the 'job' row)")
 
 
 if __name__ == "__main__":
