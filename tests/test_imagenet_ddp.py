@@ -40,8 +40,10 @@ def runs(image_root, checkpoint, tmp_path_factory):  # noqa: F811 (fixtures impo
     try:
         for name, extra in RUNS.items():
             one, two = base / f"one_{name}", base / f"two_{name}"
-            analyze.main(_argv(image_root, one, checkpoint, "--cache_dir", str(base / "cache_one"), *extra))
-            logs = run_ranks([str(SCRIPT), *_argv(image_root, two, checkpoint, "--cache_dir", str(base / "cache_two"), *extra)], WORLD)
+            # on CPU with gloo even where CUDA is available (2 ranks cannot share one GPU under NCCL)
+            analyze.main(_argv(image_root, one, checkpoint, "--cache_dir", str(base / "cache_one"), "--device", "cpu", *extra))
+            argv = _argv(image_root, two, checkpoint, "--cache_dir", str(base / "cache_two"), "--device", "cpu", "--backend", "gloo", *extra)
+            logs = run_ranks([str(SCRIPT), *argv], WORLD)
             out[name] = (one, two, logs)
     finally:
         torch.set_num_threads(threads)

@@ -110,7 +110,8 @@ def subset_ground_truth(
 
     ``attrs``: extra settings (str/number) stored with the cache and checked on reuse. ``workers`` > 1 trains
     subsets in forked processes (Linux; ``train_fn`` / ``measure_fn`` need not be picklable; serially
-    once this process has used CUDA, which cannot be forked); results are identical to ``workers=1``. ``subsets``: explicit train positions per subset instead of random
+    where CUDA is available, since autograd's device threads make forking unsafe); results are
+    identical to ``workers=1``. ``subsets``: explicit train positions per subset instead of random
     α-fractions (``n_subsets``/``alpha``/``seed`` then unused). ``shared_seeds``: train every subset with
     seeds 0..n_seeds-1 (common random numbers, for leave-one-out differences).
     """
@@ -143,8 +144,8 @@ def subset_ground_truth(
             bar.update(1)
 
         try:
-            # a process that has run CUDA (and its autograd device threads) cannot fork safely
-            if workers > 1 and len(todo) > 1 and "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
+            # with CUDA available, autograd's first backward starts a thread per device, which fork cannot copy
+            if workers > 1 and len(todo) > 1 and "fork" in mp.get_all_start_methods() and not torch.cuda.is_available():
                 _run_parallel(todo, positions, train_fn, measure_fn, n_seeds, workers, write, shared_seeds)
             else:
                 for k in todo:
