@@ -105,12 +105,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def extrapolate(prof: Profiler, n_total: int, n_stored: int, rate: float) -> dict[str, float]:
-    """Seconds of each stage for the full ``n_total`` rows: featurizing at ``rate`` rows/s, F̂
-    accumulation and top-k linear in the rows, the rest (build, eigh, queries) as measured."""
+def extrapolate(prof: Profiler, n_total: int, n_stored: int, rate: float, m: int) -> dict[str, float]:
+    """Seconds of each stage for the full ``n_total`` rows: featurizing at ``rate`` rows/s, top-k
+    linear in the rows, build and queries as measured. The fit is scaled by its flop counts: F̂
+    accumulation ∝ n·m², eigh ∝ m³ on the eigen path; the Gram path (n < m) does n²·m and an n³
+    eigh, so a short run's Gram timings are converted to the path the full run will take."""
     total = lambda a: sum(prof.durations.get(a, []))
-    scale = n_total / max(n_stored, 1)
-    fit = total("fit: accumulate Fhat") * scale + total("fit: eigendecomposition") + total("fit: Gram matrix") * scale**2
+    n = max(n_stored, 1)
+    scale = n_total / n
+    eigh = total("fit: eigendecomposition")
+    if total("fit: Gram matrix") > 0:  # measured on the Gram path
+        gram = total("fit: Gram matrix")
+        if n_total <= m:
+            fit = gram * scale**2 + eigh * scale**3
+        else:  # syrk of n_total·m² (half of a product) at the Gram product's flop rate; eigh of m
+            fit = gram * (n_total * m * m / 2) / (n * n * m) + eigh * (m / n) ** 3
+    else:
+        fit = total("fit: accumulate Fhat") * scale + eigh
     est = {
         "build model": total("build model"),
         "featurize train": n_total / rate if rate > 0 else float("inf"),
@@ -189,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for q in range(min(2, args.num_query)):
         print(f"query {q}: top proponents {top.proponents[q, :3].tolist()} scores {[f'{s:.3g}' for s in top.proponent_scores[q, :3].tolist()]}")
     if not done.complete:
-        est = extrapolate(prof, args.num_train, n_stored, rate)
+        est = extrapolate(prof, args.num_train, n_stored, rate, m)
         summary["extrapolated_seconds"] = est
         left = done.remaining / rate if rate > 0 else float("inf")
         print(f"\nstopped early: {n_stored:,} of {args.num_train:,} rows stored; featurizing at {rate:.1f} rows/s, the remaining "
