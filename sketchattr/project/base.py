@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import abc
 import collections
-import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from sketchattr.checks import check_int as _check_int
 from sketchattr.registry import Registered
 
 __all__ = [
@@ -64,14 +64,6 @@ def block_seed(seed: int, module_index: int, block_index: int) -> int:
 def cpu_generator(seed: int) -> torch.Generator:
     """A fresh CPU ``torch.Generator`` seeded with ``seed``."""
     return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_dims(dims: Sequence[int]) -> list[int]:

@@ -53,17 +53,20 @@ class FactGraSSProjector(FactorizedProjector, name="factgrass"):
         self.m = m
         self.c = _check_int("c", c, minimum=1)
         self.mixer = SJLTProjector(m, seed=block_seed(self.seed, 0, 2), c=self.c)
-        self._masks: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._masks: dict[tuple[int, int, int, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ stage 1: masks
-    def mask(self, module_index: int, side: int, d: int) -> torch.Tensor:
-        """Kept coordinates (int64, ``[min(m_side, d)]``) of module ``module_index``'s input
-        (``side`` 1) or output gradient (``side`` 0) of width ``d``."""
-        key = (module_index, side, d)
+    def mask(self, module_index: int, side: int, d: int, device: "torch.device | str" = "cpu") -> torch.Tensor:
+        """Kept coordinates (int64, ``[min(m_side, d)]``, on ``device``) of module
+        ``module_index``'s input (``side`` 1) or output gradient (``side`` 0) of width ``d``."""
+        key = (module_index, side, d, str(device))
         if key not in self._masks:
-            keep = min(self.m_out if side == 0 else self.m_in, d)
-            perm = torch.randperm(d, generator=cpu_generator(block_seed(self.seed, module_index, side)))
-            self._masks[key] = perm[:keep]
+            cpu = (module_index, side, d, "cpu")
+            if cpu not in self._masks:
+                keep = min(self.m_out if side == 0 else self.m_in, d)
+                perm = torch.randperm(d, generator=cpu_generator(block_seed(self.seed, module_index, side)))
+                self._masks[cpu] = perm[:keep]
+            self._masks[key] = self._masks[cpu].to(device)
         return self._masks[key]
 
     def _draw_factor(self, k: int, side: int, d: int) -> torch.Tensor:
@@ -80,7 +83,7 @@ class FactGraSSProjector(FactorizedProjector, name="factgrass"):
 
     def _select(self, x: torch.Tensor, k: int, side: int) -> torch.Tensor:
         d = x.shape[-1]
-        keep = self.mask(k, side, d).to(x.device)
+        keep = self.mask(k, side, d, x.device)  # cached per device: no host-to-device copy per batch
         return x.index_select(-1, keep) * math.sqrt(d / len(keep))
 
     # ------------------------------------------------------------------ stage 2: SJLT
@@ -99,7 +102,10 @@ class FactGraSSProjector(FactorizedProjector, name="factgrass"):
     def matrix(self, dims: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Explicit ``[m, sum(dims)]`` = SJLT matrix · block-diagonal masked Kronecker. For tests."""
         stage1 = super().matrix(dims, dtype)  # [Σ_k m_out'·m_in', sum(dims)]
-        widths = [self.project_module(torch.zeros(1, d, dtype=dtype), k).shape[1] for k, d in enumerate(_check_dims(dims))]
+        widths = []
+        for k, d in enumerate(_check_dims(dims)):
+            d_out, d_in, bias = self._shape(k, d)
+            widths.append(min(self.m_out, d_out) * min(self.m_in, d_in + bias))
         return self.mixer.matrix(widths, dtype) @ stage1
 
     def spec(self) -> dict[str, Any]:
