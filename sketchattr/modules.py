@@ -3,6 +3,11 @@
 A *supported* module is one that owns trainable parameters directly (``Linear``, ``Conv2d``,
 ``LayerNorm``, ``Embedding``, custom modules with their own ``nn.Parameter`` s, ...). Every
 selected module becomes one gradient block with its own projector stream.
+
+Tied parameters (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) belong to the first
+module that registers them and are counted once; the other modules that use them are listed in
+``ModuleSelection.tied`` and the block's gradient sums every use. Naming a module whose
+parameters all belong to an earlier one (``lm_head``) selects that owner.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ class ModuleSelection:
     names: tuple[str, ...]
     param_names: tuple[tuple[str, ...], ...]
     dims: tuple[int, ...]
+    tied: tuple[tuple[str, ...], ...] = ()
+    """``tied[k]``: the other modules that use module k's parameters (tied weights)."""
 
     @property
     def total(self) -> int:
@@ -40,7 +47,8 @@ class ModuleSelection:
         """A small table of module names and parameter counts."""
         width = max([len(n) for n in self.names] + [6])
         lines = [f"{'module':<{width}}  params"]
-        lines += [f"{n:<{width}}  {d:,}" for n, d in zip(self.names, self.dims)]
+        tied = self.tied or ((),) * len(self.names)
+        lines += [f"{n:<{width}}  {d:,}" + (f"  (tied: {', '.join(t)})" if t else "") for n, d, t in zip(self.names, self.dims, tied)]
         lines.append(f"{'total':<{width}}  {self.total:,}")
         return "\n".join(lines)
 
@@ -69,13 +77,45 @@ def _unprefixed(name: str, available: dict[str, nn.Module]) -> str:
     return name[len("module."):] if name[len("module."):] in available else name
 
 
-def supported_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that own trainable parameters directly, in registration order."""
-    found = {}
+def own_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """{module name: [(local name, parameter)]}: each trainable parameter under the first module
+    (registration order) that holds it directly, so a tied parameter appears once."""
+    seen: set[int] = set()
+    owned: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for name, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            found[name] = module
-    return found
+        for local, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                owned.setdefault(name, []).append((local, p))
+    return owned
+
+
+def parameter_users(model: nn.Module) -> dict[int, list[str]]:
+    """{id(parameter): names of every module holding it directly}, registration order."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for _, p in module.named_parameters(recurse=False):
+            users.setdefault(id(p), []).append(name)
+    return users
+
+
+def supported_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that own trainable parameters directly, in registration order (a tied
+    parameter's owner is the first module holding it)."""
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in own_parameters(model)}
+
+
+def _owner(name: str, model: nn.Module, available: dict[str, nn.Module]) -> str:
+    """``name``, or the module owning its parameters when they are all tied to another's."""
+    if name in available:
+        return name
+    module = dict(model.named_modules()).get(name)
+    if module is None:
+        return name
+    params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    owners = {n for n, m in available.items() if any(q is p for p in params for q in m.parameters(recurse=False))}
+    return owners.pop() if len(owners) == 1 else name
 
 
 def forward_order(model: nn.Module, example_input: Any, names: Sequence[str]) -> list[str]:
@@ -123,18 +163,21 @@ def select_modules(
     elif isinstance(which, str):
         raise ValueError(f"unknown module selection {which!r}: use 'all', an int N (last N), or a list of names")
     else:
-        names = [_unprefixed(n, available) for n in which]
+        names = [_owner(_unprefixed(n, available), model, available) for n in which]
         unknown = [n for n in names if n not in available]
         if unknown:
             raise ValueError(f"unknown module name(s) {unknown}; available: {list(available)}")
         if len(set(names)) != len(names):
-            raise ValueError(f"module names repeated in {names}")
+            given = [_unprefixed(n, available) for n in which]
+            raise ValueError(f"module names repeated in {given}" + (f" (tied modules resolve to their owners: {names})" if given != names else ""))
         if not names:
             raise ValueError("empty module list")
-    param_names, dims = [], []
+    owned, users = own_parameters(model), parameter_users(model)
+    param_names, dims, tied = [], [], []
     for name in names:
-        own = [(pn, p) for pn, p in available[name].named_parameters(recurse=False) if p.requires_grad]
+        own = owned[name]
         prefix = f"{name}." if name else ""
         param_names.append(tuple(prefix + pn for pn, _ in own))
         dims.append(sum(p.numel() for _, p in own))
-    return ModuleSelection(tuple(names), tuple(param_names), tuple(dims))
+        tied.append(tuple(dict.fromkeys(u for _, p in own for u in users[id(p)] if u != name)))
+    return ModuleSelection(tuple(names), tuple(param_names), tuple(dims), tuple(tied))

@@ -59,6 +59,17 @@ class Task(abc.ABC):
     def measurement(self, model: Model, batch: Batch) -> torch.Tensor:
         """Measurement f(z) summed over the batch (scalar); its gradient is the query row."""
 
+    def mask(self, batch: Batch) -> torch.Tensor | None:
+        """Which positions of a sequence batch count: ``[B, T]``, 1 for a real token and 0 for
+        padding (like a Hugging Face ``attention_mask``), or None when every position counts.
+
+        The hook engine zeroes masked positions in every layer whose output is ``[B, T, …]``, so
+        padding never reaches a gradient row or a curvature statistic (the activation covariance
+        of EKFAC/KFAC in particular); the loss itself must already ignore padded positions, and
+        a true-Fisher ``train_loss(sample=True)`` should draw labels for the real positions only
+        (``sample_categorical(logits[mask == 1])``) so the draws do not depend on the padding."""
+        return None
+
     def describe(self) -> str:
         """A short identity string stored in store metadata."""
         return type(self).__name__

@@ -7,15 +7,11 @@ from torch import nn
 
 from dense_reference import ce_loss, margin_fn, per_example_grads
 from sketchattr import ClassificationTask, Featurizer, StoreMismatchError
-from sketchattr.curvature import (
-    Factors,
-    FactorsMismatchError,
-    LayerCapture,
-    UnsupportedModuleError,
-    fit_factors,
-    layer_specs,
-    per_example_gradients,
-)
+from collections import namedtuple
+
+from sketchattr.curvature import Factors, FactorsMismatchError, UnsupportedModuleError, fit_factors
+from sketchattr.featurize.engine import HookEngine
+from sketchattr.modules import select_modules
 from sketchattr.score.ekfac import DiagonalScorer, EKFACScorer, IdentityScorer, KFACScorer, query_rank_agreement
 from sketchattr.task import sample_categorical
 
@@ -56,6 +52,30 @@ def make(name: str):
 
 def _layers(model):
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+Spec = namedtuple("Spec", "name d_out d_in bias dim")
+
+
+def layer_specs(model, names):
+    """Shapes of Linear/Conv2d modules read off their weights: DW is [d_out, d_in(+1)]."""
+    mods = dict(model.named_modules())
+    out = []
+    for n in names:
+        w, bias = mods[n].weight, mods[n].bias is not None
+        out.append(Spec(n, w.shape[0], w[0].numel(), bias, w.shape[0] * (w[0].numel() + bias)))
+    return out
+
+
+class Scale(nn.Module):
+    """A module with its own parameter and no layer rule."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.s
 
 
 def _fit(model, x, y, kind, **kw):
@@ -144,13 +164,13 @@ def manual_covariances(model, x, y):
 @pytest.mark.parametrize("name", ["mlp", "mlp_nobias", "cnn", "seq", "shared"])
 def test_hook_gradients_equal_autograd(name):
     model, x, y = make(name)
-    specs = layer_specs(model, _layers(model))
-    with LayerCapture(model, specs) as cap:
-        acts = cap.run(lambda: TASK.train_loss(model, (x, y)))
-    flat = [s.to_flat(per_example_gradients(*acts[s.name])) for s in specs]
+    engine = HookEngine(model, select_modules(model, _layers(model)))
+    with engine.attached():
+        cap = engine.run(lambda: TASK.train_loss(model, (x, y)), len(x))
+    flat = [cap.grads(k) for k in range(len(engine.blocks))]
     assert torch.allclose(torch.cat(flat, dim=1), per_example_grads(model, ce_loss, x, y), atol=1e-12)
-    for s, f in zip(specs, flat):
-        assert torch.equal(s.to_flat(s.from_flat(f)), f)
+    for b, f in zip(engine.blocks, flat):
+        assert torch.equal(b.layout.to_flat(b.layout.from_flat(f)), f)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -351,10 +371,11 @@ def test_profile_tables(capsys):
 
 def test_errors():
     model, x, y = make("mlp")
-    with pytest.raises(UnsupportedModuleError, match=r"1 \(LayerNorm\)"):
-        fit_factors(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double(), TASK, (x, y), progress=False)
+    with pytest.raises(UnsupportedModuleError, match=r"1 \(Scale: no layer rule\)"):
+        fit_factors(nn.Sequential(nn.Linear(5, 4), Scale(4), nn.Linear(4, 3)).double(), TASK, (x, y), progress=False)
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 3)).double()
     with pytest.raises(UnsupportedModuleError, match="groups=2"):
-        layer_specs(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), ["0"])
+        fit_factors(conv, TASK, (torch.randn(4, 2, 6, 6, dtype=torch.float64), y[:4]), progress=False)
     with pytest.raises(ValueError, match="kind"):
         fit_factors(model, TASK, (x, y), kind="shampoo")
     feat = Featurizer(model, TASK, projector="gaussian", m=8, seed=0, progress=False)

@@ -167,17 +167,48 @@ def test_sketched_influence_on_factorized_store_equals_dense_formula(mlp, data):
     assert torch.allclose(scores, dense_influence(q @ kron.T, g @ kron.T, lam), atol=1e-8, rtol=1e-8)
 
 
-def test_unsupported_module_and_errors(data):
+class Scale(nn.Module):
+    """Own parameter, no layer rule."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_module_without_rule_falls_back_to_vmap_and_dense_path(data):
+    """A module no rule covers: the featurizer warns, computes exact gradients by vmap, and the
+    factorized projector sketches its flat block with P_flat (and the others with P_out ⊗ P_in)."""
     x, y = data
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3)).double()
-    with pytest.raises(UnsupportedModuleError, match=r"factorized projector.*1 \(LayerNorm\)"):
-        Featurizer(model, ClassificationTask(), projector=FactorizedProjector(2, 2), progress=False).train_rows((x, y))
-    ok = Featurizer(model, ClassificationTask(), modules=["0", "2"], projector=FactorizedProjector(2, 2), progress=False)
-    assert ok.train_rows((x, y)).shape == (len(x), 8)
-    with pytest.raises(ValueError, match="runs the model itself"):
-        Featurizer(model, ClassificationTask(), modules=["2"], projector=FactorizedProjector(2, 2),
-                   dtype=torch.float32, progress=False).train_rows((x, y))
+    model = nn.Sequential(nn.Linear(5, 7), Scale(7), nn.Tanh(), nn.Linear(7, 3)).double()
+    proj = FactorizedProjector(2, 2, seed=4)
+    feat = Featurizer(model, ClassificationTask(), projector=proj, progress=False)
+    with pytest.warns(UserWarning, match=r"no layer rule for 1 \(Scale: no layer rule\)"):
+        rows = feat.train_rows((x, y))
+    assert not feat.uses_hooks and "vmap" in feat.describe()
+    g = per_example_grads(model, ce_loss, x, y)
+    assert torch.allclose(rows, g @ proj.matrix(list(feat.selection().dims)).T, atol=1e-12)
+    with pytest.raises(UnsupportedModuleError, match=r"Scale: no layer rule"):
+        Featurizer(model, ClassificationTask(), projector=proj, engine="hooks", progress=False).train_rows((x, y))
+
+
+def test_other_dtype_runs_on_cast_parameters(data):
+    """dtype/device other than the model's: the hook path runs on cast copies (model untouched)."""
+    x, y = data
+    model = tiny_mlp()
+    rows = Featurizer(model, ClassificationTask(), projector=FactorizedProjector(2, 2), dtype=torch.float32,
+                      progress=False).train_rows((x, y))
+    ref = Featurizer(tiny_mlp().float(), ClassificationTask(), projector=FactorizedProjector(2, 2),
+                     progress=False).train_rows((x.float(), y))
+    assert rows.dtype == torch.float32 and torch.allclose(rows, ref, atol=1e-5)
+    assert next(model.parameters()).dtype == torch.float64
+
+
+def test_projector_errors(data):
+    x, y = data
     with pytest.raises(ValueError, match="bind"):
         FactorizedProjector(2, 2).project([torch.zeros(3, 6, dtype=torch.float64)])
     xn = x.clone()

@@ -1,15 +1,12 @@
-"""Curvature of Linear/Conv2d modules for EKFAC, KFAC and diagonal influence.
+"""Curvature for EKFAC, KFAC and diagonal influence.
 
-:func:`fit_factors` runs hooks over the training data (:mod:`.capture`), estimates the
-Kronecker factors, their eigenbases and the EKFAC correction (or the diagonal Fisher), stage by
-stage, saved and resumable (:mod:`.factors`); :class:`Profiler` times the stages. The scorers
-that use them on a sketched store are in :mod:`sketchattr.score.ekfac`.
+:func:`fit_factors` runs the hook engine (:mod:`sketchattr.featurize.engine`) over the training
+data, estimates the Kronecker factors, their eigenbases and the EKFAC correction (or the
+diagonal Fisher), stage by stage, saved and resumable (:mod:`.factors`); :class:`Profiler` times
+the stages. The scorers that use them on a sketched store are in :mod:`sketchattr.score.ekfac`.
 """
-from sketchattr.curvature.capture import LayerCapture, LayerSpec, UnsupportedModuleError, layer_specs, per_example_gradients
 from sketchattr.curvature.factors import STAGES, Factors, FactorsMismatchError, fit_factors
 from sketchattr.curvature.profiler import Profiler
+from sketchattr.featurize.rules import UnsupportedModuleError
 
-__all__ = [
-    "Factors", "FactorsMismatchError", "LayerCapture", "LayerSpec", "Profiler", "STAGES",
-    "UnsupportedModuleError", "fit_factors", "layer_specs", "per_example_gradients",
-]
+__all__ = ["Factors", "FactorsMismatchError", "Profiler", "STAGES", "UnsupportedModuleError", "fit_factors"]

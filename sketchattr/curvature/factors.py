@@ -1,14 +1,22 @@
-"""Kronecker-factored (KFAC, EKFAC) and diagonal curvature of Linear/Conv2d modules.
+"""Kronecker-factored (KFAC, EKFAC) and diagonal curvature of every block the hook engine covers.
 
-Conventions (N = number of training examples used, t = positions, see :mod:`.capture`):
+Conventions (N = number of training examples used, t = positions; the statistics come from the
+hook engine, :mod:`sketchattr.featurize.engine`, so a Task's mask keeps padding out of all of
+them). A Kronecker block's per-example gradient is a matrix ``G_i = Σ_t row_t col_tᵀ``
+``[rows(+1), cols(+1)]`` (:class:`~sketchattr.featurize.rules.KronLayout`: for Linear/Conv the
+rows are output channels and the columns inputs, ``G = DW``; transformers' Conv1D and
+Embedding store the weight the other way round):
 
-* ``A = (1/N) Σ_i Σ_t a_t a_tᵀ`` ``[d_in(+1), d_in(+1)]`` and ``S = (1/N) Σ_i Σ_t s_t s_tᵀ``
-  ``[d_out, d_out]``: both are sums over positions averaged over *examples* (for T = 1, as
-  in an MLP, A ⊗ S is the usual KFAC estimate of E[vec DW vec DWᵀ]).
+* ``A = (1/N) Σ_i Σ_t col_t col_tᵀ`` and ``S = (1/N) Σ_i Σ_t row_t row_tᵀ``: sums over
+  positions averaged over *examples* (for T = 1, as in an MLP, A ⊗ S is the usual KFAC
+  estimate of E[vec G vec Gᵀ]). For an Embedding the one-hot side is exactly diagonal (token
+  counts) and kept as a vector: its eigenbasis is the identity and no ``Q`` is stored.
 * ``eigen``: ``A = Q_A diag(λ_A) Q_Aᵀ``, ``S = Q_S diag(λ_S) Q_Sᵀ`` in float64 (eigenvalues
-  clamped at 0). KFAC's eigenvalues are ``Λ = λ_S λ_Aᵀ`` ``[d_out, d_in(+1)]``.
-* ``correction`` (EKFAC): ``Λ = (1/N) Σ_i (Q_Sᵀ DW_i Q_A)^∘2`` — a second pass over the data.
-* ``diagonal``: ``Λ = (1/N) Σ_i DW_i^∘2`` in the parameter basis (one pass, no eigenbases).
+  clamped at 0). KFAC's eigenvalues are ``Λ = λ_S λ_Aᵀ`` ``[rows(+1), cols(+1)]``.
+* ``correction`` (EKFAC): ``Λ = (1/N) Σ_i (Q_Sᵀ G_i Q_A)^∘2`` — a second pass over the data.
+* ``diagonal``: ``Λ = (1/N) Σ_i G_i^∘2`` in the parameter basis (one pass, no eigenbases).
+* Blocks without Kronecker structure (norm weights, a lone bias) get the diagonal ``Λ`` ``[1, d]``
+  under every kind (computed in the first pass).
 
 Fisher: ``"true"`` (default) samples targets from the model (``task.train_loss(...,
 sample=True)``). Every batch is seeded (the global RNG state is restored afterwards) from the
@@ -49,10 +57,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from sketchattr.curvature.capture import LayerCapture, LayerSpec, layer_specs, per_example_gradients
 from sketchattr.curvature.profiler import Profiler
-from sketchattr.featurize.featurizer import _as_dataset, _tree_map, dataset_length, main_process
+from sketchattr.featurize.engine import BatchCapture, Block, HookEngine
+from sketchattr.featurize.featurizer import _as_dataset, _first, _tree_map, dataset_length, main_process
 from sketchattr.featurize.fingerprint import model_fingerprint
+from sketchattr.featurize.rules import BlockLayout, layout_from
 from sketchattr.modules import select_modules, unwrap_model
 from sketchattr.task import Task, validate_task
 
@@ -77,8 +86,10 @@ class Factors:
     """Fitted curvature factors.
 
     kind: ``"ekfac"``, ``"kfac"`` or ``"diagonal"``. metadata: JSON-able settings (see module
-    docstring); ``metadata["layers"]`` holds each module's :class:`LayerSpec` fields.
-    tensors: ``{module: {"A", "S", "QA", "LA", "QS", "LS", "Lambda"}}`` (those the kind has).
+    docstring); ``metadata["blocks"]`` holds each block's name, parameters and layout.
+    tensors: ``{module: {"A", "S", "QA", "LA", "QS", "LS", "Lambda"}}`` (those the kind and the
+    block have: no ``QS`` for a diagonal side, only ``Lambda`` for a block without Kronecker
+    structure).
     computed / loaded: stages computed or read from ``path`` by the call that made this object.
     profiler: the per-stage timings.
     """
@@ -95,8 +106,9 @@ class Factors:
         return tuple(self.metadata["modules"])
 
     @property
-    def specs(self) -> list[LayerSpec]:
-        return [LayerSpec(*layer) for layer in self.metadata["layers"]]
+    def layouts(self) -> dict[str, BlockLayout]:
+        """{module: matrix layout of its block}."""
+        return {name: layout_from(lay) for name, _, lay in self.metadata["blocks"]}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -108,19 +120,20 @@ class Factors:
         return int(self.metadata["n_examples"])
 
     def curvature(self, module: str, kind: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """(Q_S [d_out, d_out] | None, Q_A [d_in(+1), d_in(+1)] | None, Λ [d_out, d_in(+1)]).
+        """(Q_S [rows, rows] | None, Q_A [cols, cols] | None, Λ [rows, cols]) (with bias coordinates).
 
         kind: how to read the factors (default: ``self.kind``); ``"kfac"`` also works on
-        EKFAC factors (same eigenbases, Λ = λ_S λ_Aᵀ). The bases are None for ``"diagonal"``.
+        EKFAC factors (same eigenbases, Λ = λ_S λ_Aᵀ). A basis is None where it is the identity
+        (``"diagonal"``, an Embedding's one-hot side, blocks without Kronecker structure).
         """
         kind = kind or self.kind
         t = self.tensors[module]
+        if "LS" not in t and "Lambda" in t and kind in ("ekfac", "kfac", "diagonal") and (kind == "diagonal") == (self.kind == "diagonal"):
+            return None, None, t["Lambda"]  # diagonal curvature (kind "diagonal", or a flat block)
         if kind == "kfac" and "LS" in t:
-            return t["QS"], t["QA"], torch.outer(t["LS"], t["LA"])
+            return t.get("QS"), t.get("QA"), torch.outer(t["LS"], t["LA"])
         if kind == self.kind == "ekfac":
-            return t["QS"], t["QA"], t["Lambda"]
-        if kind == self.kind == "diagonal":
-            return None, None, t["Lambda"]
+            return t.get("QS"), t.get("QA"), t["Lambda"]
         raise ValueError(f"{self.kind} factors cannot be used as {kind!r} curvature")
 
     @classmethod
@@ -149,7 +162,7 @@ class _Run:
     task: Task
     dataset: Dataset
     n: int
-    specs: list[LayerSpec]
+    engine: HookEngine
     batch_size: int
     dtype: torch.dtype
     seed: int
@@ -157,6 +170,10 @@ class _Run:
     progress: bool
     profiler: Profiler
     collective: "Collective | None" = None
+
+    @property
+    def blocks(self) -> list[Block]:
+        return self.engine.blocks
 
     @property
     def rows(self) -> range:
@@ -184,7 +201,11 @@ def fit_factors(
     profile: bool = False,
     collective: "Collective | None" = None,
 ) -> Factors:
-    """Fit ``kind`` curvature factors of the selected Linear/Conv2d modules on ``train_dataset``.
+    """Fit ``kind`` curvature factors of the selected modules on ``train_dataset``.
+
+    Every selected module (and every module sharing its parameters) needs a layer rule
+    (Linear, transformers' Conv1D, Conv1d/Conv2d, Embedding, elementwise norms); a Task's
+    :meth:`~sketchattr.task.Task.mask` keeps padded positions out of every statistic.
 
     modules: as for :class:`~sketchattr.Featurizer` (default ``task.modules`` or all); use the
     featurizer's selection so the scorer can pair them. fisher: ``"true"`` | ``"empirical"``.
@@ -203,17 +224,17 @@ def fit_factors(
     model = unwrap_model(model)
     dataset = _as_dataset(train_dataset)
     n = _n_examples(dataset, max_examples)
-    specs = _resolve_specs(model, task, modules, dataset)
-    meta = _metadata(model, task, specs, kind, fisher, n, len(dataset), max_examples, seed, dtype)
+    engine = _resolve_engine(model, task, modules, dataset)
+    meta = _metadata(model, task, engine.blocks, kind, fisher, n, len(dataset), max_examples, seed, dtype)
     meta["label_batch_size"] = batch_size if fisher == "true" else None
     profiler = Profiler(enabled=True)
     main = collective is None or collective.is_main
-    run = _Run(model, task, dataset, n, specs, batch_size, dtype, seed, fisher == "true", progress and main_process(), profiler, collective)
+    run = _Run(model, task, dataset, n, engine, batch_size, dtype, seed, fisher == "true", progress and main_process(), profiler, collective)
     files = _stage_files(path) if path is not None else {}
     if path is not None:
         Path(path).mkdir(parents=True, exist_ok=True)
         _check_existing(files, meta, overwrite)
-    tensors: dict[str, dict[str, torch.Tensor]] = {s.name: {} for s in specs}
+    tensors: dict[str, dict[str, torch.Tensor]] = {b.name: {} for b in engine.blocks}
     computed: list[str] = []
     loaded: list[str] = []
     for stage in STAGES[kind]:
@@ -247,23 +268,29 @@ def _n_examples(dataset: Dataset, max_examples: int | None) -> int:
     return n
 
 
-def _resolve_specs(model: nn.Module, task: Task, modules: Any, dataset: Dataset) -> list[LayerSpec]:
+CURVATURE = "EKFAC/KFAC/diagonal curvature"
+CURVATURE_REMEDY = "Select modules that have rules with modules=[...], or use SketchedInfluence, which works for any module."
+
+
+def _resolve_engine(model: nn.Module, task: Task, modules: Any, dataset: Dataset) -> HookEngine:
     spec = modules if modules is not None else getattr(task, "modules", None)
     example = None
     if isinstance(spec, int) and not isinstance(spec, bool):
         first = next(iter(DataLoader(Subset(dataset, [0]), batch_size=1, generator=torch.Generator())))
         example = task.inputs(_tree_map(_caster(model), first))
-    return layer_specs(model, select_modules(model, spec, example).names)
+    engine = HookEngine(model, select_modules(model, spec, example))
+    engine.require(CURVATURE, CURVATURE_REMEDY)
+    return engine
 
 
-def _metadata(model, task, specs, kind, fisher, n, n_dataset, max_examples, seed, dtype) -> dict[str, Any]:
+def _metadata(model, task, blocks, kind, fisher, n, n_dataset, max_examples, seed, dtype) -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "version": 1,
+        "version": 2,
         "kind": kind,
         "fisher": fisher,
-        "modules": [s.name for s in specs],
-        "layers": [[s.name, s.kind, s.d_out, s.d_in, s.bias] for s in specs],
+        "modules": [b.name for b in blocks],
+        "blocks": [[b.name, list(b.param_names), b.layout.describe()] for b in blocks],
         "model_fingerprint": model_fingerprint(model),
         "task": task.describe(),
         "n_examples": n,
@@ -299,96 +326,164 @@ def batch_seed(seed: int, pass_index: int, batch_index: int) -> int:
     return int(state & ((1 << 63) - 1))
 
 
-def _data_pass(run: _Run, desc: str, consume: Callable[[dict[str, tuple[torch.Tensor, torch.Tensor]]], None], pass_index: int = 0) -> None:
-    """One pass over this process's rows of the first ``run.n`` examples: ``consume({module:
-    (a, s)})`` per batch, with a and s in ``run.dtype``. Seeds the global RNG per batch with
-    ``batch_seed(run.seed, pass_index, global batch index)`` (restored afterwards)."""
-    model, prof = run.model, run.profiler
+def _data_pass(run: _Run, desc: str, consume: Callable[[BatchCapture], None], pass_index: int = 0) -> None:
+    """One pass over this process's rows of the first ``run.n`` examples: ``consume(capture)`` per
+    batch (:class:`~sketchattr.featurize.engine.BatchCapture` of the training loss, the Task's mask
+    applied). Seeds the global RNG per batch with ``batch_seed(run.seed, pass_index, global batch
+    index)`` (restored afterwards). The first batch is checked against plain autograd."""
+    model, prof, task = run.model, run.profiler, run.task
     rows = run.rows
     # own generator: the DataLoader's base-seed draw must not consume the seeded global RNG
     loader = DataLoader(Subset(run.dataset, rows), batch_size=run.batch_size, shuffle=False, generator=torch.Generator())
     first_batch = rows.start // run.batch_size
     device = next(model.parameters()).device
+    params = dict(model.named_parameters())
     was_training = model.training
     model.eval()
     cast = _caster(model)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
-            with LayerCapture(model, run.specs) as cap:
+            with run.engine.attached() as engine:
                 for b, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not run.progress)):
                     torch.manual_seed(batch_seed(run.seed, pass_index, first_batch + b))
                     batch = _tree_map(cast, batch)
+                    n, mask = _batch_size(batch), _task_mask(task, batch, device)
                     with prof.record("forward + backward"):
-                        acts = cap.run(lambda: run.task.train_loss(model, batch, sample=run.sample))
+                        cap = engine.run(lambda: task.train_loss(model, batch, sample=run.sample), n, mask)
+                    if b == 0:
+                        check = engine.run(lambda: task.train_loss(model, batch), n, mask) if run.sample else cap
+                        engine.verify(check, lambda: task.train_loss(model, _first(batch)), params)
                     with prof.record(f"accumulate ({desc})"):
-                        consume({k: (a.to(run.dtype), s.to(run.dtype)) for k, (a, s) in acts.items()})
+                        consume(cap)
     finally:
         model.train(was_training)
 
 
-def _sum_over_data(run: _Run, desc: str, terms: Callable[[str, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], pass_index: int = 0) -> dict:
-    """{module: {name: (1/N) Σ_batches terms(module, a, s)[name]}}."""
-    sums: dict[str, dict[str, torch.Tensor]] = {s.name: {} for s in run.specs}
+def _batch_size(batch: Any) -> int:
+    from sketchattr.featurize.featurizer import _batch_len
 
-    def consume(acts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for name, (a, s) in acts.items():
-            for key, value in terms(name, a, s).items():
-                acc = sums[name]
+    return _batch_len(batch)
+
+
+def _task_mask(task: Task, batch: Any, device: torch.device) -> torch.Tensor | None:
+    fn = getattr(task, "mask", None)
+    mask = fn(batch) if callable(fn) else None
+    return None if mask is None else mask.to(device)
+
+
+Terms = Callable[[int, BatchCapture], dict[str, torch.Tensor]]
+
+
+def _sum_over_data(run: _Run, desc: str, terms: Terms, zeros: Callable[[int], dict[str, torch.Tensor]], pass_index: int = 0) -> dict:
+    """{module: {name: (1/N) Σ_batches terms(k, capture)[name]}} over the blocks k that ``terms``
+    returns entries for; ``zeros(k)``: the entries of a rank without rows (distributed)."""
+    sums: dict[str, dict[str, torch.Tensor]] = {b.name: {} for b in run.blocks}
+
+    def consume(cap: BatchCapture) -> None:
+        for k, block in enumerate(run.blocks):
+            for key, value in terms(k, cap).items():
+                acc = sums[block.name]
                 acc[key] = acc[key] + value if key in acc else value
 
     _data_pass(run, desc, consume, pass_index)
     if run.collective is not None:
-        device = next(run.model.parameters()).device
-        for spec in run.specs:
-            acc = sums[spec.name]
-            if not acc:  # no rows on this rank: zeros of the right shapes from an empty batch
-                empty = lambda d: torch.zeros(0, 1, d, dtype=run.dtype, device=device)
-                acc.update(terms(spec.name, empty(spec.shape[1]), empty(spec.d_out)))
+        for k, block in enumerate(run.blocks):
+            acc = sums[block.name]
+            if not acc:  # no rows on this rank
+                acc.update(zeros(k))
             for key in sorted(acc):
                 acc[key] = run.collective.sum(acc[key])
-    return {name: {k: v / run.n for k, v in acc.items()} for name, acc in sums.items()}
+    return {name: {k: v / run.n for k, v in acc.items()} for name, acc in sums.items() if acc}
+
+
+def _zeros(run: _Run, shape_of: Callable[[Block], dict[str, tuple[int, ...]]]) -> Callable[[int], dict[str, torch.Tensor]]:
+    device = next(run.model.parameters()).device
+    return lambda k: {key: torch.zeros(shape, dtype=run.dtype, device=device) for key, shape in shape_of(run.blocks[k]).items()}
+
+
+def _matrices(run: _Run, cap: BatchCapture, k: int) -> torch.Tensor:
+    """Block k's per-example gradients as matrices ``[B, *layout.shape]`` in ``run.dtype``."""
+    return run.blocks[k].layout.from_flat(cap.grads(k).to(run.dtype))
+
+
+def _gram(factor: Any, diagonal: bool, dtype: torch.dtype) -> torch.Tensor:
+    g = factor.to(dtype).gram()
+    return torch.diag(g) if g.dim() == 1 and not diagonal else g
 
 
 def _covariance_stage(run: _Run, tensors: dict) -> dict:
-    def terms(name: str, a: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor]:
-        a2, s2 = a.reshape(-1, a.shape[-1]), s.reshape(-1, s.shape[-1])
-        return {"A": a2.T @ a2, "S": s2.T @ s2}
+    def terms(k: int, cap: BatchCapture) -> dict[str, torch.Tensor]:
+        block = run.blocks[k]
+        if not block.kronecker:
+            return {"Lambda": (_matrices(run, cap, k) ** 2).sum(dim=0)}
+        out: dict[str, torch.Tensor] = {}
+        for row, col in cap.factors(k):
+            a, s = _gram(col, False, run.dtype), _gram(row, block.diagonal_rows, run.dtype)
+            out["A"] = out["A"] + a if "A" in out else a
+            out["S"] = out["S"] + s if "S" in out else s
+        return out
 
-    return _sum_over_data(run, "covariance", terms)
+    def shapes(block: Block) -> dict[str, tuple[int, ...]]:
+        if not block.kronecker:
+            return {"Lambda": block.layout.shape}
+        r, c = block.layout.shape
+        return {"A": (c, c), "S": (r,) if block.diagonal_rows else (r, r)}
+
+    return _sum_over_data(run, "covariance", terms, _zeros(run, shapes))
 
 
 def _eigen_stage(run: _Run, tensors: dict) -> dict:
     out = {}
     with run.profiler.record("eigendecomposition"):
         for name, t in tensors.items():
-            la, qa = _eigh(t["A"])
-            ls, qs = _eigh(t["S"])
-            out[name] = {"QA": qa.to(run.dtype), "LA": la.to(run.dtype), "QS": qs.to(run.dtype), "LS": ls.to(run.dtype)}
+            if "A" not in t:
+                continue  # a block without Kronecker structure: its diagonal Λ is already there
+            out[name] = {}
+            for side in ("A", "S"):
+                vals, vecs = _eigh(t[side])
+                out[name]["L" + side] = vals.to(run.dtype)
+                if vecs is not None:
+                    out[name]["Q" + side] = vecs.to(run.dtype)
     return out
 
 
-def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(eigenvalues clamped at 0, eigenvectors); a 1-D (diagonal) matrix has the identity basis (None)."""
     m = matrix.to(torch.float64)
+    if m.dim() == 1:
+        return m.clamp(min=0), None
     vals, vecs = torch.linalg.eigh((m + m.T) / 2)
     return vals.clamp(min=0), vecs
 
 
+def rotate(mat: torch.Tensor, qs: torch.Tensor | None, qa: torch.Tensor | None) -> torch.Tensor:
+    """``Q_Sᵀ G Q_A`` (an identity basis given as None is skipped): ``[B, r, c]`` -> ``[B, r, c]``."""
+    if qs is not None:
+        mat = qs.T @ mat
+    if qa is not None:
+        mat = mat @ qa
+    return mat
+
+
 def _correction_stage(run: _Run, tensors: dict) -> dict:
-    bases = {name: (t["QS"].to(run.dtype), t["QA"].to(run.dtype)) for name, t in tensors.items()}
+    bases = {name: (t.get("QS"), t.get("QA")) for name, t in tensors.items() if "LS" in t}
 
-    def terms(name: str, a: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor]:
-        qs, qa = bases[name]
-        rotated = qs.T @ per_example_gradients(a, s) @ qa
-        return {"Lambda": (rotated**2).sum(dim=0)}
+    def terms(k: int, cap: BatchCapture) -> dict[str, torch.Tensor]:
+        name = run.blocks[k].name
+        if name not in bases:
+            return {}
+        qs, qa = (None if q is None else q.to(run.dtype) for q in bases[name])
+        return {"Lambda": (rotate(_matrices(run, cap, k), qs, qa) ** 2).sum(dim=0)}
 
-    return _sum_over_data(run, "correction", terms, pass_index=1)
+    shapes = lambda block: {"Lambda": block.layout.shape} if block.name in bases else {}
+    return _sum_over_data(run, "correction", terms, _zeros(run, shapes), pass_index=1)
 
 
 def _diagonal_stage(run: _Run, tensors: dict) -> dict:
-    def terms(name: str, a: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"Lambda": (per_example_gradients(a, s) ** 2).sum(dim=0)}
+    def terms(k: int, cap: BatchCapture) -> dict[str, torch.Tensor]:
+        return {"Lambda": (_matrices(run, cap, k) ** 2).sum(dim=0)}
 
-    return _sum_over_data(run, "diagonal", terms)
+    return _sum_over_data(run, "diagonal", terms, _zeros(run, lambda block: {"Lambda": block.layout.shape}))
 
 
 _STAGE_FNS: dict[str, Callable[[_Run, dict], dict]] = {

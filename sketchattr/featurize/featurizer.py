@@ -1,18 +1,23 @@
 """Featurizer: batched per-example gradients over the selected modules, sketched on the fly.
 
-Gradients are taken with ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``), so any
-module type works. Each batch's per-example gradients are split into one block per selected
-module and handed to the projector immediately; the [n, d] gradient matrix is never held.
+Default path — the hook engine (:mod:`sketchattr.featurize.engine`): when every selected module
+(and every module sharing its parameters) has a layer rule (Linear, transformers' Conv1D,
+Conv1d/Conv2d, Embedding, LayerNorm/RMSNorm-style norms), one forward + backward of the batch's
+summed loss gives each example's exact gradient; the projector sketches it block by block
+(:meth:`~sketchattr.project.Projector.project_captured`; the factorized projectors never form
+it). A Task's :meth:`~sketchattr.task.Task.mask` keeps padded positions out. The first batch is
+checked against autograd on its first example alone.
 
-With a :class:`~sketchattr.project.FactorizedProjector` the hook path runs instead: one forward +
-backward of the batch's summed loss captures each selected Linear/Conv2d module's per-example
-layer inputs ``a`` and output gradients ``s`` (:mod:`sketchattr.curvature.capture`), and the
-projector sketches them without forming the per-example gradients at all.
+Fallback — ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``) for models with a
+module no rule covers (a warning names them) or that the check refuses; any module type works
+there unless its forward has data-dependent control flow, and then the error says which module
+and what to do.
 """
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -23,6 +28,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from sketchattr.featurize.engine import HookEngine, HookMismatchError
+from sketchattr.featurize.rules import UnsupportedModuleError
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.modules import ModuleSelection, select_modules, unwrap_model
 from sketchattr.project import FactorizedProjector, Projector, make_projector
@@ -36,6 +43,10 @@ if TYPE_CHECKING:
 
 class NonFiniteGradientError(ValueError):
     """A per-example gradient contained NaN or inf."""
+
+
+class VmapError(RuntimeError):
+    """``torch.func.vmap`` could not differentiate the model per example (the fallback path)."""
 
 
 @dataclass(frozen=True)
@@ -79,13 +90,15 @@ class Featurizer:
     modules: ``None``/``"all"``, an int N (last N in forward order) or a list of module names;
         defaults to ``task.modules``.
     projector: a :class:`~sketchattr.project.Projector` or a name (``"sjlt"``, ``"gaussian"``,
-        ``"rademacher"``, ``"identity"``) used with ``m`` and ``seed``. A
-        :class:`~sketchattr.project.FactorizedProjector` selects the hook path (every selected
-        module must be a Linear/Conv2d; the model runs as is, so ``device``/``dtype`` must be its
-        own) and is bound to the selected layers' shapes.
-    batch_size: examples per vmap call. device: where gradients are computed (default: the
-        model's). dtype: gradient dtype (default: the model's parameter dtype). progress: tqdm
+        ``"rademacher"``, ``"identity"``, ``"factorized"``, ``"factgrass"``) used with ``m`` and
+        ``seed``. A :class:`~sketchattr.project.FactorizedProjector` is bound to the selected
+        blocks' layouts.
+    batch_size: examples per forward + backward. device: where gradients are computed
+        (default: the model's). dtype: gradient dtype (default: the model's parameter dtype;
+        another dtype/device runs the model on cast copies of its parameters). progress: tqdm
         bars (never on ranks > 0 of a torch.distributed job).
+    engine: ``"auto"`` (hooks when every module has a layer rule, else vmap with a warning),
+        ``"hooks"`` (require them) or ``"vmap"``.
     profiler: optional :class:`~sketchattr.curvature.profiler.Profiler`; records per batch
         ``"featurize <kind>: gradients + sketch"`` and ``"featurize train: store write"`` with
         their row counts.
@@ -104,7 +117,10 @@ class Featurizer:
         dtype: torch.dtype | None = None,
         progress: bool = True,
         profiler: "Profiler | None" = None,
+        engine: str = "auto",
     ) -> None:
+        if engine not in ("auto", "hooks", "vmap"):
+            raise ValueError(f"engine must be 'auto', 'hooks' or 'vmap', got {engine!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batch_size < 1:
@@ -120,25 +136,41 @@ class Featurizer:
         self.progress = progress and main_process()
         self.profiler = profiler
         self.last_run: FeaturizeRun | None = None
+        self.engine_choice = engine
         self._selection: ModuleSelection | None = None
-        self._layers: list | None = None  # LayerSpecs of the selected modules (factorized path)
+        self._engine: HookEngine | None = None
+        self._vmap_reason: str | None = "engine='vmap' was asked for" if engine == "vmap" else None
+        self._verified = False
 
     # ------------------------------------------------------------------ selection / metadata
     def selection(self, example_input: Any = None) -> ModuleSelection:
         """The selected modules (resolved once; last-N is traced on the first batch)."""
         if self._selection is None:
             sel = select_modules(self.model, self.module_spec, example_input)
+            self._engine = HookEngine(self.model, sel)
             if isinstance(self.projector, FactorizedProjector):
-                from sketchattr.curvature.capture import layer_specs  # lazy: sketchattr.curvature imports this module
-
-                self._layers = layer_specs(
-                    self.model, sel.names, purpose="the factorized projector",
-                    remedy="Select Linear/Conv2d modules with modules=[...] or use a dense projector "
-                    "(gaussian, rademacher, sjlt), which works for any module.",
-                )
-                self.projector.bind([(s.d_out, s.d_in, s.bias) for s in self._layers])
+                self.projector.bind([b.layout for b in self._engine.blocks])
+            if self.engine_choice == "hooks":
+                self._engine.require("engine='hooks'", "Use engine='auto' to fall back to torch.func.vmap.")
             self._selection = sel
         return self._selection
+
+    @property
+    def engine(self) -> HookEngine:
+        """The hook engine of the selected modules (blocks, their layouts and layer rules)."""
+        self.selection()
+        assert self._engine is not None
+        return self._engine
+
+    @property
+    def uses_hooks(self) -> bool:
+        """Whether per-example gradients come from the hook engine (else ``torch.func.vmap``)."""
+        return self._vmap_reason is None and self.engine.covered
+
+    def describe(self) -> str:
+        """The blocks, their layer rules, and which path computes their gradients."""
+        path = "hook engine" if self.uses_hooks else f"torch.func.vmap ({self._vmap_reason or 'modules without a layer rule'})"
+        return self.engine.report() + f"\nper-example gradients: {path}"
 
     def metadata(self, kind: str = "train") -> StoreMetadata:
         """Metadata identifying sketches made by this featurizer (projector, modules, model, task)."""
@@ -294,8 +326,14 @@ class Featurizer:
         self, kind: str, sample: bool, sel: ModuleSelection, stack: contextlib.ExitStack
     ) -> Callable[[Any], torch.Tensor]:
         """The per-batch computation, chosen once per pass: batch -> sketched rows [B, m]."""
-        if isinstance(self.projector, FactorizedProjector):
-            return self._hook_rows(kind, sample, stack)
+        if self._vmap_reason is None and not self.engine.covered:
+            self._vmap_reason = "no layer rule for " + ", ".join(self.engine.uncovered())
+            warnings.warn(
+                f"sketchattr: {self._vmap_reason}; per-example gradients fall back to torch.func.vmap "
+                "(slower, and data-dependent control flow cannot run under it)", stacklevel=4,
+            )
+        if self._vmap_reason is None:
+            return self._hook_rows(kind, sample, sel, stack)
         return self._vmap_rows(kind, sample, sel)
 
     def _vmap_rows(self, kind: str, sample: bool, sel: ModuleSelection) -> Callable[[Any], torch.Tensor]:
@@ -304,7 +342,10 @@ class Featurizer:
         params, frozen = self._split_state(sel)
 
         def rows(batch: Any) -> torch.Tensor:
-            grads = vmap(grad(per_example), in_dims=(None, None, 0), randomness="different")(params, frozen, batch)
+            try:
+                grads = vmap(grad(per_example), in_dims=(None, None, 0), randomness="different")(params, frozen, batch)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the module and the fix named
+                raise self._vmap_error(exc, per_example, params, frozen, batch) from exc
             n = _batch_len(batch)
             return self.projector.project(
                 [torch.cat([grads[p].reshape(n, -1) for p in group], dim=1) for group in sel.param_names]
@@ -312,31 +353,95 @@ class Featurizer:
 
         return rows
 
-    def _hook_rows(self, kind: str, sample: bool, stack: contextlib.ExitStack) -> Callable[[Any], torch.Tensor]:
-        """Factorized path: capture (a, s) per Linear/Conv2d module by hooks (removed when the
-        pass ends) in one forward + backward of the summed loss; sketch them from the factors."""
-        from sketchattr.curvature.capture import LayerCapture  # lazy: sketchattr.curvature imports this module
+    def _vmap_error(self, exc: Exception, per_example: Callable, params: dict, frozen: dict, batch: Any) -> VmapError:
+        """A :class:`VmapError` naming the innermost module that was running when vmap failed."""
+        stack: list[str] = []
+        failed: list[str] = []
+        names = {id(m): n for n, m in self.model.named_modules()}
 
-        first = next(self.model.parameters())
-        same_device = first.device.type == self.device.type and self.device.index in (None, first.device.index)
-        if first.dtype != self.dtype or not same_device:
-            raise ValueError(
-                "the factorized projector runs the model itself: the featurizer's device/dtype "
-                f"({self.device}, {self.dtype}) must be the model's ({first.device}, {first.dtype})"
-            )
-        model, task, proj, layers = self.model, self.task, self.projector, self._layers
-        cap = stack.enter_context(LayerCapture(model, layers))
+        def push(module: nn.Module, _inputs: Any) -> None:
+            stack.append(names.get(id(module), type(module).__name__))
+
+        def pop(module: nn.Module, _inputs: Any, _output: Any) -> None:
+            if stack:
+                stack.pop()
+
+        handles = [m.register_forward_pre_hook(push) for m in self.model.modules()]
+        handles += [m.register_forward_hook(pop) for m in self.model.modules()]
+        try:
+            vmap(grad(per_example), in_dims=(None, None, 0), randomness="different")(params, frozen, batch)
+        except Exception:  # noqa: BLE001 - the same failure, now with the module stack recorded
+            failed = list(stack)
+        finally:
+            for h in handles:
+                h.remove()
+        modules = dict(self.model.named_modules())
+        where = f"inside module {failed[-1]!r} ({type(modules[failed[-1]]).__name__})" if failed and failed[-1] in modules else "in the model's forward"
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        data_dependent = any(w in str(exc) for w in (".item()", "data-dependent", "Data-dependent", "vmap"))
+        cause = (
+            "its forward has data-dependent control flow (.item(), `if` on tensor values, boolean indexing), "
+            "which torch.func.vmap cannot batch — Hugging Face attention masks are a common case"
+            if data_dependent else "torch.func.vmap could not run it per example"
+        )
+        uncovered = self.engine.uncovered()
+        fix = (
+            "Fixes: select only modules that have layer rules so the hook engine runs and no vmap is needed "
+            f"(without a rule here: {', '.join(uncovered) or 'none'}; see Featurizer.describe()), or load a Hugging Face "
+            "model with attn_implementation='eager'."
+        )
+        return VmapError(f"per-example gradients by torch.func.vmap failed {where}: {cause}. {fix} Original error: {type(exc).__name__}: {text}")
+
+    def _hook_rows(self, kind: str, sample: bool, sel: ModuleSelection, stack: contextlib.ExitStack) -> Callable[[Any], torch.Tensor]:
+        """Hook engine: one forward + backward of the summed loss per batch, exact per-example
+        gradients (or factors) per block, sketched by the projector."""
+        params, frozen = self._split_state(sel, trainable=True)
+        engine = stack.enter_context(self.engine.attached())
+        call = self._functional(params, frozen)
+        task, proj = self.task, self.projector
+        fallback: list[Callable[[Any], torch.Tensor]] = []
+
+        def loss_of(batch: Any, sampled: bool) -> Callable[[], torch.Tensor]:
+            if kind == "train":
+                return lambda: task.train_loss(call, batch, sample=sampled)
+            return lambda: task.measurement(call, batch)
 
         def rows(batch: Any) -> torch.Tensor:
-            if kind == "train":
-                loss = lambda: task.train_loss(model, batch, sample=sample)
-            else:
-                loss = lambda: task.measurement(model, batch)
-            with torch.enable_grad():
-                acts = cap.run(loss)
-            return proj.project_layers([acts[spec.name] for spec in layers])
+            if fallback:
+                return fallback[0](batch)
+            n, mask = _batch_len(batch), self._mask(batch)
+            try:
+                with torch.enable_grad():
+                    cap = engine.run(loss_of(batch, sample), n, mask)
+                    if not self._verified:
+                        check = cap if not sample else engine.run(loss_of(batch, False), n, mask)
+                        engine.verify(check, loss_of(_first(batch), False), params)
+                        self._verified = True
+            except (HookMismatchError, UnsupportedModuleError) as exc:
+                if self.engine_choice == "hooks":
+                    raise
+                self._vmap_reason = f"hook engine refused: {exc}"
+                warnings.warn(f"sketchattr: {exc} Falling back to torch.func.vmap for this featurizer.", stacklevel=2)
+                fallback.append(self._vmap_rows(kind, sample, sel))
+                return fallback[0](batch)
+            return proj.project_captured(cap)
 
         return rows
+
+    def _functional(self, params: dict, frozen: dict) -> Callable[..., Any]:
+        """The model as a function of ``params`` and ``frozen`` (its cast parameters and buffers)."""
+        model = self.model
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, (params, frozen), args, kwargs)
+
+        return call
+
+    def _mask(self, batch: Any) -> torch.Tensor | None:
+        """The Task's position mask ``[B, T]`` (1 = counts), or None."""
+        fn = getattr(self.task, "mask", None)
+        mask = fn(batch) if callable(fn) else None
+        return None if mask is None else mask.to(self.device)
 
     # ------------------------------------------------------------------ helpers
     def _record(self, action: str, items: int) -> contextlib.AbstractContextManager:
@@ -357,10 +462,12 @@ class Featurizer:
 
         return fn
 
-    def _split_state(self, sel: ModuleSelection) -> tuple[dict, dict]:
+    def _split_state(self, sel: ModuleSelection, trainable: bool = False) -> tuple[dict, dict]:
+        """(selected parameters, other parameters and buffers), detached and cast to the
+        featurizer's device/dtype; ``trainable``: the selected ones require grad (hook path)."""
         chosen = set(p for g in sel.param_names for p in g)
         cast = lambda t: t.detach().to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
-        params = {n: cast(p) for n, p in self.model.named_parameters() if n in chosen}
+        params = {n: cast(p).requires_grad_(trainable) for n, p in self.model.named_parameters() if n in chosen}
         frozen = {n: cast(p) for n, p in self.model.named_parameters() if n not in chosen}
         frozen.update({n: cast(b) for n, b in self.model.named_buffers()})
         return params, frozen
@@ -403,6 +510,11 @@ def dataset_length(dataset: Any, what: str = "dataset") -> int:
     if n == 0:
         raise ValueError(f"the {what} is empty")
     return n
+
+
+def _first(batch: Any) -> Any:
+    """The batch's first example, as a batch of one."""
+    return _tree_map(lambda t: t[:1], batch)
 
 
 def _batch_len(batch: Any) -> int:

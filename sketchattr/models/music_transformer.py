@@ -68,7 +68,8 @@ class MusicTransformer(nn.Module):
         t = tokens.shape[-1]
         if t > self.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}")
-        x = self.tok_emb(tokens) + self.pos_emb(torch.arange(t, device=tokens.device))
+        positions = torch.arange(t, device=tokens.device).expand(tokens.shape)  # per example: hooks see [B, T]
+        x = self.tok_emb(tokens) + self.pos_emb(positions)
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))

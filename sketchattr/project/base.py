@@ -179,6 +179,18 @@ class Projector(Registered, abc.ABC):
             self._accumulate(out, g, k)
         return out
 
+    def project_captured(self, capture: Any) -> torch.Tensor:
+        """Sketch a batch straight from the hook engine
+        (:class:`~sketchattr.featurize.engine.BatchCapture`): block by block, so only one
+        block's exact per-example gradients ``[B, d_k]`` are held at a time. ``[B, m]``."""
+        out = None
+        for k in range(len(capture.blocks)):
+            g = capture.grads(k)
+            if out is None:
+                out = self._zeros(g)
+            self._accumulate(out, g, k)
+        return out
+
     def project_module(self, g: torch.Tensor, module_index: int) -> torch.Tensor:
         """Sketch one module's block: ``[B, d_k] -> [B, m]`` (= ``g @ P_k.T``)."""
         (g,) = _check_grads([g])

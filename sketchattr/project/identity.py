@@ -30,6 +30,10 @@ class IdentityProjector(Projector, name="identity"):
         """``[B, sum_k d_k]``: the concatenation of the validated blocks (a new tensor)."""
         return torch.cat(_check_grads(grads), dim=1)
 
+    def project_captured(self, capture: Any) -> torch.Tensor:
+        """``[B, sum_k d_k]``: the hook engine's exact per-example gradients, concatenated."""
+        return torch.cat([capture.grads(k) for k in range(len(capture.blocks))], dim=1)
+
     def project_module(self, g: torch.Tensor, module_index: int) -> torch.Tensor:
         """The module's own columns, ``[B, d_k]`` (a copy)."""
         (g,) = _check_grads([g])

@@ -1,9 +1,10 @@
 """EKFAC, KFAC, diagonal and identity influence on a sketched gradient store.
 
-Per module k (Linear/Conv2d, see :mod:`sketchattr.curvature`) a query's measurement gradient
-DW_q ``[d_out, d_in(+1)]`` is preconditioned with the fitted curvature,
+Per block k (any module the hook engine covers, see :mod:`sketchattr.curvature`) a query's
+measurement gradient as a matrix G_q ``[rows(+1), cols(+1)]`` (``[1, d]`` for blocks without
+Kronecker structure) is preconditioned with the fitted curvature,
 
-    u = Q_S [(Q_Sᵀ DW_q Q_A) ⊘ (Λ + λ)] Q_Aᵀ     (diagonal: DW_q ⊘ (Λ + λ); identity: DW_q),
+    u = Q_S [(Q_Sᵀ G_q Q_A) ⊘ (Λ + λ)] Q_Aᵀ     (diagonal: G_q ⊘ (Λ + λ); identity: G_q),
 
 flattened in the featurizer's layout, sketched with the store's projector, and scored against
 the stored train rows: ``scores[q, i] = −(P u_q)ᵀ ĝ_i`` (positive = example i helps the query;
@@ -33,8 +34,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from sketchattr.curvature.capture import LayerSpec, layer_specs
-from sketchattr.curvature.factors import Factors, FactorsMismatchError
+from sketchattr.curvature.factors import CURVATURE, CURVATURE_REMEDY, Factors, FactorsMismatchError, rotate
 from sketchattr.curvature.profiler import Profiler
 from sketchattr.featurize.featurizer import Featurizer, _as_dataset
 from sketchattr.featurize.fingerprint import model_fingerprint
@@ -76,7 +76,8 @@ class CurvatureScorer(Scorer):
     query_dtype: dtype of query gradients (default: the featurizer's). score_dtype: dtype of
     the streamed products. block_rows: store rows per streamed block. profile: print timings.
 
-    After construction: ``damping_`` ({module: λ}), ``specs`` (:class:`LayerSpec` per module).
+    After construction: ``damping_`` ({module: λ}), ``blocks`` (the featurizer's hook-engine
+    blocks: names, layouts).
     """
 
     curvature_kind: ClassVar[str | None] = None
@@ -104,8 +105,8 @@ class CurvatureScorer(Scorer):
         self.profile = profile
         self.profiler = Profiler(enabled=True)
         names = featurizer.selection().names
-        self.specs = layer_specs(featurizer.model, names)
-        _check_layout(self.specs, featurizer)
+        featurizer.engine.require(CURVATURE, CURVATURE_REMEDY)
+        self.blocks = featurizer.engine.blocks
         self.device = featurizer.device
         self.dtype = torch.float64 if factors is None else factors.dtype
         self._grad_featurizer = Featurizer(
@@ -119,22 +120,22 @@ class CurvatureScorer(Scorer):
     def _resolve_curvature(self, damping: float | None) -> tuple[list[Curvature], dict[str, float]]:
         """Per module (Q_S, Q_A, Λ + λ) on the compute device; all None for the identity."""
         if self.curvature_kind is None:
-            return [(None, None, None)] * len(self.specs), {}
+            return [(None, None, None)] * len(self.blocks), {}
         if self.factors is None:
             raise ValueError(f"{type(self).__name__} needs fitted factors (fit_factors(..., kind=...))")
-        _check_factors(self.factors, self.featurizer, self.specs)
+        _check_factors(self.factors, self.featurizer)
         curvature, lambdas = [], {}
-        for spec in self.specs:
-            qs, qa, lam = self.factors.curvature(spec.name, self.curvature_kind)
-            lambdas[spec.name] = float(damping) if damping is not None else 0.1 * float(lam.mean())
-            if lambdas[spec.name] <= 0:
-                raise ValueError(f"module {spec.name!r} has zero curvature: pass an explicit damping > 0")
+        for block in self.blocks:
+            qs, qa, lam = self.factors.curvature(block.name, self.curvature_kind)
+            lambdas[block.name] = float(damping) if damping is not None else 0.1 * float(lam.mean())
+            if lambdas[block.name] <= 0:
+                raise ValueError(f"module {block.name!r} has zero curvature: pass an explicit damping > 0")
             move = lambda t: None if t is None else t.to(device=self.device, dtype=self.dtype)
-            curvature.append((move(qs), move(qa), move(lam) + lambdas[spec.name]))
+            curvature.append((move(qs), move(qa), move(lam) + lambdas[block.name]))
         return curvature, lambdas
 
     def precondition(self, dws: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per module u = M_k DW: [B, d_out, d_in(+1)] -> same shape (in the factors' dtype)."""
+        """Per block u = M_k G: [B, rows(+1), cols(+1)] -> same shape (in the factors' dtype)."""
         return [_apply(c, dw.to(self.dtype)) for c, dw in zip(self._curvature, dws)]
 
     # ------------------------------------------------------------------ fitting
@@ -153,11 +154,11 @@ class CurvatureScorer(Scorer):
     def module_gradients(
         self, dataset: Any, kind: str = "query", indices: Sequence[int] | None = None
     ) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
-        """Yield (dataset indices [B], per-module DW [B, d_out, d_in(+1)]) of the measurement
-        (``kind="query"``) or training-loss (``"train"``) gradients, batch by batch."""
+        """Yield (dataset indices [B], per-block gradient matrices [B, *layout.shape]) of the
+        measurement (``kind="query"``) or training-loss (``"train"``) gradients, batch by batch."""
         dataset = _as_dataset(dataset)
         idx = self._grad_featurizer._resolve_indices(dataset, indices)
-        dims = [s.dim for s in self.specs]
+        dims = [b.dim for b in self.blocks]
         rows_iter = self._grad_featurizer.iter_rows(dataset, idx, kind=kind)
         while True:
             with self.profiler.record(f"{kind} gradients"):
@@ -165,7 +166,7 @@ class CurvatureScorer(Scorer):
             if item is None:
                 return
             b, rows = item
-            yield b, [s.from_flat(r) for s, r in zip(self.specs, rows.split(dims, dim=1))]
+            yield b, [blk.layout.from_flat(r) for blk, r in zip(self.blocks, rows.split(dims, dim=1))]
 
     def prepare_queries(self, queries: Any, kind: str = "query", per_module: bool = False) -> PreparedQueries:
         """Gradients of ``queries`` (a dataset or tuple of tensors), preconditioned, rank-truncated
@@ -181,7 +182,7 @@ class CurvatureScorer(Scorer):
                 us = self.precondition(dws)
                 if self.query_rank is not None:
                     us = [low_rank(u, self.query_rank) for u in us]
-                flat = [s.to_flat(u) for s, u in zip(self.specs, us)]
+                flat = [b.layout.to_flat(u) for b, u in zip(self.blocks, us)]
             if per_module:
                 out.append(flat)
                 continue
@@ -199,7 +200,7 @@ class CurvatureScorer(Scorer):
         (``per_module``: a dict module -> [n_query, b])."""
         self._check_fitted()
         prepared = queries if isinstance(queries, PreparedQueries) else self.prepare_queries(queries, kind, per_module)
-        dims = [s.dim for s in self.specs]
+        dims = [b.dim for b in self.blocks]
         blocks = self.store.iter_blocks(self.block_rows)
         while True:
             with self.profiler.record("read store block"):
@@ -212,7 +213,7 @@ class CurvatureScorer(Scorer):
                 rows = rows.to(device=self.device, dtype=dtype)
                 if prepared.per_module:
                     parts = rows.split(dims, dim=1)
-                    block = {s.name: -u.to(dtype) @ g.T for s, u, g in zip(self.specs, prepared.rows, parts)}
+                    block = {b.name: -u.to(dtype) @ g.T for b, u, g in zip(self.blocks, prepared.rows, parts)}
                 else:
                     block = -prepared.rows.to(dtype) @ rows.T
             yield idx, block
@@ -245,7 +246,7 @@ class CurvatureScorer(Scorer):
         for _, dws in self.module_gradients(train_dataset, "train", idx):
             us = self.precondition(dws)
             if sketched:
-                flat = lambda ms: self.featurizer.projector.project([s.to_flat(m) for s, m in zip(self.specs, ms)])
+                flat = lambda ms: self.featurizer.projector.project([b.layout.to_flat(m) for b, m in zip(self.blocks, ms)])
                 out.append((flat(us) * flat([d.to(self.dtype) for d in dws])).sum(dim=1))
             else:
                 out.append(sum((u * dw.to(self.dtype)).sum(dim=(1, 2)) for u, dw in zip(us, dws)))
@@ -284,13 +285,16 @@ class IdentityScorer(CurvatureScorer, name="identity"):
 
 # ---------------------------------------------------------------------------- helpers
 def _apply(curvature: Curvature, dw: torch.Tensor) -> torch.Tensor:
-    """Q_S[(Q_Sᵀ DW Q_A) ⊘ D]Q_Aᵀ, DW ⊘ D without bases, DW without curvature. [B, o, i]."""
+    """Q_S[(Q_Sᵀ G Q_A) ⊘ D]Q_Aᵀ (a None basis is the identity), G without curvature. [B, r, c]."""
     qs, qa, denom = curvature
     if denom is None:
         return dw
-    if qs is None:
-        return dw / denom
-    return qs @ ((qs.T @ dw @ qa) / denom) @ qa.T
+    u = rotate(dw, qs, qa) / denom
+    if qa is not None:
+        u = u @ qa.T
+    if qs is not None:
+        u = qs @ u
+    return u
 
 
 def low_rank(u: torch.Tensor, rank: int) -> torch.Tensor:
@@ -299,22 +303,13 @@ def low_rank(u: torch.Tensor, rank: int) -> torch.Tensor:
     return (U[..., :rank] * S[..., None, :rank]) @ Vh[..., :rank, :]
 
 
-def _check_layout(specs: list[LayerSpec], featurizer: Featurizer) -> None:
-    """The featurizer's flat layout must be (weight, bias) per module, as LayerSpec assumes."""
-    sel = featurizer.selection()
-    for spec, params, dim in zip(specs, sel.param_names, sel.dims):
-        prefix = f"{spec.name}." if spec.name else ""
-        expected = (prefix + "weight",) + ((prefix + "bias",) if spec.bias else ())
-        if tuple(params) != expected or dim != spec.dim:
-            raise ValueError(f"module {spec.name!r}: parameters {params} ({dim}) do not match {expected} ({spec.dim})")
-
-
-def _check_factors(factors: Factors, featurizer: Featurizer, specs: list[LayerSpec]) -> None:
+def _check_factors(factors: Factors, featurizer: Featurizer) -> None:
     problems = []
-    if list(factors.modules) != [s.name for s in specs]:
-        problems.append(f"modules: factors have {list(factors.modules)}, featurizer selects {[s.name for s in specs]}")
-    if factors.specs != specs:
-        problems.append(f"layer shapes: factors have {factors.specs}, model has {specs}")
+    blocks = featurizer.engine.blocks
+    if list(factors.modules) != [b.name for b in blocks]:
+        problems.append(f"modules: factors have {list(factors.modules)}, featurizer selects {[b.name for b in blocks]}")
+    elif factors.layouts != {b.name: b.layout for b in blocks}:
+        problems.append(f"layouts: factors have {factors.layouts}, model has {({b.name: b.layout for b in blocks})}")
     fp = model_fingerprint(featurizer.model)
     if factors.metadata["model_fingerprint"] != fp:
         problems.append(f"model_fingerprint: factors have {factors.metadata['model_fingerprint']!r}, model has {fp!r}")

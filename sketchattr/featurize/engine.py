@@ -1,0 +1,417 @@
+"""The hook engine: exact per-example gradients, Kronecker factors and masks from one forward + backward.
+
+One engine serves every hook-based path: the featurizer's exact gradients (then any projector),
+the factorized sketches and the EKFAC/KFAC/diagonal statistics of
+:func:`~sketchattr.curvature.fit_factors`.
+
+**Plan.** Each selected module is a *block*: its own trainable parameters (a tied parameter
+belongs to its first module, see :mod:`sketchattr.modules`). A block's *uses* are every module
+holding one of its parameters directly (GPT-2's ``wte`` block is used by ``wte`` and
+``lm_head``); each use has a :class:`~sketchattr.featurize.rules.LayerRule`. A block is
+*covered* when every use has a rule; it is *Kronecker* when every use is a Kronecker rule on the
+same ``[rows, cols]`` weight, and then has a :class:`KronLayout`; otherwise a ``FlatLayout``.
+
+**Capture.** Forward hooks on the uses keep what each rule needs and hand on a copy of the
+output; one ``torch.autograd.grad`` of the summed loss w.r.t. the hooked outputs gives each
+call's output gradient ``g`` (no parameter gradient is formed). With a Task mask ``[B, T]``,
+positions where it is 0 are zeroed in ``g`` and in both factors of sequence layers (outputs
+``[B, T, …]``), so padding never enters a gradient or a statistic.
+
+**Broadcast calls.** A module run once for the whole batch with a leading dimension of 1 (Hugging
+Face position embeddings on ``position_ids [1, T]``) is expanded to the batch in its hook, so each
+example's share of the gradient is its own.
+
+**Safety.** A hooked output whose leading dimension is neither the batch size nor 1 is refused
+(inputs flattened over the batch, position embeddings without a batch dimension), and
+:meth:`HookEngine.verify` compares the first example's gradient with plain autograd on that
+example alone, which catches parameters used outside their module's forward (``h @ wte.weight.T``,
+``nn.MultiheadAttention``'s ``out_proj``) and examples that interact in the forward.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from sketchattr.featurize.rules import (
+    Factor,
+    FlatLayout,
+    KroneckerRule,
+    KronLayout,
+    LayerRule,
+    UnsupportedModuleError,
+    rule_for,
+)
+from sketchattr.modules import ModuleSelection, parameter_users
+
+__all__ = ["Block", "BatchCapture", "HookEngine", "HookMismatchError", "Use", "plan_blocks"]
+
+
+class HookMismatchError(RuntimeError):
+    """The hook engine cannot see every use of a parameter (its gradients would be wrong)."""
+
+
+@dataclass(frozen=True)
+class Use:
+    """A module that holds some of a block's parameters: ``touched`` maps its local parameter
+    names to their positions in the block."""
+
+    name: str
+    module: nn.Module
+    rule: LayerRule | None
+    touched: tuple[tuple[str, int], ...]
+
+    @property
+    def problem(self) -> str:
+        """Why the hook engine cannot differentiate this use ("" if it can)."""
+        if self.rule is None:
+            return f"{type(self.module).__name__}: no layer rule"
+        issue = self.rule.problem()
+        return f"{issue}" if issue else ""
+
+
+@dataclass(frozen=True)
+class Block:
+    """One selected module's parameters: names (full), shapes, matrix layout and uses."""
+
+    name: str
+    param_names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    layout: "KronLayout | FlatLayout"
+    uses: tuple[Use, ...]
+    containers: tuple[str, ...] = ()
+    """Modules holding the parameters without a rule, taken to only hand them on to ``uses``."""
+
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    @property
+    def covered(self) -> bool:
+        return all(not u.problem for u in self.uses)
+
+    @property
+    def kronecker(self) -> bool:
+        return self.layout.kronecker
+
+    @property
+    def diagonal_rows(self) -> bool:
+        """Every use's row factor is one-hot (an untied Embedding): the row second moment is diagonal."""
+        return self.kronecker and all(getattr(u.rule, "one_hot_rows", False) for u in self.uses)
+
+    def describe(self) -> str:
+        """``name (rule[, rule of a tied use ...])``."""
+        rules = [u.rule.name if u.rule is not None else type(u.module).__name__ + "?" for u in self.uses]
+        return f"{self.name or '<root>'} ({', '.join(rules)})"
+
+
+def plan_blocks(model: nn.Module, selection: ModuleSelection) -> list[Block]:
+    """The blocks of ``selection`` with their uses, rules and layouts."""
+    named = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    users = parameter_users(model)
+    rules: dict[str, LayerRule | None] = {}
+    blocks = []
+    for name, pnames in zip(selection.names, selection.param_names):
+        params = [named[p] for p in pnames]
+        position = {id(p): i for i, p in enumerate(params)}
+        use_names = list(dict.fromkeys(u for p in params for u in users[id(p)]))
+        uses = []
+        for un in use_names:
+            module = modules[un]
+            if un not in rules:
+                rules[un] = rule_for(module)
+            touched = tuple((local, position[id(p)]) for local, p in module.named_parameters(recurse=False) if id(p) in position)
+            uses.append(Use(un, module, rules[un], touched))
+        # a holder without a rule whose parameters other (ruled) uses also hold is taken for a
+        # container that only hands them on (BERT's prediction head holding its decoder's bias);
+        # the first-batch check against autograd catches a container that uses them itself
+        ruled = {i for u in uses if u.rule is not None for _, i in u.touched}
+        containers = tuple(u.name for u in uses if u.rule is None and all(i in ruled for _, i in u.touched))
+        uses = [u for u in uses if u.name not in containers]
+        prefix = f"{name}." if name else ""
+        locals_ = tuple(p[len(prefix):] for p in pnames)
+        layout = _kron_layout(locals_, uses, name) or FlatLayout(sum(p.numel() for p in params))
+        blocks.append(Block(name, tuple(pnames), tuple(tuple(p.shape) for p in params), layout, tuple(uses), containers))
+    return blocks
+
+
+def _kron_layout(locals_: tuple[str, ...], uses: list[Use], owner: str) -> KronLayout | None:
+    """The block's KronLayout when every use is a Kronecker rule on the same weight, else None."""
+    if "weight" not in locals_ or set(locals_) - {"weight", "bias"}:
+        return None
+    w_index = locals_.index("weight")
+    base = None
+    for use in uses:
+        if not isinstance(use.rule, KroneckerRule) or use.problem:
+            return None
+        touched = dict(use.touched)
+        if touched.get("weight") != w_index or set(touched) - {"weight", "bias"}:
+            return None
+        lay = use.rule.layout()
+        if use.name == owner:
+            base = lay
+        if "bias" in touched and lay.bias is None:
+            return None
+        if base is not None and (lay.rows, lay.cols) != (base.rows, base.cols):
+            return None
+    if base is None:
+        return None
+    shapes = {(u.rule.layout().rows, u.rule.layout().cols) for u in uses}  # type: ignore[union-attr]
+    if len(shapes) != 1:
+        return None
+    sides = {u.rule.layout().bias for u in uses if "bias" in dict(u.touched)}  # type: ignore[union-attr]
+    if len(sides) > 1:
+        return None
+    return KronLayout(base.rows, base.cols, base.bias if "bias" in locals_ else None)
+
+
+@dataclass
+class _Call:
+    saved: Any
+    g: torch.Tensor | None
+    mask: torch.Tensor | None  # [B, T'] over the rule's positions, or None
+
+
+class BatchCapture:
+    """What one forward + backward gave: per block, exact gradients and (Kronecker blocks) factors."""
+
+    def __init__(self, blocks: list[Block], calls: dict[str, list[_Call]], batch: int) -> None:
+        self.blocks, self.calls, self.batch = blocks, calls, batch
+
+    def grads(self, k: int) -> torch.Tensor:
+        """Exact per-example gradient of block ``k`` in the featurizer's flat layout: ``[B, d_k]``."""
+        block = self.blocks[k]
+        parts: list[torch.Tensor | None] = [None] * len(block.param_names)
+        for use in block.uses:
+            touched = dict(use.touched)
+            for call in self.calls[use.name]:
+                if call.g is None:
+                    continue
+                for local, grad in use.rule.grads(call.saved, call.g, frozenset(touched)).items():  # type: ignore[union-attr]
+                    i = touched[local]
+                    parts[i] = grad if parts[i] is None else parts[i] + grad
+        like = self._like()
+        flat = [p.reshape(self.batch, -1) if p is not None else like.new_zeros(self.batch, _numel(s))
+                for p, s in zip(parts, block.shapes)]
+        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+
+    def factors(self, k: int) -> list[tuple[Factor, Factor]]:
+        """Block ``k``'s ``(row, col)`` factors per call of each use (bias coordinates appended,
+        padding masked): ``G_i = Σ_calls Σ_t row_t col_tᵀ`` in the block's :class:`KronLayout`."""
+        block = self.blocks[k]
+        if not isinstance(block.layout, KronLayout):
+            raise UnsupportedModuleError(f"block {block.describe()} has no Kronecker factors")
+        out = []
+        for use in block.uses:
+            has_bias = "bias" in dict(use.touched)
+            for call in self.calls[use.name]:
+                if call.g is None:
+                    continue
+                row, col = use.rule.factors(call.saved, call.g)  # type: ignore[union-attr]
+                if call.mask is not None:
+                    row, col = row.masked(call.mask), col.masked(call.mask)
+                if block.layout.bias == "col":
+                    col = col.extend(1.0 if has_bias else 0.0)
+                elif block.layout.bias == "row":
+                    row = row.extend(1.0 if has_bias else 0.0)
+                out.append((row, col))
+        if not out:  # no use ran with a gradient: an all-zero pair of the right widths
+            like = self._like()
+            r, c = block.layout.shape
+            from sketchattr.featurize.rules import DenseFactor
+
+            out.append((DenseFactor(like.new_zeros(self.batch, 1, r)), DenseFactor(like.new_zeros(self.batch, 1, c))))
+        return out
+
+    def _like(self) -> torch.Tensor:
+        for calls in self.calls.values():
+            for call in calls:
+                if call.g is not None:
+                    return call.g
+        raise HookMismatchError("no hooked module received a gradient: the loss does not depend on the selected modules")
+
+
+def _expand(t: Any, batch: int) -> Any:
+    """A tensor with leading dim 1 broadcast to ``batch`` (other values unchanged)."""
+    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    return t
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class HookEngine:
+    """Hooks over the uses of the selected blocks; see the module docstring.
+
+    ``blocks``: the plan. ``covered``: every block has rules for all its uses (else the
+    featurizer falls back to vmap; :meth:`uncovered` says which modules and why).
+    """
+
+    def __init__(self, model: nn.Module, selection: ModuleSelection) -> None:
+        self.model = model
+        self.selection = selection
+        self.blocks = plan_blocks(model, selection)
+        self._uses: dict[str, Use] = {u.name: u for b in self.blocks for u in b.uses}
+        self._handles: list[Any] = []
+        self._active = False
+        self._calls: dict[str, list[_Call]] = {}
+        self._pending: list[tuple[str, int, torch.Tensor]] = []
+        self._batch = 0
+        self._mask: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ plan facts
+    @property
+    def covered(self) -> bool:
+        return all(b.covered for b in self.blocks)
+
+    def uncovered(self) -> list[str]:
+        """``"module (why)"`` for every use without a usable rule."""
+        return [f"{u.name or '<root>'} ({u.problem})" for u in self._uses.values() if u.problem]
+
+    def require(self, purpose: str, remedy: str) -> None:
+        """Raise :class:`UnsupportedModuleError` unless every block is covered."""
+        bad = self.uncovered()
+        if bad:
+            rules = ", ".join(LayerRule.registry)
+            raise UnsupportedModuleError(
+                f"{purpose} needs a layer rule for every selected module (rules: {rules}); "
+                f"unsupported: {', '.join(bad)}. {remedy}"
+            )
+
+    def report(self) -> str:
+        """A table: block, parameters, rules of its uses, Kronecker or flat."""
+        width = max([len(b.name) for b in self.blocks] + [6])
+        lines = [f"{'module':<{width}}  {'params':>10}  layout  rules"]
+        for b in self.blocks:
+            kind = "kron" if b.kronecker else "flat"
+            rules = ", ".join(f"{u.name}:{u.rule.name if u.rule else 'NONE'}" if u.name != b.name else (u.rule.name if u.rule else "NONE") for u in b.uses)
+            lines.append(f"{b.name or '<root>':<{width}}  {b.dim:>10,}  {kind:<6}  {rules}")
+        if not self.covered:
+            lines.append("no rule (vmap fallback): " + ", ".join(self.uncovered()))
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ hooks
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["HookEngine"]:
+        """Register the forward hooks for the duration of a pass."""
+        self.require("the hook engine", "")
+        try:
+            for name, use in self._uses.items():
+                self._handles.append(use.module.register_forward_hook(self._hook(name, use)))
+            yield self
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+
+    def _hook(self, name: str, use: Use) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
+            if not self._active:
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise HookMismatchError(f"module {name!r} returned {type(output).__name__}, not a tensor")
+            shared = output.dim() > 0 and output.shape[0] == 1 and self._batch > 1
+            if shared:  # run once for the whole batch and broadcast (HF position embeddings): expand per example
+                output = output.expand(self._batch, *output.shape[1:])
+                inputs = tuple(_expand(i, self._batch) for i in inputs)
+            elif output.dim() == 0 or output.shape[0] != self._batch:
+                raise HookMismatchError(
+                    f"module {name!r} ({type(module).__name__}) returned shape {tuple(output.shape)} for a batch of "
+                    f"{self._batch}: it does not run once per example (e.g. inputs flattened over the batch, or "
+                    "position embeddings called without a batch dimension), so per-example gradients cannot be read "
+                    "from its hooks"
+                )
+            self._active = False  # a rule may call its module again (norms): no nested capture
+            try:
+                saved = use.rule.save(inputs, output)  # type: ignore[union-attr]
+            finally:
+                self._active = True
+            calls = self._calls.setdefault(name, [])
+            calls.append(_Call(saved, None, self._positions_mask(use, output)))
+            if output.requires_grad:
+                self._pending.append((name, len(calls) - 1, output))
+                return output.clone()  # later in-place ops change the copy, not the captured output
+            return output if shared else None
+
+        return hook
+
+    def _positions_mask(self, use: Use, output: torch.Tensor) -> torch.Tensor | None:
+        mask = self._mask
+        if mask is None or not use.rule.sequence or output.dim() < 3 or output.shape[:2] != mask.shape:  # type: ignore[union-attr]
+            return None
+        extra = output.dim() - 3
+        m = mask.reshape(*mask.shape, *([1] * extra)).expand(*output.shape[:-1])
+        return m.reshape(output.shape[0], -1)
+
+    def run(self, loss_fn: Callable[[], torch.Tensor], batch_size: int, mask: torch.Tensor | None = None) -> BatchCapture:
+        """Evaluate ``loss_fn()`` (summed over a batch of ``batch_size``), backpropagate to the hooked
+        outputs and return the :class:`BatchCapture`. ``mask``: ``[B, T]``, 1 where a position counts."""
+        if not self._handles:
+            raise RuntimeError("HookEngine.run needs the hooks attached: use `with engine.attached():`")
+        if mask is not None:
+            mask = mask.detach()
+            if mask.dim() != 2 or mask.shape[0] != batch_size:
+                raise ValueError(f"a mask must be [B, T] with B = {batch_size}; found shape {tuple(mask.shape)}")
+        self._calls, self._pending, self._batch, self._mask = {}, [], batch_size, mask
+        self._active = True
+        try:
+            loss = loss_fn()
+        finally:
+            self._active = False
+        try:
+            if self._pending:
+                grads = torch.autograd.grad(loss, [o for _, _, o in self._pending], allow_unused=True)
+                for (name, c, _), g in zip(self._pending, grads):
+                    call = self._calls[name][c]
+                    if g is not None:
+                        g = g.detach()
+                        if call.mask is not None:
+                            m = call.mask.reshape(*g.shape[:-1]) if g.dim() >= 3 else call.mask
+                            g = g * m.unsqueeze(-1).to(g.dtype)
+                    call.g = g
+            calls = {n: self._calls.get(n, []) for n in self._uses}
+            return BatchCapture(self.blocks, calls, batch_size)
+        finally:
+            self._pending, self._mask = [], None
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, capture: BatchCapture, single_loss: Callable[[], torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+        """Check the captured gradient of example 0 against autograd of ``single_loss()`` (that
+        example alone, the same loss) w.r.t. ``params`` (the tensors the forward used, by full
+        name). Raises :class:`HookMismatchError` naming the blocks that disagree."""
+        tensors = [params[p] for b in self.blocks for p in b.param_names]
+        loss = single_loss()
+        ref = torch.autograd.grad(loss, tensors, allow_unused=True)
+        ref_flat, i = [], 0
+        for b in self.blocks:
+            parts = []
+            for _ in b.param_names:
+                r = ref[i]
+                parts.append(r.reshape(-1) if r is not None else tensors[i].new_zeros(tensors[i].numel()))
+                i += 1
+            ref_flat.append(torch.cat(parts))
+        total = float(torch.sqrt(sum((r.double() ** 2).sum() for r in ref_flat)))
+        tol = {torch.float64: 1e-6, torch.float32: 2e-3}.get(ref_flat[0].dtype, 5e-2)
+        bad = []
+        for k, (b, r) in enumerate(zip(self.blocks, ref_flat)):
+            ours = capture.grads(k)[0].to(r.dtype)
+            err, size = float((ours - r).double().norm()), float(r.double().norm())
+            if err > tol * size + tol * 1e-3 * total:
+                bad.append(f"{b.describe()}: relative error {err / max(size, 1e-30):.2g}")
+        if bad:
+            raise HookMismatchError(
+                "per-example gradients from the hooks differ from autograd on a single example for "
+                + "; ".join(bad)
+                + ". Usual causes: a parameter used outside its module's forward (e.g. a tied output layer "
+                "written as h @ wte.weight.T, or nn.MultiheadAttention reading out_proj.weight), a module run once "
+                "for the whole batch, or examples that interact in the forward (BatchNorm in training mode)."
+            )
