@@ -37,17 +37,22 @@ import torch
 from torch import nn
 
 from sketchattr.featurize.rules import (
+    DenseFactor,
     Factor,
     FlatLayout,
     KroneckerRule,
     KronLayout,
     LayerRule,
+    OneHotFactor,
     UnsupportedModuleError,
     rule_for,
 )
 from sketchattr.modules import ModuleSelection, parameter_users
 
 __all__ = ["Block", "BatchCapture", "HookEngine", "HookMismatchError", "Use", "plan_blocks"]
+
+PIECE_ELEMENTS = 2**22
+"""Numbers in one piece of a block's exact gradient (16 MB in float32): sized to stay in cache."""
 
 
 class HookMismatchError(RuntimeError):
@@ -179,8 +184,9 @@ class _Call:
 class BatchCapture:
     """What one forward + backward gave: per block, exact gradients and (Kronecker blocks) factors."""
 
-    def __init__(self, blocks: list[Block], calls: dict[str, list[_Call]], batch: int) -> None:
-        self.blocks, self.calls, self.batch = blocks, calls, batch
+    def __init__(self, blocks: list[Block], calls: dict[str, list[_Call]], batch: int,
+                 workspace: Callable[[int, torch.dtype, torch.device], torch.Tensor]) -> None:
+        self.blocks, self.calls, self.batch, self.workspace = blocks, calls, batch, workspace
 
     def grads(self, k: int) -> torch.Tensor:
         """Exact per-example gradient of block ``k`` in the featurizer's flat layout: ``[B, d_k]``."""
@@ -199,9 +205,9 @@ class BatchCapture:
                 for p, s in zip(parts, block.shapes)]
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
-    def factors(self, k: int) -> list[tuple[Factor, Factor]]:
-        """Block ``k``'s ``(row, col)`` factors per call of each use (bias coordinates appended,
-        padding masked): ``G_i = Σ_calls Σ_t row_t col_tᵀ`` in the block's :class:`KronLayout`."""
+    def _pairs(self, k: int) -> list[tuple[Factor, Factor, bool]]:
+        """Block ``k``'s ``(row, col, this use has the bias)`` per call of each use, padding
+        masked, without bias coordinates."""
         block = self.blocks[k]
         if not isinstance(block.layout, KronLayout):
             raise UnsupportedModuleError(f"block {block.describe()} has no Kronecker factors")
@@ -214,18 +220,70 @@ class BatchCapture:
                 row, col = use.rule.factors(call.saved, call.g)  # type: ignore[union-attr]
                 if call.mask is not None:
                     row, col = row.masked(call.mask), col.masked(call.mask)
-                if block.layout.bias == "col":
-                    col = col.extend(1.0 if has_bias else 0.0)
-                elif block.layout.bias == "row":
-                    row = row.extend(1.0 if has_bias else 0.0)
-                out.append((row, col))
+                out.append((row, col, has_bias))
+        return out
+
+    def factors(self, k: int) -> list[tuple[Factor, Factor]]:
+        """Block ``k``'s ``(row, col)`` factors per call of each use (bias coordinates appended,
+        padding masked): ``G_i = Σ_calls Σ_t row_t col_tᵀ`` in the block's :class:`KronLayout`."""
+        bias = self.blocks[k].layout.bias  # type: ignore[union-attr]
+        out = []
+        for row, col, has_bias in self._pairs(k):
+            if bias == "col":
+                col = col.extend(1.0 if has_bias else 0.0)
+            elif bias == "row":
+                row = row.extend(1.0 if has_bias else 0.0)
+            out.append((row, col))
         if not out:  # no use ran with a gradient: an all-zero pair of the right widths
             like = self._like()
-            r, c = block.layout.shape
-            from sketchattr.featurize.rules import DenseFactor
-
+            r, c = self.blocks[k].layout.shape
             out.append((DenseFactor(like.new_zeros(self.batch, 1, r)), DenseFactor(like.new_zeros(self.batch, 1, c))))
         return out
+
+    def grad_pieces(self, k: int, max_elements: int = PIECE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+        """Block ``k``'s exact per-example gradient in column pieces: ``(start, [B, w])`` covering
+        ``[0, d_k)`` of the flat layout. Kronecker blocks with dense factors are formed a few
+        weight rows at a time (``Σ_t row_t col_tᵀ`` by ``bmm``) in the engine's reused workspace
+        of about ``max_elements`` numbers: a piece is valid until the next one is yielded."""
+        block = self.blocks[k]
+        pairs = self._pairs(k) if block.kronecker else []
+        if not pairs or not all(isinstance(c, DenseFactor) for _, c, _ in pairs):
+            yield 0, self.grads(k)
+            return
+        lay: KronLayout = block.layout  # type: ignore[assignment]
+        rows_, cols_ = lay.rows, lay.cols
+        like = pairs[0][1].values
+        step = max(1, min(rows_, max_elements // max(1, self.batch * cols_)))
+        work = self.workspace(self.batch * step * cols_, like.dtype, like.device)
+        for r0 in range(0, rows_, step):
+            r1 = min(rows_, r0 + step)
+            buf = work[: self.batch * (r1 - r0) * cols_].view(self.batch, r1 - r0, cols_)
+            for i, (row, col, _) in enumerate(pairs):
+                if isinstance(row, OneHotFactor):  # scatter the positions whose index falls in [r0, r1)
+                    if i == 0:
+                        buf.zero_()
+                    _add_one_hot_rows(buf, row, col.values, r0, r1)
+                elif i == 0:
+                    torch.bmm(row.values[:, :, r0:r1].transpose(1, 2), col.values, out=buf)
+                else:
+                    buf.baddbmm_(row.values[:, :, r0:r1].transpose(1, 2), col.values)
+            yield r0 * cols_, buf.view(self.batch, -1)
+        if lay.bias is not None:  # the bias coordinate is a constant 1: Σ_t of the other side
+            sums = [(row if lay.bias == "col" else col).values.sum(dim=1) for row, col, has in pairs if has]
+            width = rows_ if lay.bias == "col" else cols_
+            yield rows_ * cols_, sum(sums) if sums else like.new_zeros(self.batch, width)
+
+    def example(self, i: int) -> "BatchCapture":
+        """The capture of example ``i`` alone (a batch of one, sharing the tensors)."""
+        def pick(t: Any) -> Any:
+            if isinstance(t, torch.Tensor):
+                return t[i : i + 1]
+            if isinstance(t, (tuple, list)):
+                return type(t)(pick(x) for x in t)
+            return {k: pick(v) for k, v in t.items()} if isinstance(t, dict) else t
+
+        calls = {n: [_Call(pick(c.saved), pick(c.g), pick(c.mask)) for c in cs] for n, cs in self.calls.items()}
+        return BatchCapture(self.blocks, calls, 1, self.workspace)
 
     def _like(self) -> torch.Tensor:
         for calls in self.calls.values():
@@ -233,6 +291,19 @@ class BatchCapture:
                 if call.g is not None:
                     return call.g
         raise HookMismatchError("no hooked module received a gradient: the loss does not depend on the selected modules")
+
+
+def _add_one_hot_rows(buf: torch.Tensor, row: OneHotFactor, col: torch.Tensor, r0: int, r1: int) -> None:
+    """``buf [B, r1 − r0, C] += Σ_t e_{idx − r0} col_tᵀ`` over the positions with ``r0 <= idx < r1``."""
+    idx = row.index
+    b, t = ((idx >= r0) & (idx < r1)).nonzero(as_tuple=True)
+    if len(b) == 0:
+        return
+    vals = col[b, t]
+    if row.weight is not None:
+        vals = vals * row.weight[b, t].unsqueeze(-1).to(vals.dtype)
+    flat = buf.view(-1, buf.shape[-1])
+    flat.index_add_(0, b * (r1 - r0) + (idx[b, t] - r0), vals)
 
 
 def _expand(t: Any, batch: int) -> Any:
@@ -267,6 +338,7 @@ class HookEngine:
         self._pending: list[tuple[str, int, torch.Tensor]] = []
         self._batch = 0
         self._mask: torch.Tensor | None = None
+        self._workspace: dict[tuple[torch.dtype, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ plan facts
     @property
@@ -298,6 +370,16 @@ class HookEngine:
         if not self.covered:
             lines.append("no rule (vmap fallback): " + ", ".join(self.uncovered()))
         return "\n".join(lines)
+
+    def workspace(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` numbers, kept across batches (a fresh large
+        allocation per batch costs page faults that dominate on CPU)."""
+        key = (dtype, str(device))
+        buf = self._workspace.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._workspace[key] = buf
+        return buf
 
     # ------------------------------------------------------------------ hooks
     @contextlib.contextmanager
@@ -379,7 +461,7 @@ class HookEngine:
                             g = g * m.unsqueeze(-1).to(g.dtype)
                     call.g = g
             calls = {n: self._calls.get(n, []) for n in self._uses}
-            return BatchCapture(self.blocks, calls, batch_size)
+            return BatchCapture(self.blocks, calls, batch_size, self.workspace)
         finally:
             self._pending, self._mask = [], None
 
@@ -402,8 +484,9 @@ class HookEngine:
         total = float(torch.sqrt(sum((r.double() ** 2).sum() for r in ref_flat)))
         tol = {torch.float64: 1e-6, torch.float32: 2e-3}.get(ref_flat[0].dtype, 5e-2)
         bad = []
+        first = capture.example(0)
         for k, (b, r) in enumerate(zip(self.blocks, ref_flat)):
-            ours = capture.grads(k)[0].to(r.dtype)
+            ours = first.grads(k)[0].to(r.dtype)
             err, size = float((ours - r).double().norm()), float(r.double().norm())
             if err > tol * size + tol * 1e-3 * total:
                 bad.append(f"{b.describe()}: relative error {err / max(size, 1e-30):.2g}")

@@ -9,7 +9,7 @@ linear head), vmap- and hook-friendly; this module only names its sizes:
 | ``tiny`` | 64 | 16 | 32 | 2 | 2 | 30,144 |
 | ``gpt-14m`` | 4096 | 64 | 384 | 6 | 6 | 13,821,952 |
 
-``gpt-14m`` is the model of ``benchmarks/factorized_throughput.py`` and
+``gpt-14m`` is the model of ``benchmarks/featurize_throughput.py`` and
 ``experiments/big_model_run.py``. Every Linear layer (4 per block + the head) can be sketched by
 :class:`~sketchattr.project.FactorizedProjector`; embeddings and LayerNorms are not Linear.
 """

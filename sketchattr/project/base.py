@@ -177,19 +177,21 @@ class Projector(Registered, abc.ABC):
         out = self._zeros(grads[0])
         for k, g in enumerate(grads):
             self._accumulate(out, g, k)
-        return out
+        return self._finish(out)
 
     def project_captured(self, capture: Any) -> torch.Tensor:
         """Sketch a batch straight from the hook engine
-        (:class:`~sketchattr.featurize.engine.BatchCapture`): block by block, so only one
-        block's exact per-example gradients ``[B, d_k]`` are held at a time. ``[B, m]``."""
+        (:class:`~sketchattr.featurize.engine.BatchCapture`): each block's exact per-example
+        gradient arrives in column pieces computed into a reused workspace
+        (:meth:`~sketchattr.featurize.engine.BatchCapture.grad_pieces`), so no ``[B, d]``
+        matrix is ever allocated. ``[B, m]``."""
         out = None
-        for k in range(len(capture.blocks)):
-            g = capture.grads(k)
-            if out is None:
-                out = self._zeros(g)
-            self._accumulate(out, g, k)
-        return out
+        for k, block in enumerate(capture.blocks):
+            for start, piece in capture.grad_pieces(k):
+                if out is None:
+                    out = self._zeros(piece)
+                self._accumulate_range(out, piece, k, start, block.dim)
+        return self._finish(out)
 
     def project_module(self, g: torch.Tensor, module_index: int) -> torch.Tensor:
         """Sketch one module's block: ``[B, d_k] -> [B, m]`` (= ``g @ P_k.T``)."""
@@ -197,7 +199,7 @@ class Projector(Registered, abc.ABC):
         k = _check_int("module_index", module_index, minimum=0)
         out = self._zeros(g)
         self._accumulate(out, g, k)
-        return out
+        return self._finish(out)
 
     def matrix(self, dims: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Explicit ``[m, sum(dims)]`` matrix, built from the same random blocks.
@@ -226,8 +228,20 @@ class Projector(Registered, abc.ABC):
     def _module_matrix(self, d: int, k: int, dtype: torch.dtype) -> torch.Tensor:
         """Explicit ``P_k``: ``[m, d]``."""
 
+    def _accumulate_range(self, out: torch.Tensor, g: torch.Tensor, k: int, start: int, d: int) -> None:
+        """In place: ``out += g @ P_k[:, start:start + w].T`` for columns ``[start, start + w)`` of a
+        module of ``d`` columns (``g: [B, w]``). Default: whole modules only."""
+        if start != 0 or g.shape[1] != d:
+            raise NotImplementedError(f"{type(self).__name__} projects whole modules only")
+        self._accumulate(out, g, k)
+
     def _zeros(self, like: torch.Tensor) -> torch.Tensor:
+        """The accumulator of a projection (``[B, m]``; a subclass may keep a wider one)."""
         return torch.zeros(like.shape[0], self.m, dtype=like.dtype, device=like.device)
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        """The sketch ``[B, m]`` from the accumulator."""
+        return out
 
 
 class ChunkedProjector(Projector):
@@ -312,27 +326,31 @@ class ChunkedProjector(Projector):
         return 0 < d * self._bytes_per_column(dtype, device) <= self.cache_bytes
 
     def _iter_blocks(
-        self, k: int, d: int, step: int, dtype: torch.dtype, device: torch.device
+        self, k: int, d: int, step: int, dtype: torch.dtype, device: torch.device, lo: int = 0, hi: int | None = None
     ) -> Iterator[tuple[int, int, Block]]:
-        """Yield ``(start, stop, block)`` covering columns ``[0, d)`` of module ``k``.
+        """Yield ``(start, stop, block)`` covering columns ``[lo, hi)`` (default all ``d``) of module ``k``.
 
         Pieces never straddle a chunk and have at most ``step`` columns; each chunk is drawn
         (or fetched from the cache) once per call and sliced.
         """
+        hi = d if hi is None else hi
         cw, cache = self.chunk_cols, self._use_cache(d, dtype, device)
-        for b, c0 in enumerate(range(0, d, cw)):
-            c1 = min(d, c0 + cw)
+        for b in range(lo // cw, (hi + cw - 1) // cw):
+            c0, c1 = b * cw, min(d, (b + 1) * cw)
             chunk = self._chunk(k, b, c1 - c0, dtype, device, cache)
-            for start in range(c0, c1, step):
-                stop = min(c1, start + step)
+            for start in range(max(c0, lo), min(c1, hi), step):
+                stop = min(c1, hi, start + step)
                 yield start, stop, tuple(t[start - c0 : stop - c0] for t in chunk)
 
     def _accumulate(self, out: torch.Tensor, g: torch.Tensor, k: int) -> None:
+        self._accumulate_range(out, g, k, 0, g.shape[1])
+
+    def _accumulate_range(self, out: torch.Tensor, g: torch.Tensor, k: int, start: int, d: int) -> None:
         if g.numel() == 0:
             return
         step = self.step_cols(g.shape[0])
-        for start, stop, block in self._iter_blocks(k, g.shape[1], step, g.dtype, g.device):
-            self._apply(out, g[:, start:stop], block)
+        for lo, hi, block in self._iter_blocks(k, d, step, g.dtype, g.device, start, start + g.shape[1]):
+            self._apply(out, g[:, lo - start : hi - start], block)
 
     def _module_matrix(self, d: int, k: int, dtype: torch.dtype) -> torch.Tensor:
         cpu = torch.device("cpu")

@@ -31,8 +31,16 @@ class IdentityProjector(Projector, name="identity"):
         return torch.cat(_check_grads(grads), dim=1)
 
     def project_captured(self, capture: Any) -> torch.Tensor:
-        """``[B, sum_k d_k]``: the hook engine's exact per-example gradients, concatenated."""
-        return torch.cat([capture.grads(k) for k in range(len(capture.blocks))], dim=1)
+        """``[B, sum_k d_k]``: the hook engine's exact per-example gradients, written piece by piece."""
+        dims = [b.dim for b in capture.blocks]
+        out, offset = None, 0
+        for k, d in enumerate(dims):
+            for start, piece in capture.grad_pieces(k):
+                if out is None:
+                    out = piece.new_empty(piece.shape[0], sum(dims))
+                out[:, offset + start : offset + start + piece.shape[1]] = piece
+            offset += d
+        return out
 
     def project_module(self, g: torch.Tensor, module_index: int) -> torch.Tensor:
         """The module's own columns, ``[B, d_k]`` (a copy)."""

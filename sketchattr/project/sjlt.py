@@ -15,8 +15,12 @@ Generation rule.  For module ``k`` with ``d_k`` columns, chunk ``b`` covers colu
     signs = (torch.randint(0, 2, (w, c), generator=gen) * 2 - 1).to(torch.int8)
 
 drawn on CPU (identical on every device) and moved to the input's device.  Compute steps
-are slices of a chunk with at most ``max(1, min(block_size, 2**24 // (B * c)))`` columns;
-the torch path's temporary is ``[B, step * c]`` (at most ~2**24 elements).
+are slices of a chunk with at most ``block_size`` columns.
+
+The torch path folds each sign into the row index (``idx + m`` for a negative sign) and
+accumulates with ``index_add_`` into a ``[B, 2m]`` buffer, ``out = (buf[:, :m] − buf[:, m:]) /
+sqrt(c)`` at the end: no temporary of the input's size is ever made (the multiply by the
+signs was the slow part on CPU: a fresh ``[B, d]`` tensor per step).
 
 Backends: on CUDA, for float32/float64 inputs, if ``from sjlt._C import
 sjlt_projection_cuda`` works, each step calls the kernel ("sjlt-cuda"); otherwise a torch
@@ -40,7 +44,6 @@ __all__ = ["SJLTProjector", "sjlt_cuda_available", "load_sjlt_kernel"]
 
 SJLT_CHUNK_COLS = 2**16
 SJLT_DEFAULT_BLOCK_SIZE = 2**16  # a whole chunk per step: launch/loop overhead matters (GPU)
-SJLT_STEP_ELEMENTS = 2**24
 KERNEL_THREADS = 1024
 KERNEL_BLOCKS = 84
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -109,7 +112,7 @@ class SJLTProjector(ChunkedProjector, name="sjlt"):
         return SJLT_CHUNK_COLS
 
     def step_cols(self, batch_size: int) -> int:
-        return max(1, min(self.block_size, SJLT_STEP_ELEMENTS // max(1, batch_size * self.c)))
+        return self.block_size  # no temporary grows with the step (see the module docstring)
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "c": self.c}
@@ -135,28 +138,43 @@ class SJLTProjector(ChunkedProjector, name="sjlt"):
         return idx, signs
 
     def _prepare(self, raw: Block, dtype: torch.dtype, device: torch.device) -> Block:
-        """Kernel path: ``(idx, int8 signs)``; torch path: ``(idx, signs / sqrt(c))`` in ``dtype``."""
+        """Kernel path: ``(idx, int8 signs)``; torch path: ``(idx + m·[sign < 0],)`` (int64 ``[w, c]``)."""
         idx, signs = (t.to(device) for t in raw)
         if self._kernel_for(dtype, device) is not None:
             return idx, signs
-        return idx, signs.to(dtype) / math.sqrt(self.c)
+        return (idx + self.m * (signs < 0),)
+
+    def _zeros(self, like: torch.Tensor) -> torch.Tensor:
+        width = self.m if self._kernel_for(like.dtype, like.device) is not None else 2 * self.m
+        return torch.zeros(like.shape[0], width, dtype=like.dtype, device=like.device)
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        if out.shape[1] == self.m:  # the kernel accumulated signed, scaled values
+            return out
+        folded = out[:, : self.m] - out[:, self.m :]
+        return folded if self.c == 1 else folded.mul_(1.0 / math.sqrt(self.c))
 
     def _apply(self, out: torch.Tensor, g: torch.Tensor, block: Block) -> None:
-        idx, vals = block
         kernel = self._kernel_for(g.dtype, g.device)
         if kernel is not None:
-            out += kernel(g.contiguous(), idx, vals, self.m, self.c, KERNEL_THREADS, KERNEL_BLOCKS)[0]
-        else:
-            src = (g.unsqueeze(2) * vals).flatten(1)  # [B, w * c]
-            out.index_add_(1, idx.reshape(-1), src)
+            idx, signs = block
+            out += kernel(g.contiguous(), idx, signs, self.m, self.c, KERNEL_THREADS, KERNEL_BLOCKS)[0]
+            return
+        (idx2,) = block
+        for r in range(self.c):
+            out.index_add_(1, idx2[:, r], g)
 
     def _bytes_per_column(self, dtype: torch.dtype, device: torch.device) -> int:
-        sign_bytes = 1 if self._kernel_for(dtype, device) is not None else dtype.itemsize
+        sign_bytes = 1 if self._kernel_for(dtype, device) is not None else 0
         return self.c * (8 + sign_bytes)
 
     def _explicit(self, block: Block, dtype: torch.dtype) -> torch.Tensor:
-        idx, vals = block
+        if len(block) == 2:
+            idx, signs = block
+        else:
+            idx, signs = block[0] % self.m, 1 - 2 * (block[0] >= self.m).long()
         width = idx.shape[0]
         cols = torch.arange(width).repeat_interleave(self.c)
+        vals = signs.reshape(-1).to(dtype) / math.sqrt(self.c)
         dense = torch.zeros(self.m, width, dtype=dtype)
-        return dense.index_put_((idx.reshape(-1), cols), vals.reshape(-1).to(dtype), accumulate=True)
+        return dense.index_put_((idx.reshape(-1), cols), vals, accumulate=True)

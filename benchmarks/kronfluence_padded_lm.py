@@ -1,0 +1,174 @@
+"""EKFAC with attention masks on padded batches: sketchattr against Kronfluence, padded to 32 and 64 tokens.
+
+A tiny random-init Hugging Face Llama (float64) scores right-padded token sequences (lengths
+5–20, pad id 0, labels −100 on padding). Both libraries fit EKFAC on the Linear layers of the
+decoder blocks with the empirical Fisher (no label sampling, so the two fits see the same
+gradients), Kronfluence with its ``Task.get_attention_mask`` and sketchattr with ``Task.mask``,
+and both use the damping 0.1·mean(Λ) per module (Kronfluence: ``damping_factor=None``). Scores
+are compared by Pearson correlation (all pairs) for each padding length, and each library
+against itself across the two lengths. Controls: the same fits without the mask.
+
+Sign: Kronfluence scores ``∇L_qᵀ M ∇L_i`` with the query loss as measurement; sketchattr's
+measurement is the log-likelihood and its scores ``−∇f_qᵀ M ∇L_i``: the same numbers.
+
+Kronfluence is not a dependency: install it in a separate environment (it pins its own torch)
+and run this script there with our package on ``PYTHONPATH``:
+
+    python -m venv /tmp/kf && /tmp/kf/bin/pip install kronfluence==1.0.1 h5py scikit-learn tqdm transformers
+    PYTHONPATH=. /tmp/kf/bin/python benchmarks/kronfluence_padded_lm.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sketchattr as sa
+from sketchattr.task import Task
+
+PAD = 0
+
+
+def build_model(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+def sequences(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 64, (int(torch.randint(5, 21, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+
+def pad_right(seqs: list[torch.Tensor], length: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for s in seqs:
+        ids = torch.full((length,), PAD, dtype=torch.long)
+        ids[: len(s)] = s
+        mask = (torch.arange(length) < len(s)).long()
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return out
+
+
+def _nll(model: nn.Module, batch: dict) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
+class OurTask(Task):
+    """Summed next-token loss over real positions; measurement: the query's log-likelihood."""
+
+    def __init__(self, modules: list[str], use_mask: bool = True) -> None:
+        self.modules, self.use_mask = modules, use_mask
+
+    def train_loss(self, model, batch, sample=False):
+        return _nll(model, batch)
+
+    def measurement(self, model, batch):
+        return -_nll(model, batch)
+
+    def mask(self, batch):
+        return batch["attention_mask"] if self.use_mask else None
+
+
+def ours(model: nn.Module, modules: list[str], train: list, query: list, use_mask: bool) -> torch.Tensor:
+    task = OurTask(modules, use_mask)
+    factors = sa.fit_factors(model, task, train, kind="ekfac", fisher="empirical", batch_size=len(train), progress=False)
+    feat = sa.Featurizer(model, task, projector="identity", batch_size=16, progress=False)
+    return sa.EKFACScorer(factors, feat).fit(feat.featurize(train)).score(query)
+
+
+def kronfluence(model: nn.Module, modules: list[str], train: list, query: list, use_mask: bool, out: str) -> torch.Tensor:
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task as KTask
+
+    class KfTask(KTask):
+        def compute_train_loss(self, batch, model, sample=False):
+            return _nll(model, batch)
+
+        def compute_measurement(self, batch, model):
+            return _nll(model, batch)
+
+        def get_influence_tracked_modules(self):
+            return modules
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"] if use_mask else None
+
+    task = KfTask()
+    model = prepare_model(model, task)
+    analyzer = Analyzer(analysis_name="padded", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=out)
+    f64 = torch.float64
+    fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=True, activation_covariance_dtype=f64,
+                            gradient_covariance_dtype=f64, lambda_dtype=f64)
+    analyzer.fit_all_factors(factors_name="f", dataset=train, per_device_batch_size=len(train), factor_args=fargs,
+                             overwrite_output_dir=True)
+    sargs = ScoreArguments(damping_factor=None, per_sample_gradient_dtype=f64, precondition_dtype=f64, score_dtype=f64)
+    analyzer.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=query, train_dataset=train,
+                                     per_device_query_batch_size=len(query), per_device_train_batch_size=16,
+                                     score_args=sargs, overwrite_output_dir=True)
+    return analyzer.load_pairwise_scores("s")["all_modules"]
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / a.double().abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="16 train sequences, 4 queries")
+    parser.add_argument("--train", type=int, default=64)
+    parser.add_argument("--queries", type=int, default=8)
+    args = parser.parse_args()
+    n_train, n_query = (16, 4) if args.quick else (args.train, args.queries)
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    seqs = sequences(n_train + n_query, seed=123)
+    modules = [n for n, m in build_model().named_modules() if n.startswith("model.layers.") and isinstance(m, nn.Linear)]
+    print(f"tiny Llama, {len(modules)} Linear modules, {n_train} train / {n_query} query sequences of 5-20 tokens")
+    scores: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for length in (32, 64):
+            data = pad_right(seqs, length)
+            train, query = data[:n_train], data[n_train:]
+            for use_mask in (True, False):
+                for lib in ("sketchattr", "kronfluence"):
+                    t0 = time.perf_counter()
+                    model = build_model()
+                    if lib == "sketchattr":
+                        s = ours(model, modules, train, query, use_mask)
+                    else:
+                        s = kronfluence(model, modules, train, query, use_mask, f"{tmp}/{length}{use_mask}")
+                    scores[lib, length, use_mask] = s
+                    print(f"  {lib:<12} padded to {length}, mask {'on ' if use_mask else 'off'}: {time.perf_counter() - t0:5.1f}s")
+    print("\n| comparison | Pearson | max rel. diff |")
+    print("|---|---|---|")
+    for length in (32, 64):
+        a, b = scores["sketchattr", length, True], scores["kronfluence", length, True]
+        print(f"| sketchattr vs Kronfluence, masks, padded to {length} | {pearson(a, b):.6f} | {rel(b, a):.2e} |")
+    for lib in ("sketchattr", "kronfluence"):
+        a, b = scores[lib, 32, True], scores[lib, 64, True]
+        print(f"| {lib}: padded to 32 vs 64, masks | {pearson(a, b):.9f} | {rel(a, b):.2e} |")
+    for lib in ("sketchattr", "kronfluence"):
+        a, b = scores[lib, 32, False], scores[lib, 64, False]
+        print(f"| control, {lib} without mask: 32 vs 64 | {pearson(a, b):.6f} | {rel(a, b):.2e} |")
+    a, b = scores["sketchattr", 64, False], scores["kronfluence", 64, True]
+    print(f"| control: sketchattr without mask vs Kronfluence with, 64 | {pearson(a, b):.6f} | {rel(b, a):.2e} |")
+
+
+if __name__ == "__main__":
+    main()
