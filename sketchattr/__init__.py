@@ -27,11 +27,15 @@ from sketchattr.store import (
     StoreMismatchError,
     make_store,
 )
-from sketchattr.task import ClassificationTask, RegressionTask, Task
+from sketchattr.task import CausalLMTask, ClassificationTask, LossTask, RegressionTask, SequenceClassificationTask, Task
+from sketchattr.modules import last_blocks
+from sketchattr.data.collate import PadCollator
+from sketchattr.featurize.preconditioner import AdamPreconditioner
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamPreconditioner", "CausalLMTask", "LossTask", "PadCollator", "SequenceClassificationTask", "last_blocks",
     "CPUStore", "DiskStore", "StoreCorruptedError", "make_sampler", "make_store",
     "ClassificationTask", "FactGraSSProjector", "FactorizedProjector", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
     "MemoryStore", "ModuleSelection", "NonFiniteGradientError", "Projector", "RademacherProjector",
@@ -47,3 +51,7 @@ __all__ += ["DiagonalScorer", "EKFACScorer", "Factors", "FactorsMismatchError", 
 from sketchattr.score import TracIn, tracin_from_checkpoints  # noqa: E402
 
 __all__ += ["TracIn", "tracin_from_checkpoints"]
+
+from sketchattr.score import Selection, TokenScores, aggregate_scores, per_token_scores, select_training_data  # noqa: E402
+
+__all__ += ["Selection", "TokenScores", "aggregate_scores", "per_token_scores", "select_training_data"]

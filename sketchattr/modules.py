@@ -11,8 +11,9 @@ parameters all belong to an earlier one (``lm_head``) selects that owner.
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -106,6 +107,11 @@ def supported_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: modules[name] for name in own_parameters(model)}
 
 
+def _short(available: dict[str, nn.Module], limit: int = 12) -> str:
+    names = list(available)
+    return str(names) if len(names) <= limit else f"{names[:limit]} and {len(names) - limit} more"
+
+
 def _owner(name: str, model: nn.Module, available: dict[str, nn.Module]) -> str:
     """``name``, or the module owning its parameters when they are all tied to another's."""
     if name in available:
@@ -118,8 +124,79 @@ def _owner(name: str, model: nn.Module, available: dict[str, nn.Module]) -> str:
     return owners.pop() if len(owners) == 1 else name
 
 
+KINDS: dict[str, tuple[str, ...]] = {
+    "linear": ("linear", "hf_conv1d"),
+    "conv": ("conv",),
+    "embedding": ("embedding",),
+    "norm": ("elementwise_norm", "channel_norm"),
+}
+"""Kind keywords of ``select_modules`` -> the layer rules they stand for (plus ``"lora"``)."""
+
+
+@dataclass(frozen=True)
+class LastBlocks:
+    """The last ``n`` blocks of the model's block list (the ``nn.ModuleList`` holding the most
+    parameters: ``model.layers``, ``transformer.h``, ``encoder.layer`` …), optionally only the
+    modules inside them whose names match one of ``patterns`` (globs, e.g. ``"*.mlp.*"``)."""
+
+    n: int
+    patterns: tuple[str, ...] = ()
+
+    def resolve(self, model: nn.Module, available: dict[str, nn.Module]) -> list[str]:
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+        if not lists:
+            raise ValueError("last_blocks: the model has no nn.ModuleList of blocks")
+        name, blocks = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+        if not 1 <= self.n <= len(blocks):
+            raise ValueError(f"last_blocks({self.n}): {name or '<root>'} has {len(blocks)} blocks")
+        prefixes = [f"{name}.{i}" if name else str(i) for i in range(len(blocks) - self.n, len(blocks))]
+        chosen = [a for a in available if any(a == p or a.startswith(p + ".") for p in prefixes)]
+        if self.patterns:
+            chosen = [a for a in chosen if any(fnmatch.fnmatchcase(a, pat) for pat in self.patterns)]
+        if not chosen:
+            raise ValueError(f"last_blocks({self.n}, {list(self.patterns)}) selects no module with trainable parameters "
+                             f"under {prefixes}")
+        return chosen
+
+
+def last_blocks(n: int, *patterns: str) -> LastBlocks:
+    """Select the modules of the last ``n`` transformer blocks (see :class:`LastBlocks`):
+    ``last_blocks(2)``, or ``last_blocks(2, "*.mlp.*")`` for the MLPs of the last two."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"last_blocks needs an int n >= 1, got {n!r}")
+    return LastBlocks(n, tuple(patterns))
+
+
+def _kind_of(module: nn.Module) -> str | None:
+    from sketchattr.featurize.rules import rule_for  # lazy: the featurize package imports this module
+
+    rule = rule_for(module)
+    return None if rule is None else rule.name
+
+
+def _is_lora(name: str, module: nn.Module) -> bool:
+    """A PEFT LoRA module: a ``lora_*`` path segment (``…q_proj.lora_A.default``) or ``lora_*`` parameters."""
+    return any(seg.startswith("lora_") for seg in name.split(".")) or any(
+        pn.startswith("lora_") for pn, _ in module.named_parameters(recurse=False))
+
+
+def _matches(item: str, model: nn.Module, available: dict[str, nn.Module]) -> list[str]:
+    """The available modules one selection string stands for: a kind keyword, a glob pattern
+    or (returned as is, checked later) a module name."""
+    if item in available:
+        return [item]
+    if item == "lora":
+        return [n for n, m in available.items() if _is_lora(n, m)]
+    if item in KINDS:
+        return [n for n, m in available.items() if _kind_of(m) in KINDS[item]]
+    if any(ch in item for ch in "*?["):
+        return [n for n in available if fnmatch.fnmatchcase(n, item)]
+    return [_owner(_unprefixed(item, available), model, available)]
+
+
 def forward_order(model: nn.Module, example_input: Any, names: Sequence[str]) -> list[str]:
-    """Order ``names`` by when their modules first run in a forward pass on ``example_input``."""
+    """Order ``names`` by when their modules first run in a forward pass on ``example_input``
+    (a callable ``run(model)``, a dict of keyword inputs, or the model's positional input)."""
     modules = dict(model.named_modules())
     order: list[str] = []
     handles = []
@@ -130,7 +207,12 @@ def forward_order(model: nn.Module, example_input: Any, names: Sequence[str]) ->
         handles.append(modules[name].register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(example_input)
+            if callable(example_input) and not isinstance(example_input, nn.Module):
+                example_input(model)
+            elif isinstance(example_input, dict):
+                model(**example_input)
+            else:
+                model(example_input)
     finally:
         for h in handles:
             h.remove()
@@ -142,10 +224,21 @@ def select_modules(
 ) -> ModuleSelection:
     """Select modules to attribute through.
 
-    which: ``None`` or ``"all"`` — every supported module; an int N — the last N supported modules
-    in forward order (traced on ``example_input`` when given, registration order otherwise);
-    a sequence of names — exactly those modules, in the order given (names of a
-    DistributedDataParallel-wrapped model, ``module.`` prefix included, work too).
+    which:
+
+    * ``None`` or ``"all"`` — every supported module;
+    * an int N — the last N supported modules in forward order (traced on ``example_input``,
+      a callable ``run(model)``, a dict of keyword inputs or a positional input; registration
+      order without one);
+    * a kind: ``"linear"`` (nn.Linear and transformers' Conv1D), ``"conv"``, ``"embedding"``,
+      ``"norm"``, or ``"lora"`` (the ``lora_A``/``lora_B`` modules of a PEFT model; frozen
+      base weights are never selected);
+    * a glob pattern over module names, e.g. ``"*.mlp.*"``;
+    * :func:`last_blocks` ``(n, *patterns)`` — the modules of the last n transformer blocks;
+    * a module name (names of a DistributedDataParallel-wrapped model, ``module.`` prefix
+      included, work too; a module whose parameters are tied to another's selects that owner);
+    * a sequence of any of these: their union, in the order given (registration order within a
+      kind or pattern).
     """
     model = unwrap_model(model)
     available = supported_modules(model)
@@ -160,18 +253,33 @@ def select_modules(
             )
         ordered = forward_order(model, example_input, list(available)) if example_input is not None else list(available)
         names = ordered[-which:]
-    elif isinstance(which, str):
-        raise ValueError(f"unknown module selection {which!r}: use 'all', an int N (last N), or a list of names")
     else:
-        names = [_owner(_unprefixed(n, available), model, available) for n in which]
-        unknown = [n for n in names if n not in available]
-        if unknown:
-            raise ValueError(f"unknown module name(s) {unknown}; available: {list(available)}")
-        if len(set(names)) != len(names):
-            given = [_unprefixed(n, available) for n in which]
-            raise ValueError(f"module names repeated in {given}" + (f" (tied modules resolve to their owners: {names})" if given != names else ""))
-        if not names:
+        items = [which] if isinstance(which, (str, LastBlocks)) else list(which)
+        if not items:
             raise ValueError("empty module list")
+        names, explicit = [], []
+        for item in items:
+            if isinstance(item, LastBlocks):
+                found = item.resolve(model, available)
+            elif isinstance(item, str):
+                found = _matches(item, model, available)
+                if not found or (len(found) == 1 and found[0] not in available):
+                    kinds = ", ".join(["all", "lora", *KINDS])
+                    if item in KINDS or item == "lora" or any(ch in item for ch in "*?["):
+                        raise ValueError(f"module selection {item!r} matches no module with trainable parameters; "
+                                         f"available: {_short(available)}")
+                    raise ValueError(f"unknown module name(s) {[item]}; use a name, a glob pattern, a kind ({kinds}) "
+                                     f"or an int N; available: {_short(available)}")
+                if item in available or not (item in KINDS or item == "lora" or any(ch in item for ch in "*?[")):
+                    explicit.extend(found)
+            else:
+                raise ValueError(f"unknown module selection {item!r}: use 'all', an int N, a kind, a pattern, a name, "
+                                 "last_blocks(n) or a list of these")
+            names.extend(found)
+        if len(set(explicit)) != len(explicit):
+            given = [i if isinstance(i, str) else repr(i) for i in items]
+            raise ValueError(f"module names repeated in {given}" + (f" (tied modules resolve to their owners: {explicit})" if set(given) != set(explicit) else ""))
+        names = list(dict.fromkeys(names))
     owned, users = own_parameters(model), parameter_users(model)
     param_names, dims, tied = [], [], []
     for name in names:

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from sketchattr.curvature.profiler import Profiler
 from sketchattr.featurize.engine import BatchCapture, Block, HookEngine
-from sketchattr.featurize.featurizer import _as_dataset, _first, _tree_map, dataset_length, main_process
+from sketchattr.featurize.featurizer import _as_dataset, _first, _tree_map, dataset_length, example_runner, main_process
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.featurize.rules import BlockLayout, layout_from
 from sketchattr.modules import select_modules, unwrap_model
@@ -170,6 +170,7 @@ class _Run:
     progress: bool
     profiler: Profiler
     collective: "Collective | None" = None
+    collate_fn: Callable[[list], Any] | None = None
 
     @property
     def blocks(self) -> list[Block]:
@@ -200,6 +201,7 @@ def fit_factors(
     progress: bool = True,
     profile: bool = False,
     collective: "Collective | None" = None,
+    collate_fn: Callable[[list], Any] | None = None,
 ) -> Factors:
     """Fit ``kind`` curvature factors of the selected modules on ``train_dataset``.
 
@@ -212,7 +214,8 @@ def fit_factors(
     path: a folder for the stage files (resume; see module docstring). profile: print the
     per-stage timing table at the end (``factors.profiler`` holds it either way).
     collective: fit across processes, each over its shard (see module docstring); a
-    DistributedDataParallel-wrapped model is unwrapped.
+    DistributedDataParallel-wrapped model is unwrapped. collate_fn: as for the featurizer
+    (e.g. :class:`~sketchattr.data.collate.PadCollator` for token sequences).
     """
     if kind not in STAGES:
         raise ValueError(f"kind must be one of {sorted(STAGES)}, got {kind!r}")
@@ -224,12 +227,13 @@ def fit_factors(
     model = unwrap_model(model)
     dataset = _as_dataset(train_dataset)
     n = _n_examples(dataset, max_examples)
-    engine = _resolve_engine(model, task, modules, dataset)
+    engine = _resolve_engine(model, task, modules, dataset, collate_fn)
     meta = _metadata(model, task, engine.blocks, kind, fisher, n, len(dataset), max_examples, seed, dtype)
     meta["label_batch_size"] = batch_size if fisher == "true" else None
     profiler = Profiler(enabled=True)
     main = collective is None or collective.is_main
-    run = _Run(model, task, dataset, n, engine, batch_size, dtype, seed, fisher == "true", progress and main_process(), profiler, collective)
+    run = _Run(model, task, dataset, n, engine, batch_size, dtype, seed, fisher == "true", progress and main_process(), profiler,
+               collective, collate_fn)
     files = _stage_files(path) if path is not None else {}
     if path is not None:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -272,12 +276,12 @@ CURVATURE = "EKFAC/KFAC/diagonal curvature"
 CURVATURE_REMEDY = "Select modules that have rules with modules=[...], or use SketchedInfluence, which works for any module."
 
 
-def _resolve_engine(model: nn.Module, task: Task, modules: Any, dataset: Dataset) -> HookEngine:
+def _resolve_engine(model: nn.Module, task: Task, modules: Any, dataset: Dataset, collate_fn: Any = None) -> HookEngine:
     spec = modules if modules is not None else getattr(task, "modules", None)
     example = None
     if isinstance(spec, int) and not isinstance(spec, bool):
-        first = next(iter(DataLoader(Subset(dataset, [0]), batch_size=1, generator=torch.Generator())))
-        example = task.inputs(_tree_map(_caster(model), first))
+        first = next(iter(DataLoader(Subset(dataset, [0]), batch_size=1, generator=torch.Generator(), collate_fn=collate_fn)))
+        example = example_runner(task, _tree_map(_caster(model), first))
     engine = HookEngine(model, select_modules(model, spec, example))
     engine.require(CURVATURE, CURVATURE_REMEDY)
     return engine
@@ -334,7 +338,8 @@ def _data_pass(run: _Run, desc: str, consume: Callable[[BatchCapture], None], pa
     model, prof, task = run.model, run.profiler, run.task
     rows = run.rows
     # own generator: the DataLoader's base-seed draw must not consume the seeded global RNG
-    loader = DataLoader(Subset(run.dataset, rows), batch_size=run.batch_size, shuffle=False, generator=torch.Generator())
+    loader = DataLoader(Subset(run.dataset, rows), batch_size=run.batch_size, shuffle=False, generator=torch.Generator(),
+                        collate_fn=run.collate_fn)
     first_batch = rows.start // run.batch_size
     device = next(model.parameters()).device
     params = dict(model.named_parameters())

@@ -293,6 +293,27 @@ class BatchCapture:
         raise HookMismatchError("no hooked module received a gradient: the loss does not depend on the selected modules")
 
 
+class PreconditionedCapture:
+    """A :class:`BatchCapture` whose exact gradients are scaled elementwise by a preconditioner
+    (``scale(param_names, dtype, device) -> [d_k]``) — pieces in place, block by block."""
+
+    def __init__(self, capture: BatchCapture, preconditioner: Any, param_names: tuple[tuple[str, ...], ...]) -> None:
+        self.capture, self.preconditioner, self.param_names = capture, preconditioner, param_names
+        self.blocks, self.batch = capture.blocks, capture.batch
+
+    def grads(self, k: int) -> torch.Tensor:
+        g = self.capture.grads(k)
+        return g * self.preconditioner.scale(self.param_names[k], g.dtype, g.device)
+
+    def grad_pieces(self, k: int, max_elements: int = PIECE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, piece in self.capture.grad_pieces(k, max_elements):
+            s = self.preconditioner.scale(self.param_names[k], piece.dtype, piece.device)
+            yield start, piece.mul_(s[start : start + piece.shape[1]])
+
+    def factors(self, k: int) -> list[tuple[Factor, Factor]]:
+        raise UnsupportedModuleError("a preconditioned gradient has no Kronecker factors")
+
+
 def _add_one_hot_rows(buf: torch.Tensor, row: OneHotFactor, col: torch.Tensor, r0: int, r1: int) -> None:
     """``buf [B, r1 − r0, C] += Σ_t e_{idx − r0} col_tᵀ`` over the positions with ``r0 <= idx < r1``."""
     idx = row.index

@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from sketchattr.featurize.engine import HookEngine, HookMismatchError
+from sketchattr.featurize.engine import HookEngine, HookMismatchError, PreconditionedCapture
 from sketchattr.featurize.rules import UnsupportedModuleError
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.modules import ModuleSelection, select_modules, unwrap_model
@@ -39,6 +39,7 @@ from sketchattr.task import Task, validate_task
 
 if TYPE_CHECKING:
     from sketchattr.curvature.profiler import Profiler
+    from sketchattr.featurize.preconditioner import AdamPreconditioner
 
 
 class NonFiniteGradientError(ValueError):
@@ -99,6 +100,11 @@ class Featurizer:
         bars (never on ranks > 0 of a torch.distributed job).
     engine: ``"auto"`` (hooks when every module has a layer rule, else vmap with a warning),
         ``"hooks"`` (require them) or ``"vmap"``.
+    collate_fn: how a list of examples becomes a batch (default: torch's ``default_collate``;
+        :class:`~sketchattr.data.collate.PadCollator` pads token sequences of different lengths).
+    preconditioner: an :class:`~sketchattr.featurize.preconditioner.AdamPreconditioner` that
+        scales each exact per-example gradient by ``1/(sqrt(v) + eps)`` before the projection
+        (train rows; query rows too with ``queries=True``); recorded in the store metadata.
     profiler: optional :class:`~sketchattr.curvature.profiler.Profiler`; records per batch
         ``"featurize <kind>: gradients + sketch"`` and ``"featurize train: store write"`` with
         their row counts.
@@ -118,6 +124,8 @@ class Featurizer:
         progress: bool = True,
         profiler: "Profiler | None" = None,
         engine: str = "auto",
+        collate_fn: Callable[[list], Any] | None = None,
+        preconditioner: "AdamPreconditioner | None" = None,
     ) -> None:
         if engine not in ("auto", "hooks", "vmap"):
             raise ValueError(f"engine must be 'auto', 'hooks' or 'vmap', got {engine!r}")
@@ -129,6 +137,10 @@ class Featurizer:
         self.task = validate_task(task)
         self.module_spec = modules if modules is not None else getattr(task, "modules", None)
         self.projector = make_projector(projector, m=m, seed=seed)
+        if preconditioner is not None and isinstance(self.projector, FactorizedProjector):
+            raise ValueError("an optimizer preconditioner scales each gradient coordinate, which a factorized "
+                             "(Kronecker) sketch cannot take: use a dense projector (sjlt, gaussian, rademacher, identity)")
+        self.preconditioner = preconditioner
         self.batch_size = int(batch_size)
         first = next(self.model.parameters())
         self.device = torch.device(device) if device is not None else first.device
@@ -137,6 +149,7 @@ class Featurizer:
         self.profiler = profiler
         self.last_run: FeaturizeRun | None = None
         self.engine_choice = engine
+        self.collate_fn = collate_fn
         self._selection: ModuleSelection | None = None
         self._engine: HookEngine | None = None
         self._vmap_reason: str | None = "engine='vmap' was asked for" if engine == "vmap" else None
@@ -175,6 +188,8 @@ class Featurizer:
     def metadata(self, kind: str = "train") -> StoreMetadata:
         """Metadata identifying sketches made by this featurizer (projector, modules, model, task)."""
         sel = self.selection()
+        extra = {} if self.preconditioner is None or not self.preconditioner.applies_to(kind) else {
+            "preconditioner": self.preconditioner.spec()}
         return StoreMetadata(
             projector=self.projector.spec(),
             modules=sel.spec(),
@@ -182,6 +197,7 @@ class Featurizer:
             task=self.task.describe(),
             dim=self.projector.output_dim(sel.dims),
             kind=kind,
+            extra=extra,
         )
 
     # ------------------------------------------------------------------ public entry points
@@ -298,18 +314,42 @@ class Featurizer:
             raise ValueError(f"kind must be 'train' or 'query', got {kind!r}")
         if len(indices) == 0:
             return
+        loader = self._loader(Subset(dataset, indices.tolist()), self.batch_size)
+        yield from self._iter_batches(loader, indices, kind, sample)
+
+    def token_rows(self, dataset: Any, index: int) -> tuple[np.ndarray, torch.Tensor]:
+        """Per-token sketched training gradients of one sequence: (target positions [n], rows
+        [n, m]); row j is the gradient of the loss of the token at ``positions[j]`` alone, so the
+        rows sum to the sequence's train row. Needs a Task with ``split_tokens`` (:class:`~sketchattr.task.CausalLMTask`)."""
+        split = getattr(self.task, "split_tokens", None)
+        if not callable(split):
+            raise TypeError(f"per-token rows need a Task with split_tokens(batch) (e.g. CausalLMTask); {type(self.task).__name__} has none")
+        dataset = _as_dataset(dataset)
+        idx = self._resolve_indices(dataset, [index])
+        self.selection(self._example_input(dataset, idx))
+        batch = _tree_map(self._to_device, next(iter(self._loader(Subset(dataset, idx.tolist()), 1))))
+        copies, positions = split(batch)
+        n = len(positions)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), torch.zeros(0, self.projector.output_dim(self.selection().dims))
+        chunks = [_tree_map(lambda t, a=a: t[a : a + self.batch_size], copies) for a in range(0, n, self.batch_size)]
+        rows = torch.cat([r for _, r in self._iter_batches(chunks, np.arange(n), "train", False, progress=False)])
+        return positions.cpu().numpy(), rows
+
+    def _iter_batches(
+        self, batches: Any, indices: np.ndarray, kind: str, sample: bool, progress: bool | None = None
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """The loop over collated batches: yields (indices [B], rows [B, m])."""
         sel = self.selection()
-        loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=self.batch_size, shuffle=False)
         was_training = self.model.training
         self.model.eval()
         try:
             with contextlib.ExitStack() as stack:
                 rows_of = self._batch_rows(kind, sample, sel, stack)
                 start = 0
-                bar = stack.enter_context(
-                    tqdm(total=len(indices), desc=f"featurize {kind}", unit="ex", disable=not self.progress)
-                )
-                for batch in loader:
+                show = self.progress if progress is None else progress
+                bar = stack.enter_context(tqdm(total=len(indices), desc=f"featurize {kind}", unit="ex", disable=not show))
+                for batch in batches:
                     batch = _tree_map(self._to_device, batch)
                     with self._record(f"featurize {kind}: gradients + sketch", _batch_len(batch)):
                         rows = rows_of(batch)
@@ -340,6 +380,7 @@ class Featurizer:
         """Per-example gradients by vmap, one flat block per module, projected."""
         per_example = self._per_example_fn(kind, sample)
         params, frozen = self._split_state(sel)
+        scaled = self.preconditioner is not None and self.preconditioner.applies_to(kind)
 
         def rows(batch: Any) -> torch.Tensor:
             try:
@@ -347,9 +388,10 @@ class Featurizer:
             except Exception as exc:  # noqa: BLE001 - re-raised with the module and the fix named
                 raise self._vmap_error(exc, per_example, params, frozen, batch) from exc
             n = _batch_len(batch)
-            return self.projector.project(
-                [torch.cat([grads[p].reshape(n, -1) for p in group], dim=1) for group in sel.param_names]
-            )
+            blocks = [torch.cat([grads[p].reshape(n, -1) for p in group], dim=1) for group in sel.param_names]
+            if scaled:
+                blocks = [g * self.preconditioner.scale(group, g.dtype, g.device) for g, group in zip(blocks, sel.param_names)]
+            return self.projector.project(blocks)
 
         return rows
 
@@ -399,6 +441,7 @@ class Featurizer:
         engine = stack.enter_context(self.engine.attached())
         call = self._functional(params, frozen)
         task, proj = self.task, self.projector
+        scaled = self.preconditioner is not None and self.preconditioner.applies_to(kind)
         fallback: list[Callable[[Any], torch.Tensor]] = []
 
         def loss_of(batch: Any, sampled: bool) -> Callable[[], torch.Tensor]:
@@ -424,6 +467,8 @@ class Featurizer:
                 warnings.warn(f"sketchattr: {exc} Falling back to torch.func.vmap for this featurizer.", stacklevel=2)
                 fallback.append(self._vmap_rows(kind, sample, sel))
                 return fallback[0](batch)
+            if scaled:
+                cap = PreconditionedCapture(cap, self.preconditioner, sel.param_names)
             return proj.project_captured(cap)
 
         return rows
@@ -472,15 +517,19 @@ class Featurizer:
         frozen.update({n: cast(b) for n, b in self.model.named_buffers()})
         return params, frozen
 
+    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn)
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.device)
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def _example_input(self, dataset: Dataset, idx: np.ndarray) -> Any:
+        """``run(model)`` on the first planned row (last-N selection traces the forward order)."""
         if not (isinstance(self.module_spec, int) and not isinstance(self.module_spec, bool)):
             return None
-        first = next(iter(DataLoader(Subset(dataset, idx[:1].tolist()), batch_size=1)))
-        return self.task.inputs(_tree_map(self._to_device, first))
+        first = _tree_map(self._to_device, next(iter(self._loader(Subset(dataset, idx[:1].tolist()), 1))))
+        return example_runner(self.task, first)
 
     @staticmethod
     def _resolve_indices(dataset: Dataset, indices: Sequence[int] | None) -> np.ndarray:
@@ -493,6 +542,16 @@ class Featurizer:
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"indices must lie in [0, {n}); found range [{idx.min()}, {idx.max()}]")
         return idx
+
+
+def example_runner(task: Task, batch: Any) -> Callable[[nn.Module], Any]:
+    """``run(model)``: the task's forward on ``batch`` (or ``model(task.inputs(batch))`` for a
+    duck-typed task), to trace the modules' forward order."""
+    forward = getattr(task, "forward", None)
+    if callable(forward):
+        return lambda model: forward(model, batch)
+    x = task.inputs(batch)
+    return lambda model: model(**x) if isinstance(x, dict) else model(x)
 
 
 def main_process() -> bool:

@@ -18,3 +18,8 @@ __all__ += [
 from sketchattr.score.tracin import TracIn, TracInQueries, tracin_from_checkpoints  # noqa: E402
 
 __all__ += ["TracIn", "TracInQueries", "tracin_from_checkpoints"]
+
+from sketchattr.score.per_token import TokenScores, per_token_scores  # noqa: E402
+from sketchattr.score.selection import Selection, aggregate_scores, select_training_data  # noqa: E402
+
+__all__ += ["Selection", "TokenScores", "aggregate_scores", "per_token_scores", "select_training_data"]

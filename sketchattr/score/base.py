@@ -58,6 +58,12 @@ class Scorer(Registered, abc.ABC):
     def iter_scores(self, queries: torch.Tensor, **kwargs: Any) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield (train dataset indices [b], scores [n_query, b]) block by block."""
 
+    def score_rows(self, queries: Any, rows: torch.Tensor) -> torch.Tensor:
+        """Scores ``[n_query, n_rows]`` of the queries (as :meth:`score` takes them) against
+        train-side rows ``[n_rows, m]`` sketched like the store's — rows of examples outside the
+        store, or per-token rows (:func:`~sketchattr.score.per_token.per_token_scores`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not score rows outside its store")
+
     def score(self, queries: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Scores [n_query, n_train] for query rows [n_query, m] (columns in store row order)."""
         return self._gather_columns(torch.cat([s for _, s in self.iter_scores(queries, **kwargs)], dim=1))

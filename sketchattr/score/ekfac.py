@@ -109,10 +109,14 @@ class CurvatureScorer(Scorer):
         self.blocks = featurizer.engine.blocks
         self.device = featurizer.device
         self.dtype = torch.float64 if factors is None else factors.dtype
+        if featurizer.preconditioner is not None:
+            raise ValueError("the EKFAC family preconditions raw gradients with its own curvature: use a store built "
+                             "without an optimizer preconditioner")
         self._grad_featurizer = Featurizer(
             featurizer.model, featurizer.task, modules=list(names), projector="identity",
             batch_size=featurizer.batch_size, device=featurizer.device,
             dtype=query_dtype or featurizer.dtype, progress=featurizer.progress,
+            engine=featurizer.engine_choice, collate_fn=featurizer.collate_fn,
         )
         self._curvature, self.damping_ = self._resolve_curvature(damping)
 
@@ -219,6 +223,17 @@ class CurvatureScorer(Scorer):
             yield idx, block
         if self.profile:
             print(self.profiler.table(f"{type(self).__name__} scoring (cumulative since fit)"))
+
+    def score_rows(self, queries: Any, rows: torch.Tensor) -> torch.Tensor:
+        """−(P u_q)ᵀ r for train-side rows ``[n_rows, m]`` sketched with the store's projector:
+        ``[n_query, n_rows]`` (queries: a dataset or :class:`PreparedQueries`)."""
+        prepared = self._prepared(queries, {})
+        if prepared.per_module:
+            raise ValueError("score_rows takes total (not per-module) prepared queries")
+        if rows.dim() != 2 or rows.shape[1] != prepared.rows.shape[1]:
+            raise ValueError(f"rows must be [n, {prepared.rows.shape[1]}] (the store's width); got {tuple(rows.shape)}")
+        dtype = self.score_dtype or (rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32)
+        return -prepared.rows.to(device=self.device, dtype=dtype) @ rows.to(device=self.device, dtype=dtype).T
 
     def score(self, queries: Any, **kwargs: Any) -> "torch.Tensor | dict[str, torch.Tensor]":
         """Scores [n_query, n_train] (``per_module=True``: dict module -> [n_query, n_train])."""

@@ -159,6 +159,15 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         for idx, rows in self._blocks():
             yield idx, u.to(rows.dtype) @ rows.T
 
+    def score_rows(self, queries: torch.Tensor, rows: torch.Tensor, damping: "float | str | None" = None) -> torch.Tensor:
+        """−(F̂ + λI)⁻¹q̂ against train-side rows [n_rows, m]: [n_query, n_rows]."""
+        if rows.dim() != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"rows must be [n, {self.dim}] (the store's width); got {tuple(rows.shape)}")
+        rows = self._checked(rows)
+        u = -self.precondition(queries, damping)
+        rows = rows.to(device=u.device, dtype=rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32)
+        return u.to(rows.dtype) @ rows.T
+
     def score_grid(self, queries: torch.Tensor, dampings: Sequence[float]) -> torch.Tensor:
         """Scores for several λ at once: [n_lambda, n_query, n_train], one decomposition."""
         us = torch.stack([-self.precondition(queries, d) for d in dampings])  # [L, nq, m]
