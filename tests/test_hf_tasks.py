@@ -234,3 +234,12 @@ def test_less_selection_equals_dense_cosine_max():
     other = sa.Featurizer(model, sa.ClassificationTask(), projector=sa.GaussianProjector(16, seed=3), progress=False)
     with pytest.raises(StoreMismatchError, match="preconditioner"):
         sa.TracIn(other, variant="cos").fit(store)
+
+
+def test_core_import_needs_no_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, sketchattr; print(any(m.split('.')[0] in ('transformers', 'peft') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
