@@ -6,6 +6,7 @@ Quick path: ``Featurizer(model, task, projector="sjlt", m=1024).featurize(train_
 from sketchattr.featurize import Featurizer, NonFiniteGradientError, model_fingerprint
 from sketchattr.modules import ModuleSelection, select_modules
 from sketchattr.project import (
+    EigenbasisProjector,
     FactGraSSProjector,
     FactorizedProjector,
     GaussianProjector,
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamPreconditioner", "CausalLMTask", "LossTask", "PadCollator", "SequenceClassificationTask", "last_blocks",
-    "CPUStore", "DiskStore", "StoreCorruptedError", "make_sampler", "make_store",
+    "EigenbasisProjector", "CPUStore", "DiskStore", "StoreCorruptedError", "make_sampler", "make_store",
     "ClassificationTask", "FactGraSSProjector", "FactorizedProjector", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
     "MemoryStore", "ModuleSelection", "NonFiniteGradientError", "Projector", "RademacherProjector",
     "RegressionTask", "SJLTProjector", "Scorer", "SketchedInfluence", "StoreMetadata",

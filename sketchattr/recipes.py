@@ -108,3 +108,58 @@ def query_accuracy(model: nn.Module, split: DigitsSplit | None = None) -> float:
     """Top-1 accuracy on the digits queries."""
     split = split if split is not None else load_digits_split()
     return (model(split.x_query).argmax(1) == split.y_query).float().mean().item()
+
+
+def tiny_gpt2(vocab: int = 64, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_positions: int = 32, seed: int = 0) -> nn.Module:
+    """A random-init Hugging Face GPT-2 (about 100K parameters with the defaults) after
+    ``torch.manual_seed(seed)``; needs ``transformers`` (the ``hf`` extra)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                                  bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def train_lm(model: nn.Module, data: list, *, epochs: int = 8, lr: float = 3e-3, weight_decay: float = 0.01,
+             batch_size: int = 16, seed: int = 0, num_threads: int | None = 1) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """AdamW on the summed next-token loss of padded batches divided by the batch's tokens;
+    shuffled by :func:`epoch_batches` with ``seed``. Returns (model in eval mode, optimizer)."""
+    from .data.collate import PadCollator
+    from .task import CausalLMTask
+
+    task, collate = CausalLMTask(), PadCollator()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    model.train()
+    with torch_threads(num_threads):
+        for batches in epoch_batches(len(data), batch_size, epochs, seed):
+            for idx in batches:
+                batch = collate([data[i] for i in idx.tolist()])
+                loss = task.train_loss(model, batch) / batch["attention_mask"][:, 1:].sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return model.eval(), opt
+
+
+@torch.no_grad()
+def sequence_log_likelihoods(model: nn.Module, data: list, batch_size: int = 64) -> torch.Tensor:
+    """Log-likelihood of each sequence (the CausalLMTask measurement, per example): ``[n]``."""
+    from .data.collate import PadCollator
+    from .task import CausalLMTask
+
+    task, collate, out = CausalLMTask(), PadCollator(), []
+    for i in range(0, len(data), batch_size):
+        out.append(-task.token_losses(model, collate(data[i : i + batch_size])).sum(dim=1))
+    return torch.cat(out)
+
+
+def train_markov_lm(subset: np.ndarray | None = None, seed: int = 0, text: "object | None" = None, epochs: int = 8) -> nn.Module:
+    """The transformer LDS bench's model: :func:`tiny_gpt2` (seed) trained with :func:`train_lm` on
+    the :func:`~sketchattr.data.markov.markov_text` train sequences ``subset`` (positions; None = all)."""
+    from .data.markov import markov_text
+
+    text = text if text is not None else markov_text()
+    data = text.train if subset is None else [text.train[i] for i in np.asarray(subset).tolist()]
+    model, _ = train_lm(tiny_gpt2(vocab=text.vocab, seed=seed), data, seed=seed, epochs=epochs)
+    return model

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 N, NQ, D_IN, HIDDEN, CLASSES, BATCH, M, K = 60, 6, 8, 16, 4, 8, 32, 5
+EIGEN_M = 40
 
 
 def build() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -73,6 +74,10 @@ def main(out: Path) -> None:
     ekfac = sa.EKFACScorer(factors, feat).fit(shard, collective=c)
     res["ekfac_scores"] = ekfac.score(query)
     res.update(topk_tensors("ekfac_top", ekfac.top_k(query, k=K)))
+    # 4b. the eigenbasis sketch (kept EKFAC coordinates) on a sharded disk store, scored with EKFAC
+    feat_e = sa.Featurizer(model, task, projector=sa.EigenbasisProjector(EIGEN_M, factors), batch_size=BATCH, progress=False)
+    eig_shard = sad.featurize(feat_e, train, path=out / "eigen.h5")
+    res["eigen_scores"] = sa.EKFACScorer(factors, feat_e).fit(eig_shard, collective=c).score(query)
 
     # 5. DDP: wrapped before creating the featurizer (prefixed names) and after
     before = nn.parallel.DistributedDataParallel(copy.deepcopy(model))

@@ -52,7 +52,9 @@ def single(tmp_path_factory):
         gram = sa.SketchedInfluence().fit(feat_id.featurize(train))
         factors = sa.fit_factors(model, task, train, kind="ekfac", fisher="true", batch_size=W.BATCH, progress=False)
         ekfac = sa.EKFACScorer(factors, feat).fit(store)
-        return dict(rows=store.rows(), indices=store.indices, si=si, qrows=qrows, gram=gram, gram_q=feat_id.query_rows(query),
+        feat_e = sa.Featurizer(model, task, projector=sa.EigenbasisProjector(W.EIGEN_M, factors), batch_size=W.BATCH, progress=False)
+        eigen = sa.EKFACScorer(factors, feat_e).fit(feat_e.featurize(train, store=sa.DiskStore(out / "eigen.h5")))
+        return dict(eigen_scores=eigen.score(query), rows=store.rows(), indices=store.indices, si=si, qrows=qrows, gram=gram, gram_q=feat_id.query_rows(query),
                     factors=factors, ekfac_scores=ekfac.score(query), ekfac_top=ekfac.top_k(query, k=W.K), feat=feat,
                     train=train)
     finally:
@@ -123,6 +125,12 @@ def test_ekfac_factors_and_scores_match(run, single):
         assert torch.allclose(res["ekfac_scores"], single["ekfac_scores"], rtol=1e-6, atol=1e-9)
         _same_topk(res, "ekfac_top", single["ekfac_top"], atol=1e-8)
         assert torch.allclose(res["ddp_factors_lambda"], factors.tensors["2"]["Lambda"], rtol=1e-9, atol=1e-12)
+
+
+def test_eigenbasis_sketch_on_shards_matches_single_process(run, single):
+    _, res = run
+    for r in range(WORLD):
+        assert torch.allclose(res[r]["eigen_scores"], single["eigen_scores"], rtol=1e-6, atol=1e-9)
 
 
 def test_ddp_wrapped_before_or_after(run, single):

@@ -1,9 +1,10 @@
 """LoRA on a GPT-2- or Llama-style language model: store, sketched influence, EKFAC, per-token
 scores and LESS-style data selection, with real padding and the default attention.
 
-The corpus is synthetic so the example runs anywhere without downloads: four "languages", each a
-sparse bigram chain over a 64-token vocabulary (every token has three likely successors, different
-per language), sequences of 8–24 tokens padded in batches by ``sa.PadCollator``. A tiny random-init
+The corpus is generated so the example runs anywhere without downloads
+(:func:`sketchattr.data.markov.markov_text`): four "languages", each a sparse bigram chain over a
+64-token vocabulary (every token has three likely successors, different per language), sequences
+of 8–24 tokens padded in batches by ``sa.PadCollator``. A tiny random-init
 model (``--arch gpt2 | llama``, built from a config) gets LoRA adapters (rank 8) trained with AdamW;
 attribution runs through the adapters only (``modules="lora"``).
 
@@ -25,35 +26,10 @@ import numpy as np
 import torch
 
 import sketchattr as sa
+from sketchattr.data.markov import markov_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-VOCAB, LANGS = 64, 4
-
-
-def bigram_tables(seed: int = 0) -> torch.Tensor:
-    """[LANGS, VOCAB, VOCAB] transition probabilities: three likely successors per token and language."""
-    g = torch.Generator().manual_seed(seed)
-    tables = torch.full((LANGS, VOCAB, VOCAB), 0.02 / VOCAB)
-    for lang in range(LANGS):
-        for tok in range(VOCAB):
-            nxt = torch.randperm(VOCAB - 3, generator=g)[:3] + 3
-            tables[lang, tok, nxt] += torch.tensor([0.5, 0.3, 0.18])
-    return tables / tables.sum(-1, keepdim=True)
-
-
-def corpus(n: int, seed: int, tables: torch.Tensor, langs: list[int] | None = None) -> tuple[list[dict], np.ndarray]:
-    """``n`` sequences ({"input_ids"}) and their languages; languages cycle unless given."""
-    g = torch.Generator().manual_seed(seed)
-    data, lang_of = [], []
-    for i in range(n):
-        lang = langs[i % len(langs)] if langs else i % LANGS
-        length = int(torch.randint(8, 25, (1,), generator=g))
-        ids = [int(torch.randint(3, VOCAB, (1,), generator=g))]
-        for _ in range(length - 1):
-            ids.append(int(torch.multinomial(tables[lang, ids[-1]], 1, generator=g)))
-        data.append({"input_ids": torch.tensor(ids)})
-        lang_of.append(lang)
-    return data, np.array(lang_of)
+VOCAB = 64
 
 
 def build(arch: str, seed: int = 0) -> torch.nn.Module:
@@ -100,10 +76,9 @@ class Result:
 
 def run(arch: str = "llama", n_train: int = 400, n_query: int = 6, epochs: int = 6, m: int = 2048,
         verbose: bool = True) -> Result:
-    tables = bigram_tables()
-    train_set, train_lang = corpus(n_train, seed=1, tables=tables)
-    queries, _ = corpus(n_query, seed=2, tables=tables, langs=[0])
-    targets, _ = corpus(8, seed=3, tables=tables, langs=[0])
+    text = markov_text(n_train, n_query + 8, vocab=VOCAB, lengths=(8, 24), query_chains=[0])
+    train_set, train_lang = text.train, text.train_chain
+    queries, targets = text.queries[:n_query], text.queries[n_query:]  # all of language 0
     model = build(arch)
     opt = train(model, train_set, epochs)
     task, collate = sa.CausalLMTask(), sa.PadCollator()

@@ -161,8 +161,7 @@ class Featurizer:
         if self._selection is None:
             sel = select_modules(self.model, self.module_spec, example_input)
             self._engine = HookEngine(self.model, sel)
-            if isinstance(self.projector, FactorizedProjector):
-                self.projector.bind([b.layout for b in self._engine.blocks])
+            self.projector.bind([b.layout for b in self._engine.blocks])
             if self.engine_choice == "hooks":
                 self._engine.require("engine='hooks'", "Use engine='auto' to fall back to torch.func.vmap.")
             self._selection = sel

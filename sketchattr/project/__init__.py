@@ -18,6 +18,7 @@ from .base import (
     make_projector,
 )
 from .dense import DenseProjector, GaussianProjector, RademacherProjector
+from .eigenbasis import EigenbasisProjector
 from .factgrass import FactGraSSProjector
 from .factorized import FactorizedProjector
 from .identity import IdentityProjector
@@ -27,6 +28,7 @@ __all__ = [
     "Projector",
     "ChunkedProjector",
     "DenseProjector",
+    "EigenbasisProjector",
     "FactGraSSProjector",
     "FactorizedProjector",
     "IdentityProjector",

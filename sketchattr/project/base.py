@@ -179,6 +179,11 @@ class Projector(Registered, abc.ABC):
             self._accumulate(out, g, k)
         return self._finish(out)
 
+    def bind(self, layouts: Sequence[Any]) -> "Projector":
+        """Learn the featurizer's block layouts (``KronLayout`` / ``FlatLayout``, one per block);
+        projectors that need them (factorized, eigenbasis) override this. Returns ``self``."""
+        return self
+
     def project_captured(self, capture: Any) -> torch.Tensor:
         """Sketch a batch straight from the hook engine
         (:class:`~sketchattr.featurize.engine.BatchCapture`): each block's exact per-example

@@ -196,3 +196,35 @@ def digits_ground_truth(
         n_train=N_TRAIN, n_subsets=n_subsets, alpha=alpha, n_seeds=n_seeds, seed=seed,
         attrs={"bench": "digits-mlp", "measure": "query margin"}, progress=progress, workers=workers,
     )
+
+
+def markov_lm_ground_truth(
+    cache_dir: str | os.PathLike = "grad_cache",
+    n_subsets: int = 100,
+    alpha: float = 0.5,
+    n_seeds: int = 2,
+    seed: int = 0,
+    epochs: int = 8,
+    progress: bool = True,
+    workers: int | None = None,
+) -> GroundTruth:
+    """Transformer bench ground truth: the 50 query log-likelihoods [K, 50] of
+    ``train_markov_lm`` retrained on half-size subsets of the 400 Markov-text sequences.
+    Cached at ``cache_dir/markov_lm_lds_K{K}_a{alpha}_R{n_seeds}_s{seed}_e{epochs}.h5``."""
+    from ..data.markov import markov_text
+    from ..recipes import sequence_log_likelihoods, train_markov_lm
+
+    text = markov_text()
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    path = Path(cache_dir) / f"markov_lm_lds_K{n_subsets}_a{alpha}_R{n_seeds}_s{seed}_e{epochs}.h5"
+
+    def measure(model):
+        return sequence_log_likelihoods(model, text.queries)
+
+    return subset_ground_truth(
+        path, partial(train_markov_lm, text=text, epochs=epochs), measure,
+        n_train=len(text.train), n_subsets=n_subsets, alpha=alpha, n_seeds=n_seeds, seed=seed,
+        attrs={"bench": "markov-lm", "measure": "query log-likelihood", "epochs": epochs},
+        progress=progress, workers=workers,
+    )

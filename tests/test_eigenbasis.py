@@ -1,0 +1,99 @@
+"""EigenbasisProjector: the kept EKFAC eigen-coordinates, against explicit Kronecker formulas."""
+import pytest
+import torch
+from torch import nn
+
+import sketchattr as sa
+from dense_reference import ce_loss, margin_fn, per_example_grads
+from sketchattr.featurize.rules import KronLayout
+from sketchattr.store import StoreMismatchError
+
+TASK = sa.ClassificationTask()
+
+
+class TinyLM(nn.Module):
+    """Embedding (one-hot, diagonal side), LayerNorm (flat block), Linear with and without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm = nn.Embedding(7, 5), nn.LayerNorm(5)
+        self.fc, self.head = nn.Linear(5, 6), nn.Linear(6, 3, bias=False)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.fc(self.norm(self.emb(ids))))).mean(dim=1)
+
+
+def setup(n=40):
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 7, (n, 4), generator=g), torch.randint(0, 3, (n,), generator=g)
+    factors = sa.fit_factors(model, TASK, (x, y), kind="ekfac", fisher="empirical", progress=False)
+    return model, x, y, factors
+
+
+def explicit(factors, model):
+    """Per block: K (Q_S ⊗ Q_A, identity where a basis is None, diagonal for flat blocks), D = Λ + λ, the
+    row-major position of every featurizer-layout coordinate."""
+    out = []
+    for name in factors.modules:
+        lay = factors.layouts[name]
+        qs, qa, lam = factors.curvature(name, "ekfac")
+        r, c = lay.shape
+        qs = torch.eye(r, dtype=torch.float64) if qs is None else qs
+        qa = torch.eye(c, dtype=torch.float64) if qa is None else qa
+        perm = torch.arange(r * c)
+        if isinstance(lay, KronLayout) and lay.bias == "col":
+            perm = torch.tensor([o * c + i for o in range(r) for i in range(c - 1)] + [o * c + c - 1 for o in range(r)])
+        out.append((torch.kron(qs.contiguous(), qa.contiguous()), lam.reshape(-1), lam.reshape(-1) + 0.1 * float(lam.mean()), perm))
+    return out
+
+
+@pytest.mark.parametrize("m", [99, 30])
+def test_rows_and_scores_equal_truncated_ekfac_formula(m):
+    model, x, y, factors = setup()
+    proj = sa.EigenbasisProjector(m, factors)
+    feat = sa.Featurizer(model, TASK, projector=proj, batch_size=16, progress=False, engine="hooks")
+    G, Q = per_example_grads(model, ce_loss, x, y), per_example_grads(model, margin_fn, x[:5], y[:5])
+    dims = list(feat.selection().dims)
+    assert sum(dims) == 99
+    P = proj.matrix(dims)
+    assert torch.allclose(P @ P.T, torch.eye(m, dtype=torch.float64), atol=1e-10)  # kept rows of an orthogonal map
+    assert torch.allclose(feat.train_rows((x, y)), G @ P.T, atol=1e-12)
+    scores = sa.EKFACScorer(factors, feat).fit(feat.featurize((x, y))).score((x[:5], y[:5]))
+    # explicit: the m coordinates with the largest Λ/λ_block, −Σ_kept (Kᵀq)(Kᵀg)/(Λ+λ)
+    blocks, ratios, parts = explicit(factors, model), [], []
+    offset = 0
+    for K, lam, D, perm in blocks:
+        d = len(perm)
+        gv = torch.zeros(G.shape[0], d, dtype=torch.float64)
+        qv = torch.zeros(Q.shape[0], d, dtype=torch.float64)
+        gv[:, perm], qv[:, perm] = G[:, offset : offset + d], Q[:, offset : offset + d]
+        parts.append(((qv @ K) / D, gv @ K))
+        ratios.append(lam / (0.1 * lam.mean()))
+        offset += d
+    keep = torch.topk(torch.cat(ratios), m).indices
+    qk, gk = torch.cat([p[0] for p in parts], 1)[:, keep], torch.cat([p[1] for p in parts], 1)[:, keep]
+    assert torch.allclose(scores, -qk @ gk.T, atol=1e-10, rtol=1e-8)
+    if m == sum(dims):  # every coordinate kept: exact EKFAC
+        exact = sa.Featurizer(model, TASK, progress=False)
+        ref = sa.EKFACScorer(factors, exact).fit(exact.featurize((x, y))).score((x[:5], y[:5]))
+        assert torch.allclose(scores, ref, atol=1e-10) and proj.captured == pytest.approx(1.0)
+
+
+def test_disk_store_and_checks(tmp_path):
+    model, x, y, factors = setup()
+    feat = sa.Featurizer(model, TASK, projector=sa.EigenbasisProjector(30, factors), progress=False)
+    mem = sa.EKFACScorer(factors, feat).fit(feat.featurize((x, y))).score((x[:4], y[:4]))
+    disk = sa.EKFACScorer(factors, feat).fit(feat.featurize((x, y), store="disk", path=tmp_path / "e.h5")).score((x[:4], y[:4]))
+    assert torch.allclose(mem, disk.double(), rtol=1e-5, atol=1e-6)  # disk rows are float32
+    other = sa.fit_factors(model, TASK, (x[:30], y[:30]), kind="ekfac", fisher="empirical", progress=False)
+    feat2 = sa.Featurizer(model, TASK, projector=sa.EigenbasisProjector(30, other), progress=False)
+    with pytest.raises(StoreMismatchError, match="projector"):
+        feat2.featurize((x, y), store=sa.DiskStore(tmp_path / "e.h5"))
+    with pytest.raises(ValueError, match="not the factors' blocks"):
+        sa.Featurizer(model, TASK, modules=["fc", "head"], projector=sa.EigenbasisProjector(10, factors), progress=False).train_rows((x, y))
+    with pytest.raises(ValueError, match="EKFAC or KFAC"):
+        sa.EigenbasisProjector(10, sa.fit_factors(model, TASK, (x, y), kind="diagonal", progress=False))
+    with pytest.raises(ValueError, match="more than the 99 coordinates"):
+        sa.EigenbasisProjector(100, factors)
