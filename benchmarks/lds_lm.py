@@ -16,7 +16,9 @@ Rows, one per method (the columns a training example costs in the store):
 * LoGra-style: per-layer k × k projections of layer inputs and output gradients, EKFAC fitted in
   the projected space (token-level projected covariances, Λ from the projected train rows);
 * EigenbasisProjector + EKFACScorer: the m EKFAC eigen-coordinates with the largest Λ/λ, exact
-  EKFAC on them (see sketchattr/project/eigenbasis.py).
+  EKFAC on them (see sketchattr/project/eigenbasis.py);
+* SparseEigenbasisProjector + EKFACScorer: per example, its own m/2 largest whitened
+  eigen-coordinates (values + indices: m columns).
 
     python benchmarks/lds_lm.py [--quick] [--fisher true|empirical]
     PYTHONPATH=. <kronfluence venv>/bin/python benchmarks/lds_lm.py --kronfluence   # adds Kronfluence's EKFAC
@@ -215,14 +217,54 @@ class Bench:
         value = self.lds(scorer.score(self.text.queries))
         self.add(f"EigenbasisProjector + EKFAC (holds {proj.captured:.0%} of d_λ)", m, value, time.perf_counter() - t0)
 
+    def eigen_topk(self, m: int) -> None:
+        t0 = time.perf_counter()
+        feat = self.featurizer(sa.SparseEigenbasisProjector(m - m % 2, self.factors()))
+        scorer = sa.EKFACScorer(self.factors(), feat).fit(feat.featurize(self.text.train))
+        self.add(f"SparseEigenbasisProjector + EKFAC ({m // 2:,} values + indices)", m - m % 2,
+                 self.lds(scorer.score(self.text.queries)), time.perf_counter() - t0)
+
+
+def plot(bench: Bench, path: str) -> None:
+    """LDS against columns per training example for the sketches with a budget curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for prefix, label, style in (("LoGra", "LoGra-style (EKFAC in a random k×k projection)", "s--"),
+                                 ("EigenbasisProjector", "EigenbasisProjector (global top Λ/λ)", "o-"),
+                                 ("SparseEigenbasisProjector", "SparseEigenbasisProjector (per-example top-k)", "D-")):
+        pts = sorted((int(c.replace(",", "")), v) for name, c, v, *_ in bench.rows if name.startswith(prefix))
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    ax.axhline(bench.ekfac_lds, color="k", lw=1, label=f"EKFAC, unsketched ({bench.exact_store.dim:,} columns)")
+    ax.axhline(0.95 * bench.ekfac_lds, color="k", lw=0.8, ls=":", label="0.95 × EKFAC")
+    ax.axvline(bench.exact_store.dim / 8, color="grey", lw=0.8, ls="--", label="d / 8")
+    ax.set_xscale("log")
+    ax.set_xticks([2048, 4096, 8192, 16384, 32768])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(top=bench.ekfac_lds + 0.01)
+    ax.set_xlabel("columns per training example")
+    ax.set_ylabel("LDS (50 queries, 100 subsets × 2 seeds)")
+    ax.set_title("Transformer LDS bench: sketch size against LDS")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"saved {path}")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--fisher", default="true", choices=["true", "empirical"])
     ap.add_argument("--cache_dir", default="grad_cache")
-    ap.add_argument("--methods", default="exact,sketches,logra,eigenbasis")
+    ap.add_argument("--methods", default="exact,sketches,logra,eigenbasis,eigen_topk")
     ap.add_argument("--kronfluence", action="store_true", help="also run Kronfluence's EKFAC (its own venv)")
+    ap.add_argument("--plot", default=None, help="save the LDS-vs-columns curves to this PNG")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     bench = Bench(args.quick, args.fisher, args.cache_dir)
@@ -244,6 +286,11 @@ def main() -> None:
         for c in sorted(set(budgets + [d // 64, d // 32, d // 16, d // 8])):
             if c <= d:
                 bench.eigenbasis(c)
+    if "eigen_topk" in methods:
+        for c in sorted(set(budgets + [d // 16, d // 8])):
+            bench.eigen_topk(c)
+    if args.plot:
+        plot(bench, args.plot)
     print(f"\n| method | columns | LDS | × EKFAC |\n|---|---|---|---|")
     for name, cols, value, _secs, *best in bench.rows:
         print(f"| {name} | {cols} | {value:.3f}{f' / {best[0]:.3f}' if best else ''} | {value / bench.ekfac_lds:.2f} |")

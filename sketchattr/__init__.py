@@ -8,6 +8,7 @@ from sketchattr.modules import ModuleSelection, select_modules
 from sketchattr.project import (
     EigenbasisProjector,
     FactGraSSProjector,
+    SparseEigenbasisProjector,
     FactorizedProjector,
     GaussianProjector,
     IdentityProjector,
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamPreconditioner", "CausalLMTask", "LossTask", "PadCollator", "SequenceClassificationTask", "last_blocks",
-    "EigenbasisProjector", "CPUStore", "DiskStore", "StoreCorruptedError", "make_sampler", "make_store",
+    "EigenbasisProjector", "SparseEigenbasisProjector", "CPUStore", "DiskStore", "StoreCorruptedError", "make_sampler", "make_store",
     "ClassificationTask", "FactGraSSProjector", "FactorizedProjector", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
     "MemoryStore", "ModuleSelection", "NonFiniteGradientError", "Projector", "RademacherProjector",
     "RegressionTask", "SJLTProjector", "Scorer", "SketchedInfluence", "StoreMetadata",

@@ -78,6 +78,8 @@ def main(out: Path) -> None:
     feat_e = sa.Featurizer(model, task, projector=sa.EigenbasisProjector(EIGEN_M, factors), batch_size=BATCH, progress=False)
     eig_shard = sad.featurize(feat_e, train, path=out / "eigen.h5")
     res["eigen_scores"] = sa.EKFACScorer(factors, feat_e).fit(eig_shard, collective=c).score(query)
+    feat_s = sa.Featurizer(model, task, projector=sa.SparseEigenbasisProjector(EIGEN_M, factors), batch_size=BATCH, progress=False)
+    res["eigen_topk_scores"] = sa.EKFACScorer(factors, feat_s).fit(sad.featurize(feat_s, train, path=out / "topk.h5"), collective=c).score(query)
 
     # 5. DDP: wrapped before creating the featurizer (prefixed names) and after
     before = nn.parallel.DistributedDataParallel(copy.deepcopy(model))

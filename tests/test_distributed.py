@@ -54,7 +54,9 @@ def single(tmp_path_factory):
         ekfac = sa.EKFACScorer(factors, feat).fit(store)
         feat_e = sa.Featurizer(model, task, projector=sa.EigenbasisProjector(W.EIGEN_M, factors), batch_size=W.BATCH, progress=False)
         eigen = sa.EKFACScorer(factors, feat_e).fit(feat_e.featurize(train, store=sa.DiskStore(out / "eigen.h5")))
-        return dict(eigen_scores=eigen.score(query), rows=store.rows(), indices=store.indices, si=si, qrows=qrows, gram=gram, gram_q=feat_id.query_rows(query),
+        feat_s = sa.Featurizer(model, task, projector=sa.SparseEigenbasisProjector(W.EIGEN_M, factors), batch_size=W.BATCH, progress=False)
+        topk = sa.EKFACScorer(factors, feat_s).fit(feat_s.featurize(train, store=sa.DiskStore(out / "topk.h5")))
+        return dict(eigen_scores=eigen.score(query), eigen_topk_scores=topk.score(query), rows=store.rows(), indices=store.indices, si=si, qrows=qrows, gram=gram, gram_q=feat_id.query_rows(query),
                     factors=factors, ekfac_scores=ekfac.score(query), ekfac_top=ekfac.top_k(query, k=W.K), feat=feat,
                     train=train)
     finally:
@@ -131,6 +133,7 @@ def test_eigenbasis_sketch_on_shards_matches_single_process(run, single):
     _, res = run
     for r in range(WORLD):
         assert torch.allclose(res[r]["eigen_scores"], single["eigen_scores"], rtol=1e-6, atol=1e-9)
+        assert torch.allclose(res[r]["eigen_topk_scores"], single["eigen_topk_scores"], rtol=1e-5, atol=1e-8)
 
 
 def test_ddp_wrapped_before_or_after(run, single):

@@ -97,3 +97,53 @@ def test_disk_store_and_checks(tmp_path):
         sa.EigenbasisProjector(10, sa.fit_factors(model, TASK, (x, y), kind="diagonal", progress=False))
     with pytest.raises(ValueError, match="more than the 99 coordinates"):
         sa.EigenbasisProjector(100, factors)
+
+
+@pytest.mark.parametrize("k", [99, 12])
+def test_sparse_rows_equal_per_example_topk_formula(k):
+    """Per example, the k largest |whitened eigen-coordinates| (values + index bits); EKFAC reads them exactly."""
+    model, x, y, factors = setup()
+    proj = sa.SparseEigenbasisProjector(2 * k, factors)
+    feat = sa.Featurizer(model, TASK, projector=proj, batch_size=16, progress=False, engine="hooks")
+    store = feat.featurize((x, y))
+    assert store.dim == 2 * k
+    rows = torch.cat([r for _, r in store.iter_blocks()])
+    G, Q = per_example_grads(model, ce_loss, x, y), per_example_grads(model, margin_fn, x[:5], y[:5])
+    W, Wq, offset = [], [], 0
+    for K, lam, D, perm in explicit(factors, model):
+        d = len(perm)
+        gv, qv = torch.zeros(G.shape[0], d, dtype=torch.float64), torch.zeros(Q.shape[0], d, dtype=torch.float64)
+        gv[:, perm], qv[:, perm] = G[:, offset : offset + d], Q[:, offset : offset + d]
+        W.append(gv @ K / D.sqrt())
+        Wq.append(qv @ K / D.sqrt())
+        offset += d
+    W, Wq = torch.cat(W, 1), torch.cat(Wq, 1)
+    top = W.abs().topk(k, dim=1).indices
+    idx = rows[:, k:].contiguous().view(torch.int32).long()
+    assert torch.equal(idx.sort(1).values, top.sort(1).values)  # the same coordinates, exact indices
+    assert torch.allclose(rows[:, :k].double(), W.gather(1, idx), atol=1e-5)  # float32 values
+    sparse = torch.zeros_like(W).scatter_(1, top, W.gather(1, top))
+    scores = sa.EKFACScorer(factors, feat).fit(store).score((x[:5], y[:5]))
+    assert torch.allclose(scores, -Wq @ sparse.T, rtol=1e-4, atol=1e-6 * float(scores.abs().max()))
+    if k == 99:  # every coordinate: exact EKFAC
+        exact = sa.Featurizer(model, TASK, progress=False)
+        ref = sa.EKFACScorer(factors, exact).fit(exact.featurize((x, y))).score((x[:5], y[:5]))
+        assert torch.allclose(scores, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_sparse_rows_only_for_the_ekfac_family(tmp_path):
+    model, x, y, factors = setup()
+    feat = sa.Featurizer(model, TASK, projector=sa.SparseEigenbasisProjector(20, factors), progress=False)
+    store = feat.featurize((x, y))
+    with pytest.raises(ValueError, match="score it with EKFACScorer"):
+        sa.SketchedInfluence().fit(store)
+    with pytest.raises(ValueError, match="score it with EKFACScorer"):
+        sa.TracIn(feat).fit(store)
+    mem = sa.EKFACScorer(factors, feat).fit(store).score((x[:3], y[:3]))
+    disk = sa.EKFACScorer(factors, feat).fit(feat.featurize((x, y), store="disk", path=tmp_path / "s.h5")).score((x[:3], y[:3]))
+    assert torch.equal(mem, disk)  # float32 disk rows keep the index bits
+    half = feat.featurize((x, y), store="disk", path=tmp_path / "h.h5", storage_dtype="bfloat16")
+    with pytest.raises(ValueError, match="float32"):
+        sa.EKFACScorer(factors, feat).fit(half).score((x[:3], y[:3]))
+    with pytest.raises(ValueError, match="even"):
+        sa.SparseEigenbasisProjector(21, factors)

@@ -18,7 +18,7 @@ from .base import (
     make_projector,
 )
 from .dense import DenseProjector, GaussianProjector, RademacherProjector
-from .eigenbasis import EigenbasisProjector
+from .eigenbasis import EigenbasisProjector, SparseEigenbasisProjector
 from .factgrass import FactGraSSProjector
 from .factorized import FactorizedProjector
 from .identity import IdentityProjector
@@ -29,6 +29,7 @@ __all__ = [
     "ChunkedProjector",
     "DenseProjector",
     "EigenbasisProjector",
+    "SparseEigenbasisProjector",
     "FactGraSSProjector",
     "FactorizedProjector",
     "IdentityProjector",

@@ -179,6 +179,20 @@ class Projector(Registered, abc.ABC):
             self._accumulate(out, g, k)
         return self._finish(out)
 
+    sparse_rows: ClassVar[bool] = False
+    """Rows are not coordinates of one linear map (e.g. (value, index) pairs): only scorers that
+    read them through :meth:`inner` (the EKFAC family) may use such a store."""
+
+    def project_query(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The query side of :meth:`inner` for preconditioned query gradients (default: :meth:`project`)."""
+        return self.project(grads)
+
+    def inner(self, queries: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Inner products ``[n_query, n_rows]`` of :meth:`project_query` rows with stored rows (default:
+        ``queries @ rowsᵀ`` in ``dtype``, by default the rows' precision, at least float32)."""
+        dtype = dtype or (rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32)
+        return queries.to(device=rows.device, dtype=dtype) @ rows.to(dtype).T
+
     def bind(self, layouts: Sequence[Any]) -> "Projector":
         """Learn the featurizer's block layouts (``KronLayout`` / ``FlatLayout``, one per block);
         projectors that need them (factorized, eigenbasis) override this. Returns ``self``."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from sketchattr.curvature.factors import Factors
     from sketchattr.featurize.engine import BatchCapture
 
-__all__ = ["EigenbasisProjector"]
+__all__ = ["EigenbasisProjector", "SparseEigenbasisProjector"]
 
 
 class EigenbasisProjector(Projector, name="eigenbasis"):
@@ -130,7 +130,10 @@ class EigenbasisProjector(Projector, name="eigenbasis"):
     def project_captured(self, capture: "BatchCapture") -> torch.Tensor:
         """From the hook engine: dense Kronecker factors are rotated first (``Σ_t (Q_Sᵀ row_t)(Q_Aᵀ col_t)ᵀ``),
         other blocks rotate their exact gradient."""
-        parts = []
+        return torch.cat(list(self._captured_parts(capture)), dim=1)
+
+    def _captured_parts(self, capture: "BatchCapture") -> Iterator[torch.Tensor]:
+        """Each block's kept coordinates ``[B, m_b]``, block by block."""
         for b, block in enumerate(capture.blocks):
             pairs = capture.factors(b) if block.kronecker else []
             if pairs and all(isinstance(r, DenseFactor) and isinstance(c, DenseFactor) for r, c in pairs):
@@ -142,10 +145,9 @@ class EigenbasisProjector(Projector, name="eigenbasis"):
                     rc = col.values if qa is None else col.values @ qa
                     z = torch.bmm(rr.transpose(1, 2), rc)
                     rot = z if rot is None else rot + z
-                parts.append(self._keep_rotated(rot, b))
+                yield self._keep_rotated(rot, b)
             else:
-                parts.append(self._keep_rotated(self._rotate(self.layouts[b].from_flat(capture.grads(b)), b), b))
-        return torch.cat(parts, dim=1)
+                yield self._keep_rotated(self._rotate(self.layouts[b].from_flat(capture.grads(b)), b), b)
 
     def project_module(self, g: torch.Tensor, module_index: int) -> torch.Tensor:
         """One block's flat gradient -> its kept coordinates ``[B, m_k]``."""
@@ -181,3 +183,99 @@ class EigenbasisProjector(Projector, name="eigenbasis"):
 
     def _module_matrix(self, d: int, k: int, dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError("EigenbasisProjector overrides matrix() directly")
+
+
+class SparseEigenbasisProjector(EigenbasisProjector, name="eigen_topk"):
+    """Per example, the ``k = m/2`` whitened EKFAC eigen-coordinates of largest magnitude.
+
+    A training example's whitened coordinates are ``W = (Λ + λ)^(-1/2) ⊙ Q_Sᵀ G Q_A`` over every
+    block (EKFAC scores are ``−W_q · W_g``). Each example keeps its own ``k`` largest ``|W|``: the
+    row is ``[values (k) | indices (k)]``, ``m = 2k`` columns, the indices' int32 bits stored in
+    float32 columns (exact for any index; the store must keep float32 rows unchanged — memory, CPU
+    or float32 disk stores). The query side is dense (``W_q``, every coordinate) and
+    :meth:`inner` gathers it at each row's indices, so
+
+        EKFACScorer(factors, featurizer with this projector)
+
+    scores ``−Σ_(j in row i) W_q[j] W_i[j]``: exact EKFAC on the coordinates that carry most of each
+    example's own energy, which differ from example to example — at the same number of stored
+    numbers this keeps far more of EKFAC's attribution than one global set of coordinates
+    (:class:`EigenbasisProjector`) or a random sketch. Rows are not a linear map of the gradient:
+    only the EKFAC family reads such a store.
+    """
+
+    sparse_rows = True
+
+    def __init__(self, m: int, factors: "Factors", damping: float | None = None, seed: int = 0,
+                 block_size: int = 8192) -> None:
+        m = _check_int("m", m, minimum=2)
+        if m % 2:
+            raise ValueError(f"m counts values and indices (m = 2k): it must be even, got {m}")
+        total = sum(lay.dim for lay in factors.layouts.values()) if factors is not None else 0
+        super().__init__(max(total, 1), factors, damping, seed, block_size)  # every coordinate, rotated
+        self.k, self.m = m // 2, m
+        if self.k > total:
+            raise ValueError(f"k = m/2 = {self.k} is more than the {total} coordinates of the selected blocks")
+        scales = []
+        for name in self.names:
+            _, _, lam = factors.curvature(name, factors.kind)
+            lam = lam.to(torch.float64).reshape(-1)
+            scales.append(lam + (float(damping) if damping is not None else 0.1 * float(lam.mean())))
+        self._d = torch.cat(scales)  # Λ + λ per coordinate, in block-then-row-major order
+        self._starts = [0] + torch.tensor([len(x) for x in scales]).cumsum(0).tolist()
+
+    def _whitened(self, parts: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streaming top-k of ``|W|`` over blocks: (values [B, k], global indices [B, k])."""
+        vals = idx = None
+        for b, rot in enumerate(parts):
+            d = self._d[self._starts[b] : self._starts[b + 1]].to(device=rot.device, dtype=rot.dtype)
+            w = rot / d.sqrt()
+            gidx = torch.arange(self._starts[b], self._starts[b + 1], device=rot.device).expand(w.shape[0], -1)
+            if vals is not None:
+                w, gidx = torch.cat([vals, w], dim=1), torch.cat([idx, gidx], dim=1)
+            top = w.abs().topk(min(self.k, w.shape[1]), dim=1).indices
+            vals, idx = w.gather(1, top), gidx.gather(1, top)
+        return vals, idx
+
+    def _encode(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.cat([vals.to(torch.float32), idx.to(torch.int32).view(torch.float32)], dim=1)
+
+    def project(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Flat per-block gradients -> ``[B, 2k]`` (values, index bits), float32."""
+        grads = _check_grads(grads)
+        parts = (self._keep_rotated(self._rotate(lay.from_flat(g), b), b) for b, (g, lay) in enumerate(zip(grads, self.layouts)))
+        return self._encode(*self._whitened(parts))
+
+    def project_captured(self, capture: "BatchCapture") -> torch.Tensor:
+        return self._encode(*self._whitened(self._captured_parts(capture)))
+
+    def project_module(self, g: torch.Tensor, module_index: int) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError("a per-example top-k spans every block: use project()")
+
+    def project_query(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Preconditioned query gradients ``u = M q`` -> dense ``W_q = (Λ+λ)^(1/2) ⊙ Kᵀ u`` ``[n_query, d]``
+        (``= (Λ+λ)^(-1/2) ⊙ Kᵀ q``)."""
+        grads = _check_grads(grads)
+        rot = torch.cat([self._keep_rotated(self._rotate(lay.from_flat(g), b), b)
+                         for b, (g, lay) in enumerate(zip(grads, self.layouts))], dim=1)
+        return rot * self._d.to(device=rot.device, dtype=rot.dtype).sqrt()
+
+    def inner(self, queries: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``Σ_j W_q[j] · value_j`` at each row's stored indices: ``[n_query, n_rows]``."""
+        if rows.dtype != torch.float32 or rows.shape[1] != self.m:
+            raise ValueError(f"eigen_topk rows are [n, {self.m}] float32 (values | index bits); got {tuple(rows.shape)} "
+                             f"{rows.dtype}: was the store written in another precision?")
+        vals, idx = rows[:, : self.k], rows[:, self.k :].contiguous().view(torch.int32).long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= queries.shape[1]):
+            raise ValueError("eigen_topk rows hold indices outside the model's coordinates: the store changed their bits "
+                             "(keep it in float32) or belongs to another model")
+        dtype = dtype or torch.float64
+        q = queries.to(device=rows.device, dtype=dtype)
+        out = torch.empty(q.shape[0], rows.shape[0], dtype=dtype, device=rows.device)
+        step = max(1, 2**24 // max(1, q.shape[0] * self.k))
+        for a in range(0, rows.shape[0], step):
+            out[:, a : a + step] = (q[:, idx[a : a + step]] * vals[a : a + step].to(dtype)).sum(dim=-1)
+        return out
+
+    def matrix(self, dims: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError("a per-example top-k is not a linear map: it has no matrix")

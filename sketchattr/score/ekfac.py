@@ -191,7 +191,7 @@ class CurvatureScorer(Scorer):
                 out.append(flat)
                 continue
             with self.profiler.record("project"):
-                out.append(self.featurizer.projector.project(flat))
+                out.append(self.featurizer.projector.project_query(flat))
         if per_module:
             return PreparedQueries([torch.cat(parts) for parts in zip(*out)], per_module=True)
         return PreparedQueries(torch.cat(out))
@@ -214,12 +214,11 @@ class CurvatureScorer(Scorer):
             idx, rows = item
             with self.profiler.record("score block"):
                 dtype = self.score_dtype or (rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32)
-                rows = rows.to(device=self.device, dtype=dtype)
                 if prepared.per_module:
-                    parts = rows.split(dims, dim=1)
+                    parts = rows.to(device=self.device, dtype=dtype).split(dims, dim=1)
                     block = {b.name: -u.to(dtype) @ g.T for b, u, g in zip(self.blocks, prepared.rows, parts)}
                 else:
-                    block = -prepared.rows.to(dtype) @ rows.T
+                    block = -self.featurizer.projector.inner(prepared.rows, rows.to(self.device), self.score_dtype)
             yield idx, block
         if self.profile:
             print(self.profiler.table(f"{type(self).__name__} scoring (cumulative since fit)"))
@@ -230,10 +229,9 @@ class CurvatureScorer(Scorer):
         prepared = self._prepared(queries, {})
         if prepared.per_module:
             raise ValueError("score_rows takes total (not per-module) prepared queries")
-        if rows.dim() != 2 or rows.shape[1] != prepared.rows.shape[1]:
-            raise ValueError(f"rows must be [n, {prepared.rows.shape[1]}] (the store's width); got {tuple(rows.shape)}")
-        dtype = self.score_dtype or (rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32)
-        return -prepared.rows.to(device=self.device, dtype=dtype) @ rows.to(device=self.device, dtype=dtype).T
+        if rows.dim() != 2 or rows.shape[1] != self.store.dim:
+            raise ValueError(f"rows must be [n, {self.store.dim}] (the store's width); got {tuple(rows.shape)}")
+        return -self.featurizer.projector.inner(prepared.rows, rows.to(self.device), self.score_dtype)
 
     def score(self, queries: Any, **kwargs: Any) -> "torch.Tensor | dict[str, torch.Tensor]":
         """Scores [n_query, n_train] (``per_module=True``: dict module -> [n_query, n_train])."""
@@ -261,8 +259,9 @@ class CurvatureScorer(Scorer):
         for _, dws in self.module_gradients(train_dataset, "train", idx):
             us = self.precondition(dws)
             if sketched:
-                flat = lambda ms: self.featurizer.projector.project([b.layout.to_flat(m) for b, m in zip(self.blocks, ms)])
-                out.append((flat(us) * flat([d.to(self.dtype) for d in dws])).sum(dim=1))
+                proj = self.featurizer.projector
+                flat = lambda ms: [b.layout.to_flat(m) for b, m in zip(self.blocks, ms)]
+                out.append(proj.inner(proj.project_query(flat(us)), proj.project(flat([d.to(self.dtype) for d in dws]))).diagonal())
             else:
                 out.append(sum((u * dw.to(self.dtype)).sum(dim=(1, 2)) for u, dw in zip(us, dws)))
         return torch.cat(out) if indices is not None else self._gather_columns(torch.cat(out), dim=0)

@@ -22,6 +22,7 @@ import torch
 from sketchattr.score.base import Scorer, as_store
 from sketchattr.score.damping import auto_damping, effective_dimension
 from sketchattr.score.linalg import accumulate_gram, eigh_ascending, symmetrize_upper
+from sketchattr.store.base import require_dense_rows
 from sketchattr.store import GradientStore
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         holds the single-process decomposition; scores then cover all ranks' rows.
         """
         store = as_store(store, indices)
+        require_dense_rows(store.metadata, "SketchedInfluence")
         self._bind(store, collective)
         m = store.dim
         n = int(self._sum(torch.tensor(len(store), dtype=torch.int64)))

@@ -32,6 +32,7 @@ import torch
 from sketchattr.featurize.featurizer import Featurizer, _as_dataset
 from sketchattr.score.base import Scorer
 from sketchattr.score.topk import TopK
+from sketchattr.store.base import require_dense_rows
 from sketchattr.store import GradientStore, StoreMismatchError
 
 _STORAGE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -137,6 +138,7 @@ class TracIn(Scorer, name="tracin"):
         for c, (store, feat) in enumerate(zip(stores, self.featurizers)):
             if store.metadata is None or len(store) == 0:
                 raise ValueError(f"the store of checkpoint {c} holds no rows: featurize the training set first")
+            require_dense_rows(store.metadata, "TracIn")
             want = feat.metadata("train")
             try:
                 store.metadata.check_matches(want)

@@ -70,6 +70,19 @@ class StoreMetadata:
             )
 
 
+def require_dense_rows(metadata: "StoreMetadata | None", scorer: str) -> None:
+    """Refuse a store whose rows are not coordinates of a linear sketch (e.g. ``eigen_topk``
+    (value, index) pairs), which only the EKFAC family can read."""
+    if metadata is None:
+        return
+    from sketchattr.project import Projector  # lazy: the projectors import nothing from stores
+
+    cls = Projector.registry.get(metadata.projector.get("type", ""))
+    if cls is not None and getattr(cls, "sparse_rows", False):
+        raise ValueError(f"{scorer} needs rows that are coordinates of a linear sketch; this store holds "
+                         f"{metadata.projector['type']} rows (values and indices): score it with EKFACScorer")
+
+
 class GradientStore(Registered, abc.ABC):
     """Rows of sketched training gradients [n_train, m] with dataset indices [n_train].
 
