@@ -1,6 +1,5 @@
 """Hugging Face tasks, the pad collator, module selection by kind / pattern / LoRA / last blocks,
 per-token scores and optimizer-aware (LESS / TrackStar) gradients, against explicit formulas."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,7 @@ from torch import nn
 
 from dense_reference import ce_loss, per_example_grads
 from sketchattr import ClassificationTask, FactGraSSProjector, FactorizedProjector, Featurizer, SJLTProjector
-from sketchattr.featurize import HookMismatchError, VmapError
+from sketchattr.featurize import HookMismatchError
 from sketchattr.featurize.rules import FlatLayout, KronLayout, LayerRule, rule_for
 from sketchattr.modules import select_modules
 

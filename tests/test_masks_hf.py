@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from padded_lm import PaddedLMTask, autograd_rows, padded_tokens, tiny_hf, unpadded
 from sketchattr import EKFACScorer, Featurizer, KFACScorer, SJLTProjector, fit_factors

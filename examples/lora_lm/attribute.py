@@ -62,7 +62,8 @@ def train(model: torch.nn.Module, data: list[dict], epochs: int, seed: int = 0) 
             opt.zero_grad()
             (task.train_loss(model, batch) / batch["attention_mask"].sum()).backward()
             opt.step()
-    return model.eval() and opt
+    model.eval()
+    return opt
 
 
 @dataclass

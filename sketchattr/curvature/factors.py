@@ -59,7 +59,9 @@ from tqdm.auto import tqdm
 
 from sketchattr.curvature.profiler import Profiler
 from sketchattr.featurize.engine import BatchCapture, Block, HookEngine
-from sketchattr.featurize.featurizer import _as_dataset, _first, _tree_map, dataset_length, example_runner, main_process
+from sketchattr.featurize.featurizer import (
+    _as_dataset, _batch_len, _first, _tree_map, dataset_length, example_runner, main_process, task_mask,
+)
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.featurize.rules import BlockLayout, layout_from
 from sketchattr.modules import select_modules, unwrap_model
@@ -352,7 +354,7 @@ def _data_pass(run: _Run, desc: str, consume: Callable[[BatchCapture], None], pa
                 for b, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not run.progress)):
                     torch.manual_seed(batch_seed(run.seed, pass_index, first_batch + b))
                     batch = _tree_map(cast, batch)
-                    n, mask = _batch_size(batch), _task_mask(task, batch, device)
+                    n, mask = _batch_len(batch), task_mask(task, batch, device)
                     with prof.record("forward + backward"):
                         cap = engine.run(lambda: task.train_loss(model, batch, sample=run.sample), n, mask)
                     if b == 0:
@@ -362,18 +364,6 @@ def _data_pass(run: _Run, desc: str, consume: Callable[[BatchCapture], None], pa
                         consume(cap)
     finally:
         model.train(was_training)
-
-
-def _batch_size(batch: Any) -> int:
-    from sketchattr.featurize.featurizer import _batch_len
-
-    return _batch_len(batch)
-
-
-def _task_mask(task: Task, batch: Any, device: torch.device) -> torch.Tensor | None:
-    fn = getattr(task, "mask", None)
-    mask = fn(batch) if callable(fn) else None
-    return None if mask is None else mask.to(device)
 
 
 Terms = Callable[[int, BatchCapture], dict[str, torch.Tensor]]

@@ -451,7 +451,7 @@ class Featurizer:
         def rows(batch: Any) -> torch.Tensor:
             if fallback:
                 return fallback[0](batch)
-            n, mask = _batch_len(batch), self._mask(batch)
+            n, mask = _batch_len(batch), task_mask(self.task, batch, self.device)
             try:
                 with torch.enable_grad():
                     cap = engine.run(loss_of(batch, sample), n, mask)
@@ -480,12 +480,6 @@ class Featurizer:
             return functional_call(model, (params, frozen), args, kwargs)
 
         return call
-
-    def _mask(self, batch: Any) -> torch.Tensor | None:
-        """The Task's position mask ``[B, T]`` (1 = counts), or None."""
-        fn = getattr(self.task, "mask", None)
-        mask = fn(batch) if callable(fn) else None
-        return None if mask is None else mask.to(self.device)
 
     # ------------------------------------------------------------------ helpers
     def _record(self, action: str, items: int) -> contextlib.AbstractContextManager:
@@ -541,6 +535,14 @@ class Featurizer:
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"indices must lie in [0, {n}); found range [{idx.min()}, {idx.max()}]")
         return idx
+
+
+def task_mask(task: Task, batch: Any, device: torch.device) -> torch.Tensor | None:
+    """The Task's position mask ``[B, T]`` (1 = counts) on ``device``, or None (no ``mask`` method
+    on a duck-typed task, or no mask for this batch)."""
+    fn = getattr(task, "mask", None)
+    mask = fn(batch) if callable(fn) else None
+    return None if mask is None else mask.to(device)
 
 
 def example_runner(task: Task, batch: Any) -> Callable[[nn.Module], Any]:

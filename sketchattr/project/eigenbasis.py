@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sketchattr.featurize.rules.factor import DenseFactor
-from sketchattr.featurize.rules.layout import KronLayout
 
 from .base import Projector, _check_dims, _check_grads, _check_int
 
