@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
 
     grads = C.exact_gradients(args, model, split)
     exact = SketchedInfluence().fit(grads.train_store)
-    lam_theory = auto_damping(exact._sigma, sum(grads.dims))
+    lam_theory = auto_damping(exact.sigma, sum(grads.dims), exact.n_train)
     d_theory = effective_dimension(exact._sigma, lam_theory)
     m_theory = recommend_sketch_size(d_theory, args.epsilon)
     rels = [float(r) for r in args.lambdas.split(",")]

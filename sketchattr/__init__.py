@@ -15,6 +15,7 @@ from sketchattr.project import (
     Projector,
     RademacherProjector,
     SJLTProjector,
+    TensorSketchProjector,
     make_projector,
 )
 from sketchattr.score import Scorer, SketchedInfluence, TopK, top_k
@@ -41,7 +42,7 @@ __all__ = [
     "EigenbasisProjector", "SparseEigenbasisProjector", "CPUStore", "DiskStore", "StoreCorruptedError", "make_sampler", "make_store",
     "ClassificationTask", "FactGraSSProjector", "FactorizedProjector", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
     "MemoryStore", "ModuleSelection", "NonFiniteGradientError", "Projector", "RademacherProjector",
-    "RegressionTask", "SJLTProjector", "Scorer", "SketchedInfluence", "StoreMetadata",
+    "RegressionTask", "SJLTProjector", "TensorSketchProjector", "Scorer", "SketchedInfluence", "StoreMetadata",
     "StoreMismatchError", "Task", "TopK", "make_projector", "model_fingerprint", "select_modules", "top_k",
 ]
 

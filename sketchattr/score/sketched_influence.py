@@ -8,6 +8,17 @@ cost one matrix product each. Two exact paths:
 * ``gram`` (m > n): K = H Hᵀ / s with H = diag(√w) Ĝ, s = Σ w (n×n); queries are preconditioned
   by Woodbury, (HᵀH/s + λI)⁻¹q = (q − Hᵀ U diag(1/(s(σ+λ))) Uᵀ H q) / λ.
 
+And one that scales (:mod:`sketchattr.score.nystrom`):
+
+* ``nystrom``: the top r eigenpairs (V, σ) of F̂ from ``power_iters + 1`` streamed passes over the
+  store (memory O(m·r), never m×m or n×n), and (F̂ + λI)⁻¹ ≈ V diag(1/(σ+λ)) Vᵀ + (I − VVᵀ)/λ: the
+  directions beyond the top r count as curvature-free, which is accurate when their eigenvalues
+  are well below λ. tr F̂ comes from the same pass, so d_λ and ``damping="auto"`` see the tail's
+  total. Exact (to round-off) when r ≥ rank F̂.
+
+``method="auto"`` keeps the exact paths while min(m, n) ≤ 2,048 (the eigendecomposition then costs
+seconds) and switches to ``nystrom`` above.
+
 Scoring streams the store: ``u = (F̂ + λI)⁻¹ q̂`` once per query batch, then ``−u ĝ_iᵀ`` block by
 block, so a store larger than memory can be scored (see :meth:`Scorer.top_k`).
 """
@@ -22,6 +33,7 @@ import torch
 from sketchattr.score.base import Scorer, as_store
 from sketchattr.score.damping import auto_damping, effective_dimension
 from sketchattr.score.linalg import accumulate_gram, eigh_ascending, symmetrize_upper
+from sketchattr.score.nystrom import completed_spectrum, nystrom_eigh, weighted_blocks
 from sketchattr.store.base import require_dense_rows
 from sketchattr.store import GradientStore
 
@@ -30,11 +42,20 @@ if TYPE_CHECKING:
     from sketchattr.distributed.collective import Collective
 
 
+#: method="auto" decomposes F̂ exactly while min(m, n) is at most this, else runs Nyström
+EXACT_FIT_LIMIT = 2048
+#: default Nyström rank r (capped at min(m, n))
+NYSTROM_RANK = 512
+
+
 class SketchedInfluence(Scorer, name="sketched_influence"):
     """Regularized (damped) influence on sketched gradients.
 
     damping: ``"auto"`` (default; see :func:`sketchattr.score.damping.auto_damping`) or λ > 0.
-    method: ``"auto"`` (Gram form when m > n), ``"eigen"`` (m×m) or ``"gram"`` (n×n).
+    method: ``"auto"`` (exact while min(m, n) ≤ 2,048 — Gram form when m > n — else Nyström),
+    ``"eigen"`` (m×m), ``"gram"`` (n×n) or ``"nystrom"`` (top-r, streamed). rank: Nyström's r
+    (default min(512, m, n)); power_iters: its subspace iterations (each one more pass over the
+    store); seed: its random test matrix; progress: a bar over its passes.
     dtype: dtype of F̂, its eigendecomposition and the preconditioned queries (float64 by
     default); streamed score products run in the store rows' precision (float32 for fp32, fp16
     and bf16 stores, float64 for float64 rows). device: where blocks are scored
@@ -43,8 +64,10 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
     ``fit`` records ``"fit: accumulate Fhat"`` (or ``"fit: Gram matrix"``, with the rows read) and
     ``"fit: eigendecomposition"``.
 
-    After ``fit``: ``sigma`` (eigenvalues of F̂, descending), ``sigma_max``, ``damping_``
-    (resolved λ), ``effective_dimension(λ)``, ``path`` (``"eigen"`` or ``"gram"``).
+    After ``fit``: ``sigma`` (eigenvalues of F̂, descending; on the Nyström path the top r, then the
+    tail's total spread evenly), ``sigma_max``, ``trace`` (tr F̂), ``damping_`` (resolved λ),
+    ``effective_dimension(λ)``, ``path`` (``"eigen"``, ``"gram"`` or ``"nystrom"``), ``rank_``
+    (eigenpairs held).
     """
 
     def __init__(
@@ -55,9 +78,17 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         device: "str | torch.device | None" = None,
         block_rows: int | None = None,
         profiler: "Profiler | None" = None,
+        rank: int | None = None,
+        power_iters: int = 1,
+        seed: int = 0,
+        progress: bool = False,
     ) -> None:
-        if method not in ("auto", "eigen", "gram"):
-            raise ValueError(f"method must be 'auto', 'eigen' or 'gram', got {method!r}")
+        if method not in ("auto", "eigen", "gram", "nystrom"):
+            raise ValueError(f"method must be 'auto', 'eigen', 'gram' or 'nystrom', got {method!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be None or an int >= 1, got {rank!r}")
+        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
+            raise ValueError(f"power_iters must be an int >= 0, got {power_iters!r}")
         if not (damping == "auto" or _is_positive(damping)):
             raise ValueError(f"damping must be 'auto' or a float > 0, got {damping!r}")
         self.damping = damping
@@ -66,6 +97,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         self.device = torch.device(device) if device is not None else None
         self.block_rows = block_rows
         self.profiler = profiler
+        self.rank, self.power_iters, self.seed, self.progress = rank, power_iters, seed, progress
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -90,7 +122,9 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         if not (torch.isfinite(w).all() and (w > 0).all()):
             raise ValueError("store weights must be finite and > 0")
         self.weight_sum = float(self._sum(w.sum()))
-        self.path = ("gram" if m > n else "eigen") if self.method == "auto" else self.method
+        self.path = self.method
+        if self.method == "auto":
+            self.path = "nystrom" if min(m, n) > EXACT_FIT_LIMIT else ("gram" if m > n else "eigen")
         mine = (bool((w == w[0]).all()), float(w[0]))  # uniform weights: unweighted accumulation
         views = [mine] if collective is None else collective.gather_objects(mine)
         uniform = all(u for u, _ in views) and len({w0 for _, w0 in views}) == 1
@@ -105,6 +139,15 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
             with self._record("fit: eigendecomposition"):
                 sigma, vecs = eigh_ascending(fhat)
             del fhat
+        elif self.path == "nystrom":
+            rank = min(self.rank or NYSTROM_RANK, m, n)
+            with self._record(f"fit: Nyström r={rank}, {self.power_iters + 1} passes", n * (self.power_iters + 1)):
+                res = nystrom_eigh(
+                    lambda: weighted_blocks(((i, self._checked(r)) for i, r in self._blocks()), w), m, rank,
+                    self.weight_sum, self.power_iters, self.seed, self.dtype, self._compute_device(), self._sum,
+                    self.progress,
+                )
+            sigma, vecs, self.trace = res.sigma, res.vectors, res.trace
         else:
             with self._record("fit: Gram matrix", n):
                 G = self._checked(torch.cat([r for _, r in self._blocks(self.dtype)]))
@@ -115,6 +158,11 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         # eigenpairs kept in ascending order (no reordering copy of the m×m eigenvectors)
         self._sigma = sigma.to(device=vecs.device, dtype=self.dtype).clamp(min=0)
         self._vecs = vecs.to(dtype=self.dtype)
+        self.rank_ = int(self._sigma.numel())
+        if self.path == "nystrom":
+            self._spectrum = completed_spectrum(self._sigma, self.trace, min(n, m))
+        else:
+            self._spectrum, self.trace = self._sigma, float(self._sigma.sum())
         self.sigma_max = float(self._sigma[-1])
         if self.sigma_max <= 0:
             raise ValueError("F̂ is zero: every stored gradient vanishes")
@@ -123,9 +171,10 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
 
     @property
     def sigma(self) -> torch.Tensor:
-        """Eigenvalues of F̂ (the nonzero ones of K on the Gram path), descending. [r]"""
+        """Eigenvalues of F̂ (the nonzero ones of K on the Gram path; on the Nyström path the top r,
+        then the tail's total spread evenly), descending. [r]"""
         self._check_fitted()
-        return torch.flip(self._sigma, dims=[0])
+        return torch.flip(self._spectrum, dims=[0])
 
     def resolve_damping(self, damping: "float | str | None" = None) -> float:
         """λ for a damping setting (``None`` → the fitted ``damping_``)."""
@@ -133,14 +182,14 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         if damping is None:
             return self.damping_
         if damping == "auto":
-            return auto_damping(self._sigma, self.dim)
+            return auto_damping(self._spectrum, self.dim, self.n_train)
         if not _is_positive(damping):
             raise ValueError(f"damping must be 'auto' or a float > 0, got {damping!r}")
         return float(damping)
 
     def effective_dimension(self, damping: "float | str | None" = None) -> float:
         """d_λ = tr(F̂(F̂ + λI)⁻¹) at λ (default: the fitted λ)."""
-        return effective_dimension(self._sigma, self.resolve_damping(damping))
+        return effective_dimension(self._spectrum, self.resolve_damping(damping))
 
     # ------------------------------------------------------------------ scoring
     def precondition(self, queries: torch.Tensor, damping: "float | str | None" = None) -> torch.Tensor:
@@ -150,6 +199,8 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         V = self._vecs
         if self.path == "eigen":
             return ((q @ V) / (self._sigma + lam)) @ V.T
+        if self.path == "nystrom":  # top-r part exact, the rest of the space damped by λ alone
+            return q / lam + ((q @ V) * (1.0 / (self._sigma + lam) - 1.0 / lam)) @ V.T
         a = (q @ self._H.T) @ V
         return (q - (a / (self.weight_sum * (self._sigma + lam))) @ V.T @ self._H) / lam
 
