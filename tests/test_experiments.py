@@ -34,6 +34,18 @@ def test_hyperparam_selection_quick(tmp_path):
         assert info["utility"]["m"] in (64, 256)
 
 
+def test_damping_rule_quick(tmp_path):
+    """The damping study runs (digits, 20-subset ground truth) and its auto λ is near its grid's best."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "experiments" / "damping_rule.py"), "--quick", "--output_dir", str(out),
+           "--cache_dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out / "damping_rule.json").read_text())
+    assert len(result["rows"]) == 2 and result["summary"]["max_gap_auto"] < 0.03
+    assert all(0 < row["d_auto"] <= row["m"] / 3 + 1e-6 for row in result["rows"])
+
+
 @pytest.mark.parametrize("strategy", ["ekfac", "sketched"])
 def test_toy_scaling_single(strategy):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_scaling_test.py"), "--test", "single", "--model-size", "tiny",
