@@ -6,7 +6,7 @@ Each path starts from the same trained model and the same rows and is timed from
 
 * ours: TensorSketch (m = 1,024 / 2,048: count sketches of the layer factors, FFT-combined), SJLT
   (m = 2,048 / 4,096) and the factorized sketch at LoGra's column budget (32×32 per Linear = 3,072
-  columns), each with SketchedInfluence(damping="auto"); timings are warm (the first call in a
+  columns; one F̂, and per-module blocks like LoGra's), each with SketchedInfluence(damping="auto"); timings are warm (the first call in a
   process also pays imports and one-time setup — printed for dattri);
 * dattri's LoGraAttributor(proj_dim=1024, hessian="eFIM"): 32×32 per Linear layer with per-layer
   damped curvature blocks; its default damping and, as an oracle, the best of a small grid.
@@ -40,14 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DATTRI_DAMPINGS = (None, 1e-3, 1e-2, 1e-1, 1.0)  # dattri scales λ by tr(block)/size; None = its default 1e-5
 
 
-def our_path(model, split, projector, m):
+def our_path(model, split, projector, m, method="auto"):
     """Featurize + fit + score; returns (scores [100, 3000], seconds, scorer)."""
     import sketchattr as sa
 
     t0 = time.perf_counter()
     feat = sa.Featurizer(model, sa.ClassificationTask(), projector=projector, m=m, seed=0, batch_size=500, progress=False)
     store = feat.featurize(split.train_dataset())
-    scorer = sa.SketchedInfluence(damping="auto").fit(store)
+    scorer = sa.SketchedInfluence(damping="auto", method=method).fit(store)
     scores = scorer.score(feat.query_rows(split.query_dataset()))
     return scores, time.perf_counter() - t0, scorer
 
@@ -115,14 +115,14 @@ def main() -> None:
         return lds(np.asarray(scores, dtype=np.float64), gt.masks, gt.outputs).mean
 
     repeats = 1 if args.quick else args.repeats
-    configs = [("tensorsketch", 1024), ("tensorsketch", 2048), ("sjlt", 2048), ("sjlt", 4096),
-               (sa.FactorizedProjector(32, 32, seed=0), None)]
+    configs = [("tensorsketch", 1024, "auto"), ("tensorsketch", 2048, "auto"), ("sjlt", 2048, "auto"), ("sjlt", 4096, "auto"),
+               (sa.FactorizedProjector(32, 32, seed=0), None, "auto"), (sa.FactorizedProjector(32, 32, seed=0), None, "blocks")]
     rows = []
     print(f"{'method':<48} {'columns':>7} {'LDS':>6} {'seconds (median)':>16}")
-    for projector, m in configs:
+    for projector, m, method in configs:
         times = []
         for _ in range(repeats):
-            scores, sec, scorer = our_path(model, split, projector, m)
+            scores, sec, scorer = our_path(model, split, projector, m, method)
             times.append(sec)
         name = f"ours: {projector if isinstance(projector, str) else projector.name} + SketchedInfluence(auto, {scorer.path})"
         rows.append((name, scorer.dim, lds_of(scores.numpy()), statistics.median(times)))

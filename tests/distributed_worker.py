@@ -68,7 +68,10 @@ def main(out: Path) -> None:
 
     # 3. Gram path (identity projector, d > n) on in-memory shards
     feat_id = sa.Featurizer(model, task, batch_size=BATCH, progress=False)
-    gram = sa.SketchedInfluence().fit(sad.featurize(feat_id, train), collective=c)
+    id_shard = sad.featurize(feat_id, train)
+    gram = sa.SketchedInfluence().fit(id_shard, collective=c)
+    blocks = sa.SketchedInfluence(method="blocks").fit(id_shard, collective=c)
+    res.update(blocks_damping=torch.tensor(blocks.damping_), blocks_scores=blocks.score(feat_id.query_rows(query)))
     res.update(gram_path=torch.tensor(gram.path == "gram"), gram_sigma=gram.sigma, gram_scores=gram.score(feat_id.query_rows(query)))
 
     # 4. EKFAC factors (true Fisher: sampled labels) and EKFAC scores on the shard
@@ -121,6 +124,7 @@ def main(out: Path) -> None:
         sad.featurize(bad, train, path=out / "bad.h5")
     except StoreMismatchError as exc:
         res["mismatch_error"] = torch.tensor(list(str(exc).encode()), dtype=torch.uint8)
+    dist.barrier()  # no rank tears gloo down while a peer's last collective is in flight
     dist.destroy_process_group()
     torch.save(res, out / f"rank{r}.pt")
 

@@ -50,14 +50,16 @@ def single(tmp_path_factory):
         si = sa.SketchedInfluence().fit(store)
         nystrom = sa.SketchedInfluence(method="nystrom", rank=W.NYSTROM_RANK).fit(store)
         feat_id = sa.Featurizer(model, task, batch_size=W.BATCH, progress=False)
-        gram = sa.SketchedInfluence().fit(feat_id.featurize(train))
+        id_store = feat_id.featurize(train)
+        gram = sa.SketchedInfluence().fit(id_store)
+        blocks = sa.SketchedInfluence(method="blocks").fit(id_store)
         factors = sa.fit_factors(model, task, train, kind="ekfac", fisher="true", batch_size=W.BATCH, progress=False)
         ekfac = sa.EKFACScorer(factors, feat).fit(store)
         feat_e = sa.Featurizer(model, task, projector=sa.EigenbasisProjector(W.EIGEN_M, factors), batch_size=W.BATCH, progress=False)
         eigen = sa.EKFACScorer(factors, feat_e).fit(feat_e.featurize(train, store=sa.DiskStore(out / "eigen.h5")))
         feat_s = sa.Featurizer(model, task, projector=sa.SparseEigenbasisProjector(W.EIGEN_M, factors), batch_size=W.BATCH, progress=False)
         topk = sa.EKFACScorer(factors, feat_s).fit(feat_s.featurize(train, store=sa.DiskStore(out / "topk.h5")))
-        return dict(nystrom=nystrom, eigen_scores=eigen.score(query), eigen_topk_scores=topk.score(query), rows=store.rows(), indices=store.indices, si=si, qrows=qrows, gram=gram, gram_q=feat_id.query_rows(query),
+        return dict(blocks=blocks, nystrom=nystrom, eigen_scores=eigen.score(query), eigen_topk_scores=topk.score(query), rows=store.rows(), indices=store.indices, si=si, qrows=qrows, gram=gram, gram_q=feat_id.query_rows(query),
                     factors=factors, ekfac_scores=ekfac.score(query), ekfac_top=ekfac.top_k(query, k=W.K), feat=feat,
                     train=train)
     finally:
@@ -102,6 +104,9 @@ def test_fhat_scores_topk_match_single_process(run, single):
     for res in results:
         assert torch.allclose(res["nystrom_sigma"], ny.sigma, rtol=1e-5, atol=1e-9)  # float32 products, summed per rank
         assert torch.allclose(res["nystrom_scores"], ny.score(q), rtol=1e-4, atol=1e-6)
+    for res in results:  # per-module blocks: per-block F̂ and λ summed over ranks
+        assert torch.allclose(res["blocks_damping"], torch.tensor(single["blocks"].damping_), rtol=1e-10)
+        assert torch.allclose(res["blocks_scores"], single["blocks"].score(single["gram_q"]), rtol=1e-8, atol=1e-10)
     assert results[0]["gram_path"].item()
     gram = single["gram"]
     for res in results:

@@ -262,3 +262,51 @@ def test_nystrom_weighted_disk_store_and_auto_choice(tmp_path, monkeypatch):
         SketchedInfluence(method="nystrom", power_iters=-1)
     with pytest.raises(ValueError, match="nystrom"):
         SketchedInfluence(method="lanczos")
+
+
+# ---------------------------------------------------------------------------- per-module blocks (LoGra-style)
+@pytest.mark.parametrize("projector", ["identity", "factorized"])
+def test_blocks_path_equals_block_diagonal_dense_formula(mlp, data, projector):
+    """method='blocks': −q̂ᵀ blockdiag(F̂_k + λ_k I)⁻¹ĝ with F̂_k the explicit per-module Fisher, λ_k the
+    auto rule applied to each block (max(tr F̂_k / n, d_λ = m_k / 3))."""
+    from sketchattr import FactorizedProjector
+    from sketchattr.score.damping import AUTO_SKETCH_RATIO
+
+    x, y = data
+    proj = "identity" if projector == "identity" else FactorizedProjector(3, 4, seed=1)
+    feat = Featurizer(mlp, ClassificationTask(), projector=proj, progress=False)
+    store = feat.featurize((x, y))
+    q = feat.query_rows((x[:5], y[:5]))
+    scorer = SketchedInfluence(method="blocks").fit(store)
+    G, n = store.rows(), len(x)
+    widths = list(feat.selection().dims) if projector == "identity" else [12] * len(feat.selection().dims)
+    assert scorer._widths == widths and len(scorer.damping_) == len(widths)
+    edges = np.cumsum([0] + widths)
+    ref, d_total = torch.zeros(5, n, dtype=torch.float64), 0.0
+    for (lo, hi), lam in zip(zip(edges[:-1], edges[1:]), scorer.damping_):
+        g = G[:, lo:hi]
+        F = g.T @ g / n
+        eye = torch.eye(hi - lo, dtype=F.dtype)
+        d_lam = torch.trace(torch.linalg.solve(F + lam * eye, F)).item()
+        noise = torch.trace(F).item() / n
+        assert lam == pytest.approx(noise, rel=1e-9) or d_lam == pytest.approx((hi - lo) / AUTO_SKETCH_RATIO, rel=1e-6)
+        ref -= q[:, lo:hi] @ torch.linalg.solve(F + lam * eye, g.T)
+        d_total += d_lam
+    assert torch.allclose(scorer.score(q), ref, atol=1e-10)
+    assert scorer.effective_dimension() == pytest.approx(d_total, rel=1e-8)
+    assert torch.allclose(scorer.score(q, damping=0.05), -(q @ torch.block_diag(*[
+        torch.linalg.inv(G[:, lo:hi].T @ G[:, lo:hi] / n + 0.05 * torch.eye(hi - lo, dtype=G.dtype))
+        for lo, hi in zip(edges[:-1], edges[1:])]) @ G.T), atol=1e-10)
+
+
+def test_blocks_path_refuses_mixed_rows(mlp, data):
+    x, y = data
+    feat = Featurizer(mlp, ClassificationTask(), projector="sjlt", m=32, seed=0, progress=False)
+    store = feat.featurize((x, y))
+    with pytest.raises(ValueError, match="per-module blocks.*'sjlt'"):
+        SketchedInfluence(method="blocks").fit(store)
+    with pytest.raises(ValueError, match="sum to the store's width 32"):
+        SketchedInfluence(method="blocks", block_widths=[10, 10]).fit(store)
+    scorer = SketchedInfluence(method="blocks", block_widths=[16, 16]).fit(store)
+    with pytest.raises(ValueError, match="2 floats"):
+        scorer.score(feat.query_rows((x[:2], y[:2])), damping=(0.1, 0.2, 0.3))

@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     collective = init_distributed(args)
     try:
-        return analyze.run(args, collective=collective, wrap=wrap_ddp)
+        result = analyze.run(args, collective=collective, wrap=wrap_ddp)
+        # every rank done before any tears gloo down: a rank leaving while a peer's last collective is
+        # still in flight aborts that peer at exit ("terminate called without an active exception")
+        dist.barrier()
+        return result
     finally:
         dist.destroy_process_group()
 

@@ -16,6 +16,10 @@ And one that scales (:mod:`sketchattr.score.nystrom`):
   are well below λ. tr F̂ comes from the same pass, so d_λ and ``damping="auto"`` see the tail's
   total. Exact (to round-off) when r ≥ rank F̂.
 
+And a LoGra-style option for stores whose columns are per-module blocks (identity or factorized
+rows): ``blocks`` fits a block-diagonal F̂ (one exact eigendecomposition per module, Σ m_k² memory),
+each block with its own λ_k (``damping="auto"`` applies the rule per block).
+
 ``method="auto"`` keeps the exact paths while min(m, n) ≤ 2,048 (the eigendecomposition then costs
 seconds) and switches to ``nystrom`` above.
 
@@ -53,7 +57,8 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
 
     damping: ``"auto"`` (default; see :func:`sketchattr.score.damping.auto_damping`) or λ > 0.
     method: ``"auto"`` (exact while min(m, n) ≤ 2,048 — Gram form when m > n — else Nyström),
-    ``"eigen"`` (m×m), ``"gram"`` (n×n) or ``"nystrom"`` (top-r, streamed). rank: Nyström's r
+    ``"eigen"`` (m×m), ``"gram"`` (n×n), ``"nystrom"`` (top-r, streamed) or ``"blocks"`` (per-module
+    block-diagonal F̂; ``block_widths`` overrides the widths read from the store). rank: Nyström's r
     (default min(512, m, n)); power_iters: its subspace iterations (each one more pass over the
     store); seed: its random test matrix; progress: a bar over its passes.
     dtype: dtype of F̂, its eigendecomposition and the preconditioned queries (float64 by
@@ -67,7 +72,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
     After ``fit``: ``sigma`` (eigenvalues of F̂, descending; on the Nyström path the top r, then the
     tail's total spread evenly), ``sigma_max``, ``trace`` (tr F̂), ``damping_`` (resolved λ),
     ``effective_dimension(λ)``, ``path`` (``"eigen"``, ``"gram"`` or ``"nystrom"``), ``rank_``
-    (eigenpairs held).
+    (eigenpairs held). On the ``blocks`` path ``damping_`` is a tuple (one λ per block).
     """
 
     def __init__(
@@ -82,9 +87,10 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         power_iters: int = 1,
         seed: int = 0,
         progress: bool = False,
+        block_widths: "Sequence[int] | None" = None,
     ) -> None:
-        if method not in ("auto", "eigen", "gram", "nystrom"):
-            raise ValueError(f"method must be 'auto', 'eigen', 'gram' or 'nystrom', got {method!r}")
+        if method not in ("auto", "eigen", "gram", "nystrom", "blocks"):
+            raise ValueError(f"method must be 'auto', 'eigen', 'gram', 'nystrom' or 'blocks', got {method!r}")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"rank must be None or an int >= 1, got {rank!r}")
         if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
@@ -98,6 +104,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         self.block_rows = block_rows
         self.profiler = profiler
         self.rank, self.power_iters, self.seed, self.progress = rank, power_iters, seed, progress
+        self.block_widths = None if block_widths is None else [int(b) for b in block_widths]
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -139,6 +146,26 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
             with self._record("fit: eigendecomposition"):
                 sigma, vecs = eigh_ascending(fhat)
             del fhat
+        elif self.path == "blocks":
+            self._widths = self.block_widths or module_block_widths(store.metadata)
+            if sum(self._widths) != m or min(self._widths) < 1:
+                raise ValueError(f"block widths {self._widths} must be positive and sum to the store's width {m}")
+            edges = np.cumsum([0] + self._widths)
+            with self._record("fit: accumulate per-module Fhat", n):
+                fhats = [torch.zeros(b, b, dtype=self.dtype, device=self._compute_device()) for b in self._widths]
+                for (_, rows), wb in self._blocks_with_weights(w):
+                    for f, lo, hi in zip(fhats, edges[:-1], edges[1:]):
+                        accumulate_gram(f, rows[:, lo:hi], None if uniform else wb)
+                for f in fhats:
+                    f.copy_(self._sum(f))
+                    symmetrize_upper(f)
+                    f /= self.weight_sum / (views[0][1] if uniform else 1.0)
+            with self._record("fit: eigendecomposition"):
+                pairs = [eigh_ascending(f) for f in fhats]
+            del fhats
+            self._block_pairs = [(sg.to(dtype=self.dtype).clamp(min=0), v.to(dtype=self.dtype)) for sg, v in pairs]
+            sigma = torch.sort(torch.cat([sg for sg, _ in self._block_pairs])).values
+            vecs = self._block_pairs[0][1]  # device and dtype reference only
         elif self.path == "nystrom":
             rank = min(self.rank or NYSTROM_RANK, m, n)
             with self._record(f"fit: Nyström r={rank}, {self.power_iters + 1} passes", n * (self.power_iters + 1)):
@@ -176,20 +203,31 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         self._check_fitted()
         return torch.flip(self._spectrum, dims=[0])
 
-    def resolve_damping(self, damping: "float | str | None" = None) -> float:
-        """λ for a damping setting (``None`` → the fitted ``damping_``)."""
+    def resolve_damping(self, damping: "float | str | tuple | None" = None) -> "float | tuple[float, ...]":
+        """λ for a damping setting (``None`` → the fitted ``damping_``); on the ``blocks`` path a
+        tuple with one λ per block (a float applies to every block)."""
         self._check_fitted()
         if damping is None:
             return self.damping_
+        if self.path == "blocks":
+            if damping == "auto":
+                return tuple(auto_damping(sg, b, self.n_train) for (sg, _), b in zip(self._block_pairs, self._widths))
+            lams = damping if isinstance(damping, tuple) else (damping,) * len(self._widths)
+            if len(lams) != len(self._widths) or not all(_is_positive(x) for x in lams):
+                raise ValueError(f"damping must be 'auto', a float > 0 or {len(self._widths)} floats > 0, got {damping!r}")
+            return tuple(float(x) for x in lams)
         if damping == "auto":
             return auto_damping(self._spectrum, self.dim, self.n_train)
         if not _is_positive(damping):
             raise ValueError(f"damping must be 'auto' or a float > 0, got {damping!r}")
         return float(damping)
 
-    def effective_dimension(self, damping: "float | str | None" = None) -> float:
+    def effective_dimension(self, damping: "float | str | tuple | None" = None) -> float:
         """d_λ = tr(F̂(F̂ + λI)⁻¹) at λ (default: the fitted λ)."""
-        return effective_dimension(self._spectrum, self.resolve_damping(damping))
+        lam = self.resolve_damping(damping)
+        if self.path == "blocks":
+            return sum(effective_dimension(sg, x) for (sg, _), x in zip(self._block_pairs, lam))
+        return effective_dimension(self._spectrum, lam)
 
     # ------------------------------------------------------------------ scoring
     def precondition(self, queries: torch.Tensor, damping: "float | str | None" = None) -> torch.Tensor:
@@ -199,6 +237,9 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         V = self._vecs
         if self.path == "eigen":
             return ((q @ V) / (self._sigma + lam)) @ V.T
+        if self.path == "blocks":
+            parts = q.split(self._widths, dim=1)
+            return torch.cat([((p @ v) / (sg + x)) @ v.T for p, (sg, v), x in zip(parts, self._block_pairs, lam)], dim=1)
         if self.path == "nystrom":  # top-r part exact, the rest of the space damped by λ alone
             return q / lam + ((q @ V) * (1.0 / (self._sigma + lam) - 1.0 / lam)) @ V.T
         a = (q @ self._H.T) @ V
@@ -285,6 +326,18 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         if not torch.isfinite(queries).all():
             raise ValueError("query rows contain NaN/inf")
         return queries.to(device=self._vecs.device, dtype=self.dtype)
+
+
+def module_block_widths(metadata) -> list[int]:
+    """Per-module column widths of a store whose rows concatenate module blocks: the identity
+    projector (the modules' sizes) or the factorized one (m_out·m_in each); others mix modules."""
+    spec, dims = metadata.projector, list(metadata.modules.get("dims", []))
+    if spec.get("type") == "identity" and dims:
+        return dims
+    if spec.get("type") == "factorized" and dims:
+        return [int(spec["m_out"]) * int(spec["m_in"])] * len(dims)
+    raise ValueError(f"method='blocks' needs rows made of per-module blocks (identity or factorized projector); "
+                     f"this store's projector is {spec.get('type')!r}, which mixes modules. Pass block_widths= to override")
 
 
 def _is_positive(x: object) -> bool:
