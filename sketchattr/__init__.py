@@ -26,6 +26,7 @@ from sketchattr.store import (
     GradientStore,
     MemoryStore,
     StoreCorruptedError,
+    StoreLockedError,
     StoreMetadata,
     StoreMismatchError,
     make_store,
@@ -39,7 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamPreconditioner", "CausalLMTask", "LossTask", "PadCollator", "SequenceClassificationTask", "last_blocks",
-    "EigenbasisProjector", "SparseEigenbasisProjector", "CPUStore", "DiskStore", "StoreCorruptedError", "make_sampler", "make_store",
+    "EigenbasisProjector", "SparseEigenbasisProjector", "CPUStore", "DiskStore", "StoreCorruptedError", "StoreLockedError", "make_sampler", "make_store",
     "ClassificationTask", "FactGraSSProjector", "FactorizedProjector", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
     "MemoryStore", "ModuleSelection", "NonFiniteGradientError", "Projector", "RademacherProjector",
     "RegressionTask", "SJLTProjector", "TensorSketchProjector", "Scorer", "SketchedInfluence", "StoreMetadata",

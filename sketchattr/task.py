@@ -111,8 +111,26 @@ class Task(abc.ABC):
         return None
 
     def describe(self) -> str:
-        """A short identity string stored in store metadata."""
-        return type(self).__name__
+        """The task's identity stored in store metadata: its class and configuration, so that rows of a
+        task built with other arguments (another loss scale, label smoothing, ...) are not mixed into
+        a store. Default: the class name and every public attribute whose value is a number, str,
+        bool, None or a tuple/list of those (callables by qualified name); override for anything else."""
+        return describe_config(self)
+
+
+def describe_config(obj: Any) -> str:
+    """``ClassName(a=1, b='x')`` from ``obj``'s public attributes with simple values (sorted by name)."""
+    parts = []
+    for key, value in sorted(vars(obj).items()):
+        if key.startswith("_"):
+            continue
+        if callable(value) and not isinstance(value, type):
+            value = getattr(value, "__qualname__", type(value).__name__)
+        if isinstance(value, (bool, int, float, str, type(None))) or (
+            isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str, type(None))) for v in value)
+        ):
+            parts.append(f"{key}={value!r}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
 
 
 def validate_task(task: Any) -> Any:

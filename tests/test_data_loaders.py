@@ -166,9 +166,9 @@ def test_maestro_npy_and_npz(tmp_path):
 
 
 def test_maestro_variable_length_windows_and_errors(tmp_path):
-    seqs = np.empty(3, dtype=object)
-    seqs[0], seqs[1], seqs[2] = np.arange(20), np.arange(100, 103), np.arange(200, 209)
-    np.save(tmp_path / "train.npy", seqs, allow_pickle=True)
+    seqs = [np.arange(20), np.arange(100, 103), np.arange(200, 209)]
+    np.save(tmp_path / "train.npy", np.concatenate(seqs))  # ragged: flat tokens + lengths, no pickle
+    np.save(tmp_path / "train_lengths.npy", np.array([len(q) for q in seqs]))
     np.save(tmp_path / "test.npy", np.arange(8).reshape(2, 4))
     s = load_dataset("maestro", tmp_path, seq_len=4)
     assert s.train.tensors[0].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15],
@@ -184,6 +184,25 @@ def test_maestro_variable_length_windows_and_errors(tmp_path):
     np.savez(tmp_path / "maestro_tokens.npz", train=np.zeros((2, 3), np.float32), test=np.zeros((2, 3), np.int64))
     with pytest.raises(ValueError, match="integer array"):
         load_dataset("maestro", tmp_path)
+    np.savez(tmp_path / "maestro_tokens.npz", train=np.arange(10), train_lengths=np.array([4, 5]), test=np.zeros((2, 3), np.int64))
+    with pytest.raises(ValueError, match="lengths sum to 9 but there are 10 tokens"):
+        load_dataset("maestro", tmp_path)
+
+
+def test_maestro_pickled_arrays_are_refused_not_run(tmp_path):
+    """An object array (a pickle) in the npz is never unpickled: a payload cannot run."""
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    evil = np.empty(2, dtype=object)
+    evil[0], evil[1] = Payload(), np.arange(8)
+    np.savez(tmp_path / "maestro_tokens.npz", train=evil, test=np.zeros((2, 4), np.int64))
+    with pytest.raises(ValueError, match="object \\(pickled\\) array.*train_lengths"):
+        load_dataset("maestro", tmp_path)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_digits_split_and_names():

@@ -191,3 +191,197 @@ def test_scoring_leaves_no_open_handle_on_the_file(tmp_path, mlp, data):
     scorer.top_k(feat.query_rows((x[:3], y[:3])), k=2)
     feat.featurize(data, store=store)  # writing to the same file afterwards must work
     assert len(DiskStore(tmp_path / "h.h5")) == 24
+
+
+def test_flipped_byte_in_rows_is_detected_and_named(tmp_path, mlp, data):
+    """Chunks carry fletcher32 checksums: one flipped byte in the stored rows raises on read and
+    names the damaged rows; the untouched file reads back bit-identical."""
+    import h5py
+
+    from sketchattr import StoreCorruptedError
+
+    x, y = data
+    path = tmp_path / "c.h5"
+    feat = Featurizer(mlp, ClassificationTask(), projector="sjlt", m=16, seed=0, progress=False)
+    rows = feat.featurize((x, y), store=DiskStore(path)).rows()
+    assert torch.equal(DiskStore(path).rows(), rows)
+    with h5py.File(path, "r") as f:
+        assert f["main/rows"].fletcher32 and f["main/written"].fletcher32
+        info = f["main/rows"].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + 5)
+        byte = fh.read(1)
+        fh.seek(info.byte_offset + 5)
+        fh.write(bytes([byte[0] ^ 0x40]))
+    with pytest.raises(StoreCorruptedError, match=r"rows 0\.\.\d+ \(dataset indices 0\.\.\d+\) fail their checksum"):
+        DiskStore(path).rows()
+
+
+class ScaledTask(ClassificationTask):
+    """A user Task whose constructor argument changes the loss (and so every row)."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def train_loss(self, model, batch, sample=False):
+        return self.scale * super().train_loss(model, batch, sample)
+
+
+@pytest.mark.parametrize("store_kind", ["disk", "memory"])
+def test_store_identity_covers_everything_that_changes_a_row(tmp_path, mlp, data, store_kind):
+    """Compute dtype, the Task's configuration and the dataset itself are part of a store's identity:
+    appending rows made otherwise is refused with a message that names the difference."""
+    from sketchattr import StoreMismatchError
+
+    x, y = data
+    make = (lambda: DiskStore(tmp_path / "i.h5")) if store_kind == "disk" else (lambda: store)
+    store = MemoryStore()
+    half = len(x) // 2
+    feat = Featurizer(mlp.float(), ScaledTask(1.0), projector="sjlt", m=16, seed=0, progress=False)
+    feat.featurize((x.float(), y), store=make(), indices=range(half))
+    with pytest.raises(StoreMismatchError, match=r"dtype: store has 'torch.float32', requested 'torch.float64'"):
+        Featurizer(mlp.float(), ScaledTask(1.0), projector="sjlt", m=16, seed=0, dtype=torch.float64,
+                   progress=False).featurize((x.float(), y), store=make())
+    with pytest.raises(StoreMismatchError, match=r"task: store has 'ScaledTask\(scale=1.0\)', requested 'ScaledTask\(scale=2.0\)'"):
+        Featurizer(mlp.float(), ScaledTask(2.0), projector="sjlt", m=16, seed=0, progress=False).featurize((x.float(), y), store=make())
+    other = (torch.flip(x, [0]).float(), torch.flip(y, [0]))  # same length, other examples
+    with pytest.raises(StoreMismatchError, match="another dataset"):
+        feat.featurize(other, store=make())
+    feat.featurize((x.float(), y), store=make())  # the same settings resume
+    assert len(make()) == len(x)
+
+
+def test_storage_dtype_of_an_existing_store_is_enforced(tmp_path, mlp, data):
+    from sketchattr import StoreMismatchError
+
+    x, y = data
+    feat = Featurizer(mlp, ClassificationTask(), projector="sjlt", m=16, seed=0, progress=False)
+    feat.featurize((x, y), store=DiskStore(tmp_path / "s.h5"), indices=range(10))
+    with pytest.raises(StoreMismatchError, match="stores rows as float32; storage_dtype='float16' was requested"):
+        feat.featurize((x, y), store=DiskStore(tmp_path / "s.h5", storage_dtype="float16"))
+    feat.featurize((x, y), store=DiskStore(tmp_path / "s.h5"))  # no dtype requested: the file's own
+    feat.featurize((x, y), store=DiskStore(tmp_path / "s.h5", storage_dtype="float32"))
+    assert len(DiskStore(tmp_path / "s.h5")) == len(x)
+
+
+def test_a_second_writer_is_refused_even_without_hdf5_file_locking(tmp_path, mlp, data):
+    """Two processes, HDF5_USE_FILE_LOCKING=FALSE (as on NFS/Lustre): while one holds a writing
+    session, the other gets StoreLockedError naming the store; after it exits, writing works."""
+    from sketchattr import StoreLockedError
+
+    path, ready = tmp_path / "l.h5", tmp_path / "ready"
+    holder = textwrap.dedent(f"""
+        import time, pathlib
+        from sketchattr import DiskStore
+        store = DiskStore({str(path)!r})
+        with store.writing():
+            pathlib.Path({str(ready)!r}).touch()
+            time.sleep(30)
+    """)
+    env = dict(os.environ, HDF5_USE_FILE_LOCKING="FALSE")
+    proc = subprocess.Popen([sys.executable, "-c", holder], env=env)
+    try:
+        for _ in range(300):
+            if ready.exists() or proc.poll() is not None:
+                break
+            import time
+
+            time.sleep(0.05)
+        assert ready.exists(), "the holder process did not start"
+        x, y = data
+        feat = Featurizer(mlp, ClassificationTask(), projector="sjlt", m=8, seed=0, progress=False)
+        with pytest.raises(StoreLockedError, match=r"l\.h5 is being written by another process"):
+            feat.featurize((x, y), store=DiskStore(path))
+    finally:
+        proc.kill()
+        proc.wait()
+    store = feat.featurize((x, y), store=DiskStore(path))  # the lock died with its process
+    assert len(store) == len(x)
+
+
+CREATE_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_mlp, tiny_data
+    from sketchattr import ClassificationTask, Featurizer
+    from sketchattr.store import DiskStore
+
+    class DiesWhileCreating(DiskStore):
+        def _create_group(self, f, meta):
+            g = f.create_group(self.checkpoint)
+            g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="i8", chunks=(16,))
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)  # the worst instant: the group half made
+
+    feat = Featurizer(tiny_mlp(), ClassificationTask(), projector="sjlt", m=16, seed=0, batch_size=4, progress=False)
+    feat.featurize(tiny_data(n=12), store=DiesWhileCreating({path!r}, checkpoint={checkpoint!r}))
+    """
+)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_sigkill_while_creating_a_store_leaves_nothing_to_delete(tmp_path, existing):
+    """Killed in the middle of creating the store (a new file, or a new checkpoint group in an existing
+    file): the same command then runs through and gives the uninterrupted rows."""
+    path = tmp_path / "new.h5"
+    feat = Featurizer(tiny_mlp(), ClassificationTask(), projector="sjlt", m=16, seed=0, batch_size=4, progress=False)
+    if existing:
+        feat.featurize(tiny_data(n=12), store=DiskStore(path, checkpoint="first"))
+    code = CREATE_CHILD.format(tests=os.path.dirname(__file__), path=str(path), checkpoint="second")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert len(DiskStore(path, checkpoint="second")) == 0  # a valid store without the half-made group
+    store = feat.featurize(tiny_data(n=12), store=DiskStore(path, checkpoint="second"))
+    assert torch.equal(store.rows(), feat.train_rows(tiny_data(n=12)).float())
+    if existing:
+        assert len(DiskStore(path, checkpoint="first")) == 12
+    assert not list(tmp_path.glob(".new.h5.*.tmp"))  # the dead process's temporary file is cleaned up
+
+
+SCORE_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_mlp, tiny_data
+    from sketchattr import ClassificationTask, Featurizer, SketchedInfluence
+
+    x, y = tiny_data(n=40)
+    feat = Featurizer(tiny_mlp(), ClassificationTask(), projector="sjlt", m=16, seed=0, progress=False)
+    scorer = SketchedInfluence(damping=0.1, block_rows=8).fit(feat.featurize((x, y)))
+    blocks = scorer.iter_scores
+
+    def dying(q, **kw):
+        for k, item in enumerate(blocks(q, **kw)):
+            if k == 2:
+                os.kill(os.getpid(), signal.SIGKILL)  # killed with the score file half written
+            yield item
+
+    scorer.iter_scores = dying
+    scorer.score_to_hdf5(feat.query_rows((x[:5], y[:5])), {path!r}, dataset="again")
+    """
+)
+
+
+def test_score_file_killed_while_writing_keeps_the_old_file_and_reruns(tmp_path):
+    """score_to_hdf5 builds the file aside and renames it: a SIGKILL mid-write leaves the previous
+    complete file (its other datasets intact) and the same call then runs through."""
+    import h5py
+
+    x, y = tiny_data(n=40)
+    feat = Featurizer(tiny_mlp(), ClassificationTask(), projector="sjlt", m=16, seed=0, progress=False)
+    scorer = SketchedInfluence(damping=0.1, block_rows=8).fit(feat.featurize((x, y)))
+    q = feat.query_rows((x[:5], y[:5]))
+    path = tmp_path / "scores.h5"
+    scorer.score_to_hdf5(q, path)
+    before = h5py.File(path, "r")["scores"][()]
+    proc = subprocess.run([sys.executable, "-c", SCORE_CHILD.format(tests=os.path.dirname(__file__), path=str(path))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    with h5py.File(path, "r") as f:
+        assert set(f) == {"scores", "train_indices"} and np.array_equal(f["scores"][()], before)
+    scorer.score_to_hdf5(q, path, dataset="again")
+    with h5py.File(path, "r") as f:
+        assert set(f) == {"scores", "again", "train_indices"}
+        assert np.array_equal(f["again"][()], before) and np.array_equal(f["scores"][()], before)
+    assert not list(tmp_path.glob(".scores.h5.*.tmp"))

@@ -7,10 +7,13 @@ save the tokens in ``data_dir`` in one of these formats:
 * ``train.npy`` and ``test.npy``.
 
 Each ``train`` / ``test`` array is either an integer array [N, T] (N windows of T tokens, used as is)
-or a 1-D object array of variable-length 1-D integer sequences (one per performance), which is cut into
-non-overlapping windows of ``seq_len`` tokens (a shorter tail is dropped). Object arrays are pickles
-(``allow_pickle=True``): only load files you trust. Tokens must be integers >= 0; ``vocab_size``
-defaults to the npz's ``vocab_size`` or else max token + 1 (over train and test).
+or, for variable-length performances, a flat 1-D integer array of all tokens with ``train_lengths`` /
+``test_lengths`` (1-D integer arrays, one length per performance, summing to the flat length;
+``train_lengths.npy`` / ``test_lengths.npy`` beside the ``.npy`` files); each performance is cut into
+non-overlapping windows of ``seq_len`` tokens (a shorter tail is dropped). Files are read with
+``allow_pickle=False``: object arrays (pickles, which can run code when loaded) are refused with a
+message naming the ragged format instead. Tokens must be integers >= 0; ``vocab_size`` defaults to
+the npz's ``vocab_size`` or else max token + 1 (over train and test).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ NPY_NAMES = ("train.npy", "test.npy")
 DEFAULT_SEQ_LEN = 64
 FORMAT_HINT = (
     f"'{NPZ_NAME}' (arrays 'train', 'test', optional 'vocab_size') or '{NPY_NAMES[0]}' + '{NPY_NAMES[1]}', "
-    "each an int array [N, T] of event tokens or an object array of 1-D token sequences"
+    "each an int array [N, T] of event tokens, or a flat 1-D int array with 'train_lengths'/'test_lengths' "
+    "(one length per performance) for variable-length sequences; no object (pickled) arrays"
 )
 
 
@@ -31,9 +35,13 @@ class TokenFormatError(ValueError):
     """A token array has the wrong type, shape or values."""
 
 
-def token_windows(seqs: np.ndarray, seq_len: int = DEFAULT_SEQ_LEN, what: str = "tokens") -> np.ndarray:
-    """[N, T] int array -> int64 as is; object array of 1-D sequences -> int64 [W, seq_len] windows."""
-    arr = np.asarray(seqs)
+def token_windows(seqs: "np.ndarray | list[np.ndarray]", seq_len: int = DEFAULT_SEQ_LEN, what: str = "tokens") -> np.ndarray:
+    """[N, T] int array -> int64 as is; a list (or object array) of 1-D sequences -> int64 [W, seq_len] windows."""
+    if isinstance(seqs, list):
+        arr = np.empty(len(seqs), dtype=object)
+        arr[:] = seqs
+    else:
+        arr = np.asarray(seqs)
     if arr.dtype != object:
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
             raise TokenFormatError(f"{what}: expected an integer array [N, T]; found {arr.dtype} {arr.shape}")
@@ -53,6 +61,18 @@ def token_windows(seqs: np.ndarray, seq_len: int = DEFAULT_SEQ_LEN, what: str = 
     return np.concatenate(windows)
 
 
+def _ragged(tokens: np.ndarray, lengths: np.ndarray | None, what: str) -> "np.ndarray | list[np.ndarray]":
+    """``tokens`` as is without ``lengths``; else the flat 1-D ``tokens`` split into one sequence per length."""
+    if lengths is None:
+        return tokens
+    lengths = np.asarray(lengths)
+    if tokens.ndim != 1 or lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer) or (lengths < 0).any():
+        raise TokenFormatError(f"{what}: with lengths, expected flat 1-D tokens and 1-D lengths >= 0; found {tokens.shape}, {lengths.dtype} {lengths.shape}")
+    if int(lengths.sum()) != len(tokens):
+        raise TokenFormatError(f"{what}: lengths sum to {int(lengths.sum())} but there are {len(tokens)} tokens")
+    return np.split(tokens, np.cumsum(lengths)[:-1])
+
+
 def read_maestro(data_dir: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN,
                  vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """-> train int64 [N, T], test int64 [M, T], vocab_size. FileNotFoundError names the expected files."""
@@ -61,18 +81,29 @@ def read_maestro(data_dir: str | Path | None, seq_len: int = DEFAULT_SEQ_LEN,
     root = Path(data_dir)
     npz, npys = root / NPZ_NAME, [root / n for n in NPY_NAMES]
     stored_vocab = None
-    if npz.is_file():
-        with np.load(npz, allow_pickle=True) as f:
-            missing = [k for k in ("train", "test") if k not in f.files]
-            if missing:
-                raise TokenFormatError(f"{npz}: missing array(s) {missing}; expected {FORMAT_HINT}")
-            raw_train, raw_test = f["train"], f["test"]
-            if "vocab_size" in f.files:
-                stored_vocab = int(np.asarray(f["vocab_size"]).reshape(()))
-    elif all(p.is_file() for p in npys):
-        raw_train, raw_test = (np.load(p, allow_pickle=True) for p in npys)
-    else:
-        raise FileNotFoundError(f"maestro: found neither {NPZ_NAME} nor both of {list(NPY_NAMES)} in {str(root)!r}; expected {FORMAT_HINT}")
+    try:
+        if npz.is_file():
+            with np.load(npz, allow_pickle=False) as f:
+                missing = [k for k in ("train", "test") if k not in f.files]
+                if missing:
+                    raise TokenFormatError(f"{npz}: missing array(s) {missing}; expected {FORMAT_HINT}")
+                raw_train, raw_test = (_ragged(f[k], f[f"{k}_lengths"] if f"{k}_lengths" in f.files else None, f"{npz}:{k}")
+                                       for k in ("train", "test"))
+                if "vocab_size" in f.files:
+                    stored_vocab = int(np.asarray(f["vocab_size"]).reshape(()))
+        elif all(p.is_file() for p in npys):
+            raw_train, raw_test = (
+                _ragged(np.load(p, allow_pickle=False),
+                        np.load(p.with_name(p.stem + "_lengths.npy"), allow_pickle=False) if p.with_name(p.stem + "_lengths.npy").is_file() else None,
+                        str(p))
+                for p in npys)
+        else:
+            raise FileNotFoundError(f"maestro: found neither {NPZ_NAME} nor both of {list(NPY_NAMES)} in {str(root)!r}; expected {FORMAT_HINT}")
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise
+        raise TokenFormatError(f"{root}: holds an object (pickled) array, which is not loaded because a pickle can run "
+                               f"code; save variable-length sequences as {FORMAT_HINT.split(', or ')[1]}") from exc
     train = token_windows(raw_train, seq_len, "train")
     test = token_windows(raw_test, seq_len, "test")
     if train.shape[1] != test.shape[1]:

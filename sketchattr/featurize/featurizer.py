@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from sketchattr.featurize.engine import HookEngine, HookMismatchError, PreconditionedCapture
 from sketchattr.featurize.rules import UnsupportedModuleError
-from sketchattr.featurize.fingerprint import model_fingerprint
+from sketchattr.featurize.fingerprint import dataset_fingerprint, model_fingerprint
 from sketchattr.modules import ModuleSelection, select_modules, unwrap_model
 from sketchattr.project import FactorizedProjector, Projector, make_projector
 from sketchattr.sample import Sampler, dataset_labels, make_sampler
@@ -197,6 +197,7 @@ class Featurizer:
             dim=self.projector.output_dim(sel.dims),
             kind=kind,
             extra=extra,
+            dtype=str(self.dtype),
         )
 
     # ------------------------------------------------------------------ public entry points
@@ -254,7 +255,7 @@ class Featurizer:
         store = make_store(store, **store_kwargs)
         weight_of = dict(zip(idx.tolist(), np.asarray(weights).tolist())) if weights is not None else None
         with store.writing():
-            store.prepare(self.metadata("train"), planned=idx, overwrite=overwrite)
+            store.prepare(self.metadata("train"), planned=idx, overwrite=overwrite, dataset_fingerprint=dataset_fingerprint(dataset))
             todo = store.missing(idx)
             done = 0
             with contextlib.closing(self.iter_rows(dataset, todo, kind="train")) as batches:

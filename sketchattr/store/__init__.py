@@ -6,6 +6,7 @@
 from sketchattr.store.base import (
     GradientStore,
     StoreCorruptedError,
+    StoreLockedError,
     StoreMetadata,
     StoreMismatchError,
     make_store,
@@ -14,6 +15,6 @@ from sketchattr.store.hdf5 import DiskStore
 from sketchattr.store.memory import CPUStore, MemoryStore
 
 __all__ = [
-    "CPUStore", "DiskStore", "GradientStore", "MemoryStore", "StoreCorruptedError", "StoreMetadata",
+    "CPUStore", "DiskStore", "GradientStore", "MemoryStore", "StoreCorruptedError", "StoreLockedError", "StoreMetadata",
     "StoreMismatchError", "make_store",
 ]

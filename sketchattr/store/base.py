@@ -31,13 +31,18 @@ class StoreCorruptedError(OSError):
     """A store file cannot be read (e.g. truncated by a crash)."""
 
 
+class StoreLockedError(OSError):
+    """Another process is writing the store (its advisory lock file is held)."""
+
+
 @dataclass(frozen=True)
 class StoreMetadata:
     """What produced a store's rows. Two stores are compatible iff their metadata are equal.
 
     projector: the projector's ``spec()`` (type, m, seed, ...); modules: names and sizes;
     model_fingerprint: hash of the model's parameters; task: the task's description;
-    dim: row width m; kind: ``"train"`` (rows are training-loss gradients).
+    dim: row width m; kind: ``"train"`` (rows are training-loss gradients); dtype: the dtype the
+    gradients were computed in (rows of float64 or bf16 featurizers differ from float32 ones).
     """
 
     projector: dict[str, Any]
@@ -47,6 +52,7 @@ class StoreMetadata:
     dim: int
     kind: str = "train"
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "torch.float32"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -95,9 +101,12 @@ class GradientStore(Registered, abc.ABC):
     metadata: StoreMetadata | None
 
     @abc.abstractmethod
-    def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False) -> None:
+    def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False,
+                dataset_fingerprint: str | None = None) -> None:
         """Bind the store to ``metadata`` and declare the dataset indices it will hold.
-        Fails with :class:`StoreMismatchError` on a mismatch unless ``overwrite``."""
+        Fails with :class:`StoreMismatchError` on a mismatch unless ``overwrite`` — of the metadata,
+        or of ``dataset_fingerprint`` (:func:`sketchattr.featurize.fingerprint.dataset_fingerprint`)
+        when the store already holds rows of another dataset."""
 
     @abc.abstractmethod
     def missing(self, indices: np.ndarray) -> np.ndarray:

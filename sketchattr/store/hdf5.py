@@ -10,7 +10,8 @@ Layout (one group per checkpoint / model id, default ``"main"``)::
     /<checkpoint>/written      bool    [N]     True once the row's values are on disk
     /<checkpoint>/weights      float64 [N]     importance weight of each row (sampling)
 
-All datasets are chunked and resizable along N (in a file joined from per-rank shards by
+All datasets are chunked, checksummed (HDF5's fletcher32 filter: a damaged chunk raises
+:class:`StoreCorruptedError` naming its rows instead of returning wrong values) and resizable along N (in a file joined from per-rank shards by
 :mod:`sketchattr.distributed`, root attr ``layout = "joined"``, they are read-only virtual datasets). A batch's rows are written and flushed
 *before* its ``written`` flags are set and flushed, so a crash at any point leaves only rows
 that are flagged complete or rows that will be recomputed; reads return flagged rows only.
@@ -26,14 +27,22 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
-from sketchattr.store.base import GradientStore, StoreCorruptedError, StoreMetadata
+from sketchattr.store.atomic import temporary_beside
+from sketchattr.store.base import GradientStore, StoreCorruptedError, StoreLockedError, StoreMetadata, StoreMismatchError
 
 FORMAT = "sketchattr-store"
 FORMAT_VERSION = 1
 JOINED = "joined"  # root attr ``layout`` of a read-only join of per-rank shard files (sketchattr.distributed)
 DEFAULT_PATH = Path("grad_cache") / "store.h5"
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def _complete(g: h5py.Group) -> bool:
+    """A checkpoint group has all its datasets and attributes (else a crash cut its creation short)."""
+    return all(k in g for k in ("indices", "written", "weights", "rows")) and all(
+        k in g.attrs for k in ("metadata", "storage_dtype", "modules"))
 
 
 def _to_storage(rows: torch.Tensor, storage_dtype: str) -> np.ndarray:
@@ -54,23 +63,29 @@ class DiskStore(GradientStore, name="disk"):
 
     path: the ``.h5`` file (default ``grad_cache/store.h5``; folders are created).
     checkpoint: group name for this model/checkpoint's rows (several per file are allowed).
-    storage_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+    storage_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None (default): float32 for a new
+    store, the file's own for an existing one (an explicit dtype that differs is refused).
     block_bytes: size of the blocks read back by :meth:`iter_blocks` callers that ask for
     ``block_rows=None`` (bounds the memory of streaming scorers).
     buffer_bytes: rows buffered before a commit during a :meth:`writing` session (0: commit
     every write).
+    lock_timeout: seconds to wait for another process's write lock (``<path>.lock``) before
+    :class:`StoreLockedError` (default 0: refuse at once).
     """
 
     def __init__(
         self,
         path: "str | os.PathLike[str] | None" = None,
         checkpoint: str = "main",
-        storage_dtype: str = "float32",
+        storage_dtype: str | None = None,
         block_bytes: int = 64 * 2**20,
         buffer_bytes: int = 16 * 2**20,
+        lock_timeout: float = 0.0,
     ) -> None:
-        if storage_dtype not in _STORAGE:
+        if storage_dtype is not None and storage_dtype not in _STORAGE:
             raise ValueError(f"storage_dtype must be one of {sorted(_STORAGE)}, got {storage_dtype!r}")
+        self.requested_storage = storage_dtype  # None: float32 for a new store, the file's own otherwise
+        storage_dtype = storage_dtype or "float32"
         self.path = Path(path) if path is not None else DEFAULT_PATH
         self.checkpoint = str(checkpoint)
         self.storage_dtype = storage_dtype
@@ -78,6 +93,8 @@ class DiskStore(GradientStore, name="disk"):
         self.metadata: StoreMetadata | None = None
         self._handle: h5py.File | None = None
         self.buffer_bytes = int(buffer_bytes)
+        self.lock_timeout = float(lock_timeout)
+        self._lock: FileLock | None = None
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_bytes = 0
         self._written: np.ndarray | None = None
@@ -89,11 +106,14 @@ class DiskStore(GradientStore, name="disk"):
     # ------------------------------------------------------------------ file handling
     @contextmanager
     def writing(self) -> Iterator["DiskStore"]:
-        """Keep the file open for writing across many :meth:`write` calls (one featurize run)."""
+        """Keep the file open for writing across many :meth:`write` calls (one featurize run),
+        holding the store's advisory lock (``<path>.lock``) throughout: a second writer — another
+        process, even with HDF5's own file locking off (``HDF5_USE_FILE_LOCKING=FALSE``, usual on
+        NFS/Lustre) — gets :class:`StoreLockedError` instead of interleaving rows."""
         if self._handle is not None:
             yield self
             return
-        with self._open(write=True) as f:
+        with self._locked(), self._open(write=True) as f:
             self._handle = f
             try:
                 yield self
@@ -101,7 +121,27 @@ class DiskStore(GradientStore, name="disk"):
                 try:
                     self._commit()  # rows computed before an error are valid: keep them
                 finally:
+                    if self._handle is not f:  # replaced by _create_atomically
+                        self._handle.close()
                     self._handle = None
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The advisory write lock beside the file (an OS lock: released if the process dies)."""
+        if self._lock is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.path) + ".lock", timeout=self.lock_timeout)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise StoreLockedError(
+                f"{self.path} is being written by another process (its lock {self.path}.lock is held); wait for "
+                f"it to finish, or use another path (lock_timeout={self.lock_timeout} s)"
+            ) from None
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     @contextmanager
     def _open(self, write: bool = False) -> Iterator[h5py.File]:
@@ -112,12 +152,30 @@ class DiskStore(GradientStore, name="disk"):
             yield self._handle
             return
         if write:
+            with self._locked(), self._open_file(write=True) as f:
+                yield f
+            return
+        with self._open_file(write=False) as f:
+            yield f
+
+    @contextmanager
+    def _open_file(self, write: bool) -> Iterator[h5py.File]:
+        if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():  # never a half-made file at the store's path
+                tmp = temporary_beside(self.path)
+                with h5py.File(tmp, "w") as f:
+                    f.attrs["format"] = FORMAT
+                    f.attrs["format_version"] = FORMAT_VERSION
+                os.replace(tmp, self.path)
         try:
             f = h5py.File(self.path, "a" if write else "r")
         except OSError as exc:
             if "already open" in str(exc) or "unable to lock" in str(exc).lower():
                 raise OSError(f"{self.path} is open elsewhere (another process?): {exc}") from exc
+            if not write and self._held_elsewhere():
+                raise StoreLockedError(f"{self.path} is being written by another process and cannot be read until "
+                                       f"it finishes (its lock {self.path}.lock is held)") from exc
             raise StoreCorruptedError(
                 f"cannot read the store file {self.path} (truncated or corrupted, e.g. by a crash during "
                 f"a write): {exc}. Delete it, or use another path, to featurize again."
@@ -137,14 +195,48 @@ class DiskStore(GradientStore, name="disk"):
         finally:
             f.close()
 
+    def _held_elsewhere(self) -> bool:
+        """Whether another process holds this store's write lock now."""
+        probe = FileLock(str(self.path) + ".lock", timeout=0)
+        try:
+            probe.acquire()
+        except Timeout:
+            return True
+        except OSError:  # e.g. a read-only folder: no lock can be held there
+            return False
+        probe.release()
+        return False
+
+    def _create_atomically(self, metadata: StoreMetadata) -> None:
+        """A new file, with its root attributes and this checkpoint's empty group, built under a
+        temporary name and renamed into place: a crash at any instant leaves no file or a complete one.
+        Inside a :meth:`writing` session the open handle moves to the new file."""
+        tmp = temporary_beside(self.path)
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            self._create_group(f, metadata)
+        if self._handle is not None:
+            self._handle.close()
+        os.replace(tmp, self.path)
+        if self._handle is not None:
+            self._handle = h5py.File(self.path, "a")
+
+    def _fresh(self) -> bool:
+        """True when the file does not exist or holds no group yet (nothing to lose by rebuilding it)."""
+        if not self.path.exists():
+            return True
+        with self._open(write=False) as f:
+            return len(f.keys()) == 0
+
     def _open_existing(self) -> None:
         with self._open() as f:
             if f.attrs.get("layout") == JOINED:  # virtual datasets read missing sources as zeros: check them
                 absent = [s for s in json.loads(f.attrs["shards"]) if not (self.path.parent / s).exists()]
                 if absent:
                     raise StoreCorruptedError(f"{self.path} joins shard files that are missing beside it: {absent}")
-            if self.checkpoint not in f:
-                return
+            if self.checkpoint not in f or not _complete(f[self.checkpoint]):
+                return  # absent, or cut short by a crash before any row: prepare() rebuilds it
             g = f[self.checkpoint]
             try:
                 self.metadata = StoreMetadata.from_json(g.attrs["metadata"])
@@ -165,8 +257,18 @@ class DiskStore(GradientStore, name="disk"):
         """Kept for symmetry with file objects: the file is only open during an operation."""
 
     # ------------------------------------------------------------------ writing
-    def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False) -> None:
+    def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False,
+                dataset_fingerprint: str | None = None) -> None:
+        with self._locked():
+            if self._fresh():
+                self._create_atomically(metadata)
+            self._prepare_open(metadata, planned, overwrite, dataset_fingerprint)
+
+    def _prepare_open(self, metadata: StoreMetadata, planned: np.ndarray | None, overwrite: bool,
+                      dataset_fingerprint: str | None) -> None:
         with self._open(write=True) as f:
+            if self.checkpoint in f and not _complete(f[self.checkpoint]):
+                del f[self.checkpoint]  # a group cut short by a crash before any row was written
             if self.checkpoint in f:
                 if overwrite:
                     del f[self.checkpoint]
@@ -176,19 +278,39 @@ class DiskStore(GradientStore, name="disk"):
                 self._create_group(f, metadata)
             self.metadata = metadata
             self.storage_dtype = str(f[self.checkpoint].attrs["storage_dtype"])
+            if self.requested_storage is not None and self.requested_storage != self.storage_dtype and not overwrite:
+                raise StoreMismatchError(
+                    f"{self.path} stores rows as {self.storage_dtype}; storage_dtype={self.requested_storage!r} was "
+                    "requested. Use a new path, the file's own storage dtype, or overwrite=True to discard its rows"
+                )
+            self._check_dataset(f[self.checkpoint], dataset_fingerprint, overwrite)
             self._load_index(f[self.checkpoint])
             if planned is not None:
                 self._plan(f[self.checkpoint], np.asarray(planned, dtype=np.int64))
+
+    def _check_dataset(self, g: h5py.Group, fingerprint: str | None, overwrite: bool) -> None:
+        """Record the dataset's fingerprint on first use; refuse rows of another dataset after."""
+        if fingerprint is None:
+            return
+        stored = g.attrs.get("dataset_fingerprint")
+        if stored is not None and str(stored) != fingerprint and not overwrite:
+            raise StoreMismatchError(
+                f"{self.path} holds rows of another dataset (fingerprint {stored}, this one {fingerprint}: "
+                "length and a hash of a seeded sample of examples). Use a new store, or overwrite=True"
+            )
+        g.attrs["dataset_fingerprint"] = fingerprint
 
     def _create_group(self, f: h5py.File, meta: StoreMetadata) -> None:
         g = f.create_group(self.checkpoint)
         m = meta.dim
         itemsize = np.dtype(_STORAGE[self.storage_dtype]).itemsize
         chunk_rows = max(1, min(4096, 2**20 // (m * itemsize)))
-        g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(16384,))
-        g.create_dataset("written", shape=(0,), maxshape=(None,), dtype=bool, chunks=(16384,))
-        g.create_dataset("weights", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(16384,))
-        g.create_dataset("rows", shape=(0, m), maxshape=(None, m), dtype=_STORAGE[self.storage_dtype], chunks=(chunk_rows, m))
+        # fletcher32: HDF5 checksums every chunk on write and verifies it on read (a flipped byte raises)
+        g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(16384,), fletcher32=True)
+        g.create_dataset("written", shape=(0,), maxshape=(None,), dtype=bool, chunks=(16384,), fletcher32=True)
+        g.create_dataset("weights", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(16384,), fletcher32=True)
+        g.create_dataset("rows", shape=(0, m), maxshape=(None, m), dtype=_STORAGE[self.storage_dtype], chunks=(chunk_rows, m),
+                         fletcher32=True)
         g.attrs["metadata"] = meta.to_json()
         g.attrs["storage_dtype"] = self.storage_dtype
         g.attrs["projector_type"] = str(meta.projector.get("type"))
@@ -285,7 +407,15 @@ class DiskStore(GradientStore, name="disk"):
                 ok = self._written[s:e]
                 if not ok.any():
                     continue
-                data = rows[s:e]
+                try:
+                    data = rows[s:e]
+                except OSError as exc:
+                    idx = self._all_indices[s:e]
+                    raise StoreCorruptedError(
+                        f"{self.path}: stored rows {s}..{e - 1} (dataset indices {int(idx.min())}..{int(idx.max())}) fail "
+                        f"their checksum or cannot be read ({exc}); the file is damaged there. Featurize into a new "
+                        "file (or delete this one) to recompute them"
+                    ) from exc
                 if not ok.all():
                     data = data[ok]
                 yield self._all_indices[s:e][ok], _from_storage(data, self.storage_dtype)
@@ -295,7 +425,11 @@ class DiskStore(GradientStore, name="disk"):
         if g["indices"].shape[0] == 0:  # reading an empty chunked dataset is slow in HDF5
             self._set_index(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
         else:
-            self._set_index(g["indices"][:], g["written"][:])
+            try:
+                self._set_index(g["indices"][:], g["written"][:])
+            except OSError as exc:
+                raise StoreCorruptedError(f"{self.path}: the row index of checkpoint {self.checkpoint!r} fails its "
+                                          f"checksum or cannot be read ({exc}); the file is damaged") from exc
 
     def _set_index(self, indices: np.ndarray, written: np.ndarray) -> None:
         self._all_indices, self._written = indices, written

@@ -6,7 +6,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from sketchattr.store.base import GradientStore, StoreMetadata
+from sketchattr.store.base import GradientStore, StoreMetadata, StoreMismatchError
 
 
 class MemoryStore(GradientStore, name="memory"):
@@ -28,12 +28,19 @@ class MemoryStore(GradientStore, name="memory"):
         self._weights: list[np.ndarray] = []
         self._seen: set[int] = set()
 
-    def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False) -> None:
+    def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False,
+                dataset_fingerprint: str | None = None) -> None:
         if self.metadata is not None and not overwrite:
             self.metadata.check_matches(metadata)
+            held = getattr(self, "dataset_fingerprint", None)
+            if dataset_fingerprint is not None and held is not None and held != dataset_fingerprint:
+                raise StoreMismatchError(f"the store holds rows of another dataset (fingerprint {held}, this one "
+                                         f"{dataset_fingerprint}); use a new store, or overwrite=True")
         if overwrite or self.metadata is None:
             self._reset()
         self.metadata = metadata
+        if dataset_fingerprint is not None:
+            self.dataset_fingerprint = dataset_fingerprint
 
     def missing(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
