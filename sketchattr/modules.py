@@ -254,6 +254,11 @@ def select_modules(
         ordered = forward_order(model, example_input, list(available)) if example_input is not None else list(available)
         names = ordered[-which:]
     else:
+        if isinstance(which, bool) or not isinstance(which, (str, LastBlocks, list, tuple)):
+            raise TypeError(
+                f"modules must be None/'all', an int N (last N), a kind, a glob pattern, a module name, "
+                f"last_blocks(...), or a list/tuple of those; got {type(which).__name__} {which!r}"
+            )
         items = [which] if isinstance(which, (str, LastBlocks)) else list(which)
         if not items:
             raise ValueError("empty module list")

@@ -164,14 +164,23 @@ def margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _class_targets(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Integer class targets checked against the logits' classes (a clear error, not a CUDA assert)."""
-    t = targets.long().reshape(-1)
-    if logits.dim() != 2 or t.shape[0] != logits.shape[0]:
-        raise ValueError(f"expected logits [B, C] and targets [B]; found {tuple(logits.shape)} and {tuple(targets.shape)}")
+    """Integer class targets checked against the logits' classes (a clear error, not a CUDA assert or
+    a silent zero row): integer dtype, shape [B] (or [B, 1]), every label in 0..C-1."""
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        found = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"classification labels must be integer class ids (an int64 tensor [B]); found {found}")
+    if targets.dim() == 2 and targets.shape[1] == 1:
+        targets = targets[:, 0]
+    t = targets.long()
+    if logits.dim() != 2 or t.dim() != 1 or t.shape[0] != logits.shape[0]:
+        raise ValueError(f"expected logits [B, C] and labels [B]; found {tuple(logits.shape)} and {tuple(targets.shape)}")
     try:
         lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
     except RuntimeError:  # inside a torch.func transform values are not concrete: cross_entropy checks them
         return t
+    if lo == -100:
+        raise ValueError("a label is -100 (cross-entropy's ignore_index): that example would get an all-zero gradient "
+                         f"row; classification needs every label in 0..{logits.shape[1] - 1} (drop such rows first)")
     if lo < 0 or hi >= logits.shape[1]:
         raise ValueError(f"labels out of range: found [{lo}, {hi}] for {logits.shape[1]} classes")
     return t

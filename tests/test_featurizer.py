@@ -81,3 +81,25 @@ def test_sampled_labels_are_reproducible(mlp, data):
     b = torch.cat([r for _, r in feat.iter_rows(ds, np.arange(len(x)), sample=True)])
     assert torch.equal(a, b)
     assert not torch.allclose(a, feat.train_rows((x, y)))
+
+
+def test_boundary_errors_name_what_was_expected():
+    """modules of a wrong type, a sketch too big for memory (estimated, nothing allocated) and a
+    dataset where sketched query rows are expected each raise a message naming the fix."""
+    import sketchattr as sa
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for bad in (True, 3.5, {"0"}):
+        with pytest.raises(TypeError, match="modules must be None/'all', an int N"):
+            sa.Featurizer(model, sa.ClassificationTask(), modules=bad, progress=False).train_rows((x, y))
+    for proj in ("gaussian", "sjlt"):
+        with pytest.raises(ValueError, match=r"needs about \d+\.\d GiB per batch .*m=1,000,000,000.*memory budget"):
+            sa.Featurizer(model, sa.ClassificationTask(), projector=proj, m=10**9, progress=False).train_rows((x, y))
+    small = sa.Featurizer(model, sa.ClassificationTask(), projector="sjlt", m=4096, memory_budget_gib=1e-4, progress=False)
+    with pytest.raises(ValueError, match="memory budget of 0.0 GiB"):
+        small.train_rows((x, y))
+    feat = sa.Featurizer(model, sa.ClassificationTask(), projector="sjlt", m=8, progress=False)
+    scorer = sa.SketchedInfluence().fit(feat.featurize((x, y)))
+    with pytest.raises(TypeError, match=r"got a tuple.*featurizer.query_rows\(queries\)"):
+        scorer.score((x, y))

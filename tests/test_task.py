@@ -49,3 +49,28 @@ def test_regression_task_signs():
     assert torch.allclose(RegressionTask("output").measurement(model, (x, y)), pred.sum())
     with pytest.raises(ValueError):
         RegressionTask("bogus")
+
+
+def test_classification_labels_are_validated_at_the_boundary():
+    """Bad labels raise a message naming what was expected and found — not a torch index error or,
+    for −100 (cross-entropy's ignore_index), a silently all-zero gradient row; [B, 1] is accepted."""
+    from torch import nn
+
+    from sketchattr import ClassificationTask, Featurizer
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    feat = Featurizer(model, ClassificationTask(), progress=False)
+    ref = feat.train_rows((x, y))
+    assert torch.equal(feat.train_rows((x, y[:, None])), ref)  # [B, 1]: unambiguous
+    cases = [
+        (torch.tensor([0, 1, 10, 1, 0]), r"labels out of range: found \[0, 10\] for 3 classes"),
+        (torch.tensor([0, 1, -100, 1, 0]), r"-100 \(cross-entropy's ignore_index\).*all-zero gradient"),
+        (y.float() + 0.5, r"integer class ids.*found torch.float"),
+        (torch.zeros(5, 2, dtype=torch.long), r"labels \[B\]; found \(5, 3\) and \(5, 2\)"),
+    ]
+    for labels, message in cases:
+        with pytest.raises(ValueError, match=message):
+            feat.train_rows((x, labels))

@@ -16,6 +16,7 @@ and what to do.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -75,6 +76,14 @@ def _tree_map(fn: Callable[[Any], Any], obj: Any) -> Any:
     return obj
 
 
+def physical_memory_bytes() -> float:
+    """The machine's physical memory (inf where the OS does not say)."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
 def _as_dataset(data: Any) -> Dataset:
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         return torch.utils.data.TensorDataset(*data)
@@ -108,6 +117,9 @@ class Featurizer:
     profiler: optional :class:`~sketchattr.curvature.profiler.Profiler`; records per batch
         ``"featurize <kind>: gradients + sketch"`` and ``"featurize train: store write"`` with
         their row counts.
+    memory_budget_gib: the sketch's working memory per batch (rows ``[batch_size, m]`` plus the
+        projector's chunk) is estimated before the first batch and refused above this (default:
+        half the machine's physical memory), instead of an allocation that fails or swaps.
     """
 
     def __init__(
@@ -126,6 +138,7 @@ class Featurizer:
         engine: str = "auto",
         collate_fn: Callable[[list], Any] | None = None,
         preconditioner: "AdamPreconditioner | None" = None,
+        memory_budget_gib: float | None = None,
     ) -> None:
         if engine not in ("auto", "hooks", "vmap"):
             raise ValueError(f"engine must be 'auto', 'hooks' or 'vmap', got {engine!r}")
@@ -154,6 +167,9 @@ class Featurizer:
         self._engine: HookEngine | None = None
         self._vmap_reason: str | None = "engine='vmap' was asked for" if engine == "vmap" else None
         self._verified = False
+        if memory_budget_gib is not None and not memory_budget_gib > 0:
+            raise ValueError(f"memory_budget_gib must be > 0 or None, got {memory_budget_gib!r}")
+        self.memory_budget_gib = memory_budget_gib
 
     # ------------------------------------------------------------------ selection / metadata
     def selection(self, example_input: Any = None) -> ModuleSelection:
@@ -164,8 +180,20 @@ class Featurizer:
             self.projector.bind([b.layout for b in self._engine.blocks])
             if self.engine_choice == "hooks":
                 self._engine.require("engine='hooks'", "Use engine='auto' to fall back to torch.func.vmap.")
+            self._check_memory(sel.dims)
             self._selection = sel
         return self._selection
+
+    def _check_memory(self, dims: Sequence[int]) -> None:
+        """Refuse a sketch whose working memory per batch exceeds the budget (estimated, nothing allocated)."""
+        need = self.projector.workspace_bytes(dims, self.batch_size, self.dtype)
+        budget = self.memory_budget_gib * 2**30 if self.memory_budget_gib is not None else physical_memory_bytes() / 2
+        if need > budget:
+            raise ValueError(
+                f"the sketch needs about {need / 2**30:.1f} GiB per batch ({self.projector.spec().get('type')} with "
+                f"m={self.projector.output_dim(dims):,}, batch_size={self.batch_size}, {self.dtype}), more than the "
+                f"memory budget of {budget / 2**30:.1f} GiB: use a smaller m or batch_size, or pass memory_budget_gib="
+            )
 
     @property
     def engine(self) -> HookEngine:

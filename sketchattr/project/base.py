@@ -164,6 +164,11 @@ class Projector(Registered, abc.ABC):
         _check_dims(dims)
         return self.m
 
+    def workspace_bytes(self, dims: Sequence[int], batch_size: int, dtype: torch.dtype) -> int:
+        """Estimated working memory of one batch: its rows ``[batch_size, output_dim]`` (twice, for
+        the accumulator and the result). Subclasses add what they hold besides."""
+        return 2 * batch_size * self.output_dim(dims) * dtype.itemsize
+
     def project(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """Sketch ``sum_k P_k grads[k]``.
 
@@ -315,6 +320,11 @@ class ChunkedProjector(Projector):
     @abc.abstractmethod
     def _bytes_per_column(self, dtype: torch.dtype, device: torch.device) -> int:
         """Bytes of a prepared block per input column (for the cache policy)."""
+
+    def workspace_bytes(self, dims: Sequence[int], batch_size: int, dtype: torch.dtype) -> int:
+        """Rows plus one prepared chunk of ``min(chunk_cols, step_cols)`` columns."""
+        cols = min(self.chunk_cols, self.step_cols(batch_size), max(_check_dims(dims)))
+        return super().workspace_bytes(dims, batch_size, dtype) + cols * self._bytes_per_column(dtype, torch.device("cpu"))
 
     def step_cols(self, batch_size: int) -> int:
         """Max columns per compute step (default ``block_size``; subclasses may cap it).

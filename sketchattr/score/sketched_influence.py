@@ -318,6 +318,11 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
 
     def _check_queries(self, queries: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
+        if not isinstance(queries, torch.Tensor):
+            raise TypeError(
+                f"SketchedInfluence scores sketched query rows [n_query, {self.dim}]; got a {type(queries).__name__}. "
+                "Sketch the queries with the store's featurizer first: featurizer.query_rows(queries)"
+            )
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(
                 f"query rows must be [n_query, {self.dim}] (the store's width), got {tuple(queries.shape)}: "
