@@ -27,6 +27,7 @@ from sketchattr.store import (
     MemoryStore,
     StoreCorruptedError,
     StoreLockedError,
+    StoreWriteError,
     StoreMetadata,
     StoreMismatchError,
     make_store,
@@ -40,7 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamPreconditioner", "CausalLMTask", "LossTask", "PadCollator", "SequenceClassificationTask", "last_blocks",
-    "EigenbasisProjector", "SparseEigenbasisProjector", "CPUStore", "DiskStore", "StoreCorruptedError", "StoreLockedError", "make_sampler", "make_store",
+    "EigenbasisProjector", "SparseEigenbasisProjector", "CPUStore", "DiskStore", "StoreCorruptedError", "StoreLockedError", "StoreWriteError", "make_sampler", "make_store",
     "ClassificationTask", "FactGraSSProjector", "FactorizedProjector", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
     "MemoryStore", "ModuleSelection", "NonFiniteGradientError", "Projector", "RademacherProjector",
     "RegressionTask", "SJLTProjector", "TensorSketchProjector", "Scorer", "SketchedInfluence", "StoreMetadata",

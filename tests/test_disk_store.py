@@ -385,3 +385,48 @@ def test_score_file_killed_while_writing_keeps_the_old_file_and_reruns(tmp_path)
         assert set(f) == {"scores", "again", "train_indices"}
         assert np.array_equal(f["again"][()], before) and np.array_equal(f["scores"][()], before)
     assert not list(tmp_path.glob(".scores.h5.*.tmp"))
+
+
+def test_full_disk_and_write_errors_keep_rows_and_resume(tmp_path, monkeypatch):
+    """A disk that fills up (simulated: the free space the store checks before each commit) and a
+    write that fails with ENOSPC (simulated in HDF5's write) each raise StoreWriteError naming the
+    path and the rows kept; after 'freeing space' the same command resumes to the uninterrupted rows."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import sketchattr.store.hdf5 as hdf5
+    from sketchattr import StoreWriteError
+
+    x, y = tiny_data(n=40)
+    feat = Featurizer(tiny_mlp(), ClassificationTask(), projector="sjlt", m=16, seed=0, batch_size=4, progress=False)
+    ref = feat.train_rows((x, y)).float()
+    path = tmp_path / "full.h5"
+    Usage = namedtuple("Usage", "total used free")
+    commits = {"n": 0}
+    real_usage = shutil.disk_usage
+
+    def filling_disk(p):
+        commits["n"] += 1
+        return Usage(1, 1, 0) if commits["n"] > 3 else real_usage(p)
+
+    monkeypatch.setattr(hdf5.shutil, "disk_usage", filling_disk)
+    with pytest.raises(StoreWriteError, match=r"full\.h5: the disk is \(nearly\) full .* 12 rows are on disk and kept"):
+        feat.featurize((x, y), store=DiskStore(path, buffer_bytes=0))
+    monkeypatch.setattr(hdf5.shutil, "disk_usage", real_usage)
+
+    real_write = DiskStore._write_rows
+    calls = {"n": 0}
+
+    def failing_write(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args)
+
+    monkeypatch.setattr(DiskStore, "_write_rows", failing_write)
+    with pytest.raises(StoreWriteError, match=r"writing 4 rows to .*full\.h5 failed .*No space left.* the 16 rows committed"):
+        feat.featurize((x, y), store=DiskStore(path, buffer_bytes=0))
+    monkeypatch.setattr(DiskStore, "_write_rows", real_write)
+    store = feat.featurize((x, y), store=DiskStore(path, buffer_bytes=0))
+    assert torch.equal(store.rows(), ref)

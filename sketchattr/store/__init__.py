@@ -7,6 +7,7 @@ from sketchattr.store.base import (
     GradientStore,
     StoreCorruptedError,
     StoreLockedError,
+    StoreWriteError,
     StoreMetadata,
     StoreMismatchError,
     make_store,
@@ -15,6 +16,6 @@ from sketchattr.store.hdf5 import DiskStore
 from sketchattr.store.memory import CPUStore, MemoryStore
 
 __all__ = [
-    "CPUStore", "DiskStore", "GradientStore", "MemoryStore", "StoreCorruptedError", "StoreLockedError", "StoreMetadata",
+    "CPUStore", "DiskStore", "GradientStore", "MemoryStore", "StoreCorruptedError", "StoreLockedError", "StoreWriteError", "StoreMetadata",
     "StoreMismatchError", "make_store",
 ]

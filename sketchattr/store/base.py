@@ -35,6 +35,10 @@ class StoreLockedError(OSError):
     """Another process is writing the store (its advisory lock file is held)."""
 
 
+class StoreWriteError(OSError):
+    """Rows could not be written (disk full, I/O error); the rows committed before are kept."""
+
+
 @dataclass(frozen=True)
 class StoreMetadata:
     """What produced a store's rows. Two stores are compatible iff their metadata are equal.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,12 +31,20 @@ import torch
 from filelock import FileLock, Timeout
 
 from sketchattr.store.atomic import temporary_beside
-from sketchattr.store.base import GradientStore, StoreCorruptedError, StoreLockedError, StoreMetadata, StoreMismatchError
+from sketchattr.store.base import (
+    GradientStore,
+    StoreCorruptedError,
+    StoreLockedError,
+    StoreMetadata,
+    StoreMismatchError,
+    StoreWriteError,
+)
 
 FORMAT = "sketchattr-store"
 FORMAT_VERSION = 1
 JOINED = "joined"  # root attr ``layout`` of a read-only join of per-rank shard files (sketchattr.distributed)
 DEFAULT_PATH = Path("grad_cache") / "store.h5"
+SPACE_MARGIN = 16 * 2**20  # bytes kept free beyond a commit's own (HDF5 metadata, chunk rounding)
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
@@ -362,6 +371,31 @@ class DiskStore(GradientStore, name="disk"):
         parts = list(zip(*self._pending))
         indices, data, w = (np.concatenate(p) if len(p) > 1 else p[0] for p in parts)
         self._pending, self._pending_bytes = [], 0
+        self._check_space(data.nbytes + w.nbytes + indices.nbytes)
+        try:
+            self._write_rows(indices, data, w)
+        except OSError as exc:
+            if isinstance(exc, (StoreCorruptedError, StoreLockedError)):
+                raise
+            raise StoreWriteError(
+                f"writing {len(indices)} rows to {self.path} failed ({exc}); the {int(self._written.sum())} rows "
+                "committed before are kept and a rerun of the same command resumes after them"
+            ) from exc
+
+    def _check_space(self, nbytes: int) -> None:
+        """Refuse a commit the disk cannot hold before HDF5 runs out of space mid-write (which can
+        leave its metadata cache unflushable and crash the process)."""
+        free = shutil.disk_usage(self.path.parent).free
+        need = 2 * nbytes + SPACE_MARGIN
+        if free < need:
+            kept = int(self._written.sum()) if self._written is not None else 0
+            raise StoreWriteError(
+                f"{self.path}: the disk is (nearly) full — {free / 2**20:.1f} MiB free, this commit needs about "
+                f"{need / 2**20:.1f} MiB. {kept} rows are on disk and kept; free space and rerun the same command "
+                "to resume"
+            )
+
+    def _write_rows(self, indices: np.ndarray, data: np.ndarray, w: np.ndarray) -> None:
         with self._open(write=True) as f:
             g = f[self.checkpoint]
             if not self._contains(indices).all():
