@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -430,3 +431,14 @@ def test_full_disk_and_write_errors_keep_rows_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(DiskStore, "_write_rows", real_write)
     store = feat.featurize((x, y), store=DiskStore(path, buffer_bytes=0))
     assert torch.equal(store.rows(), ref)
+
+
+def test_crash_resume_harness_on_factor_fitting():
+    """benchmarks/crash_resume.py: SIGKILL at random instants of fit_factors, rerun, bit-identical factors."""
+    import json as _json
+
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "crash_resume.py"),
+                           "--trials", "2", "--stages", "fit_factors", "--seed", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = _json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["fit_factors"]["resumed_bit_identical"] == 2
