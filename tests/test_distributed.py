@@ -7,6 +7,8 @@ between ranks; the single-process side is computed here with the same settings.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -213,3 +215,30 @@ def test_unwrap_and_prefixed_names():
     assert sad.unwrap_model(wrapped) is model
     assert sa.model_fingerprint(wrapped) == sa.model_fingerprint(model)
     assert sa.select_modules(wrapped, ["module.1"]).names == ("1",)
+
+
+@pytest.mark.parametrize("mode", ["die", "raise"])
+def test_a_dead_rank_is_named_and_the_others_stop_promptly(mode):
+    """Rank 1 dies (os._exit) or raises while rank 0 waits in an all-reduce: rank 0 stops within a few
+    seconds (not the process group's 30-minute timeout) with an error naming rank 1 and what it was doing."""
+    import subprocess
+    import time
+
+    from launcher import ROOT, free_port
+
+    port = free_port()
+    procs = []
+    t0 = time.monotonic()
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / "rank_failure_worker.py"), mode], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    elapsed = time.monotonic() - t0
+    assert procs[0].returncode != 0 and "rank 0 finished" not in logs[0]
+    assert elapsed < 40, elapsed
+    if mode == "die":
+        assert re.search(r"rank 1 stopped responding [\d.]+ s ago \(last seen doing: featurize: batch 3 of 10\)", logs[0]), logs[0]
+    else:
+        assert "rank 1 failed with ValueError: out of memory in batch 4 (simulated) (while featurize: batch 3 of 10)" in logs[0], logs[0]

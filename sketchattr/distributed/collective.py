@@ -58,6 +58,10 @@ class Collective:
     def barrier(self) -> None:
         """Wait until every rank gets here."""
 
+    def activity(self, label: str) -> None:
+        """Say what this rank is doing (with torch.distributed, the other ranks report it if this
+        rank dies; see :mod:`sketchattr.distributed.heartbeat`)."""
+
     def together(self, fn: Callable[[], T]) -> T:
         """``fn()`` on every rank; if it raises on any rank, every rank raises (the failing rank
         its own error, the others :class:`RankFailedError` naming it) instead of waiting for
@@ -92,7 +96,7 @@ class TorchCollective(Collective):
     returned on the device they came from.
     """
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, heartbeat: bool = True, stale_after: float = 10.0, on_failure: str = "exit") -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "torch.distributed is not initialised: call torch.distributed.init_process_group() "
@@ -104,10 +108,25 @@ class TorchCollective(Collective):
         self.world_size = dist.get_world_size(group)
         nccl = dist.get_backend(group) == "nccl"
         self._device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self._heart = _heartbeat(self.rank, self.world_size, group, stale_after, on_failure) if heartbeat and self.world_size > 1 else None
+
+    def activity(self, label: str) -> None:
+        if self._heart is not None:
+            self._heart.stage = label
+
+    def _run(self, action: str, fn: Any) -> Any:
+        """A collective, with a dead peer reported by rank (see :mod:`sketchattr.distributed.heartbeat`)."""
+        if self._heart is None:
+            return fn()
+        self._heart.check()
+        try:
+            return fn()
+        except RuntimeError as exc:
+            raise self._heart.explain(exc, f"{action} (doing: {self._heart.stage})") from exc
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         buf = tensor.detach().to(self._device).clone()
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        self._run("all_reduce", lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group))
         return buf.to(tensor.device)
 
     def cat(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -116,22 +135,37 @@ class TorchCollective(Collective):
         padded = torch.zeros((max(sizes),) + tuple(t.shape[1:]), dtype=t.dtype, device=self._device)
         padded[: t.shape[0]] = t
         parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded, group=self.group)
+        self._run("all_gather", lambda: dist.all_gather(parts, padded, group=self.group))
         out = torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
         return out.movedim(0, dim).to(tensor.device)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        self._run("all_gather_object", lambda: dist.all_gather_object(out, obj, group=self.group))
         return out
 
     def barrier(self) -> None:
-        dist.barrier(group=self.group)
+        self._run("barrier", lambda: dist.barrier(group=self.group))
 
 
-def get_collective(group: Any = None) -> Collective:
+def get_collective(group: Any = None, **heartbeat: Any) -> Collective:
     """A :class:`TorchCollective` when ``torch.distributed`` is initialised, else a
-    :class:`LocalCollective` (so single-process code runs unchanged)."""
+    :class:`LocalCollective` (so single-process code runs unchanged). ``heartbeat``:
+    ``heartbeat=False``, ``stale_after=`` seconds, ``on_failure="exit"|"raise"`` (see
+    :mod:`sketchattr.distributed.heartbeat`; the first collective of a process group sets them)."""
     if dist.is_available() and dist.is_initialized():
-        return TorchCollective(group)
+        return TorchCollective(group, **heartbeat)
     return LocalCollective()
+
+
+_HEARTS: dict[Any, Any] = {}
+
+
+def _heartbeat(rank: int, world_size: int, group: Any, stale_after: float, on_failure: str) -> Any:
+    """One heartbeat per (process, group), shared by every collective made on it."""
+    from sketchattr.distributed.heartbeat import Heartbeat
+
+    key = (id(group), world_size)
+    if key not in _HEARTS:
+        _HEARTS[key] = Heartbeat(rank, world_size, group, stale_after=stale_after, on_failure=on_failure)
+    return _HEARTS[key]

@@ -59,6 +59,7 @@ def featurize(
     c.together(lambda: _check_same_plan(c, meta, idx, weights))
     part = c.shard(len(idx), featurizer.batch_size)
     rows, w = idx[part], None if weights is None else weights[part]
+    c.activity(f"featurize: rows {part.start}..{part.stop} of {len(idx)}")
     if path is None:
         shard = make_store(store, **store_kwargs)
         with prof.record("featurize shard"):
@@ -78,8 +79,10 @@ def featurize(
             error = exc
     with prof.record("wait for ranks"):
         c.together(lambda: _raise(error))
+    c.activity("featurize: waiting for the other ranks, then joining the shards")
     with prof.record("join"):
         c.together(lambda: c.is_main and join_store(path, c.world_size, shard.checkpoint))
+    c.activity("featurize: done")
     return shard
 
 
