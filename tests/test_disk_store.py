@@ -442,3 +442,26 @@ def test_crash_resume_harness_on_factor_fitting():
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = _json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["fit_factors"]["resumed_bit_identical"] == 2
+
+
+def test_read_only_store_is_named_read_only_and_still_scores(tmp_path, monkeypatch, mlp, data):
+    """A store on a read-only file system (simulated: the OS refuses the lock file, errno EROFS, as a
+    real read-only tmpfs does) reads and scores; extending it raises PermissionError saying read-only,
+    not 'corrupted'."""
+    import errno
+
+    import filelock
+
+    x, y = data
+    feat = Featurizer(mlp, ClassificationTask(), projector="sjlt", m=8, seed=0, progress=False)
+    path = tmp_path / "ro.h5"
+    feat.featurize((x, y), store=DiskStore(path), indices=range(10))
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(path) + ".lock")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", read_only)
+    store = DiskStore(path)
+    assert len(store) == 10 and SketchedInfluence(damping=0.1).fit(store).sigma_max > 0
+    with pytest.raises(PermissionError, match=r"ro\.h5 cannot be written.*Read-only file system.*read and scored, not extended"):
+        feat.featurize((x, y), store=DiskStore(path))

@@ -48,6 +48,17 @@ SPACE_MARGIN = 16 * 2**20  # bytes kept free beyond a commit's own (HDF5 metadat
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
+def _writable(path: Path) -> bool:
+    """Whether ``path`` (or, if it does not exist, its folder) can be written."""
+    target = path if path.exists() else path.parent
+    if not os.access(target, os.W_OK):
+        return False
+    try:
+        return not os.statvfs(target).f_flag & os.ST_RDONLY
+    except (OSError, AttributeError):
+        return True
+
+
 def _complete(g: h5py.Group) -> bool:
     """A checkpoint group has all its datasets and attributes (else a crash cut its creation short)."""
     return all(k in g for k in ("indices", "written", "weights", "rows")) and all(
@@ -147,6 +158,11 @@ class DiskStore(GradientStore, name="disk"):
                 f"{self.path} is being written by another process (its lock {self.path}.lock is held); wait for "
                 f"it to finish, or use another path (lock_timeout={self.lock_timeout} s)"
             ) from None
+        except OSError as exc:
+            raise PermissionError(
+                f"{self.path} cannot be written: its lock file {self.path}.lock cannot be created ({exc}); a store "
+                "on a read-only folder or file system can be read and scored, not extended"
+            ) from exc
         try:
             yield
         finally:
@@ -182,6 +198,11 @@ class DiskStore(GradientStore, name="disk"):
         except OSError as exc:
             if "already open" in str(exc) or "unable to lock" in str(exc).lower():
                 raise OSError(f"{self.path} is open elsewhere (another process?): {exc}") from exc
+            if write and not _writable(self.path):
+                raise PermissionError(
+                    f"{self.path} is read-only (no write permission on it or its folder, or a read-only file system): "
+                    "it can be read and scored, not extended; copy it somewhere writable to add rows"
+                ) from exc
             if not write and self._held_elsewhere():
                 raise StoreLockedError(f"{self.path} is being written by another process and cannot be read until "
                                        f"it finishes (its lock {self.path}.lock is held)") from exc
