@@ -10,8 +10,9 @@ the same stage again in a new process and compares its output with the reference
 * featurize: the store's rows and indices;
 * fit_factors: every factor tensor (covariances, eigenbases, corrected eigenvalues);
 * score_to_hdf5: the score matrix and train indices;
-* featurize_2ranks: ``sketchattr.distributed.featurize`` over two gloo ranks; one rank (chosen at
-  random) is killed, the survivor must stop by itself within 60 s (the heartbeat names the dead
+* featurize_2ranks / fit_factors_2ranks / score_to_hdf5_2ranks: the same over two gloo ranks
+  (``sketchattr.distributed.featurize``, ``fit_factors(collective=)``, sharded scoring); one rank
+  (chosen at random) is killed, the survivor must stop by itself within 60 s (the heartbeat names the dead
   rank; a kill before the heartbeats run is bounded by the process group's 15 s timeout), then both
   ranks rerun; the joined store's rows are compared with the one-process rows.
 
@@ -53,12 +54,21 @@ feat = sa.Featurizer(model, task, projector="sjlt", m=512, seed=0, batch_size=50
 print("start", flush=True)
 if stage == "featurize":
     feat.featurize((x, y), store=sa.DiskStore(out + "/store.h5", buffer_bytes=0))
-elif stage == "featurize_2ranks":
+elif stage.endswith("_2ranks"):
     import torch.distributed as dist
     import sketchattr.distributed as sad
     from datetime import timedelta
     dist.init_process_group("gloo", timeout=timedelta(seconds=15))  # bounds a kill before the heartbeats start
-    sad.featurize(feat, (x, y), path=out + "/store.h5", collective=sad.get_collective(stale_after=3.0), buffer_bytes=0)
+    c = sad.get_collective(stale_after=3.0)
+    if stage == "featurize_2ranks":
+        sad.featurize(feat, (x, y), path=out + "/store.h5", collective=c, buffer_bytes=0)
+    elif stage == "fit_factors_2ranks":
+        sa.fit_factors(model, task, (x, y), kind="ekfac", fisher="empirical", batch_size=50, path=out + "/factors",
+                       collective=c, progress=False)
+    else:
+        shard = sad.featurize(feat, (x[:600], y[:600]), collective=c)
+        scorer = sa.SketchedInfluence(damping=0.1, block_rows=16).fit(shard, collective=c)
+        scorer.score_to_hdf5(feat.query_rows((x[:400], y[:400])), out + "/scores.h5")
     dist.barrier()
     dist.destroy_process_group()
 elif stage == "fit_factors":
@@ -74,7 +84,7 @@ print("done", flush=True)
 def run(stage: str, out: Path, kill_after: float | None, rng: random.Random | None = None) -> tuple[int, float]:
     """Run the stage (two rank processes for ``featurize_2ranks``); ``kill_after``: SIGKILL (one random
     rank) that many seconds after its work starts (imports done). Returns (exit code, seconds of work)."""
-    world = 2 if stage == "featurize_2ranks" else 1
+    world = 2 if stage.endswith("_2ranks") else 1
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -127,7 +137,8 @@ def outputs(stage: str, out: Path) -> dict:
 
     import sketchattr as sa
 
-    if stage in ("featurize", "featurize_2ranks"):
+    stage = stage.removesuffix("_2ranks")
+    if stage == "featurize":
         store = sa.DiskStore(out / "store.h5")
         return {"rows": store.rows().numpy(), "indices": store.indices}
     if stage == "fit_factors":
@@ -146,7 +157,7 @@ def same(a: dict, b: dict) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20, help="kills per stage")
-    ap.add_argument("--stages", default="featurize,fit_factors,score_to_hdf5,featurize_2ranks")
+    ap.add_argument("--stages", default="featurize,fit_factors,score_to_hdf5,featurize_2ranks,fit_factors_2ranks,score_to_hdf5_2ranks")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -177,10 +188,11 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - a failed resume is what the harness counts
                     tqdm.write(f"  {stage} trial {t}: resume failed: {exc}")
             report[stage] = {"resumed_bit_identical": ok, "trials": trials, "killed_mid_run": killed, "run_seconds": full}
-            if stage == "featurize_2ranks" and STOP_SECONDS:
+            if stage.endswith("_2ranks") and STOP_SECONDS:
                 report[stage]["survivor_stop_seconds_max"] = max(STOP_SECONDS)
                 print(f"{'':<14} survivors stopped by themselves within {max(STOP_SECONDS):.1f} s of a kill "
                       f"(median {sorted(STOP_SECONDS)[len(STOP_SECONDS) // 2]:.1f} s)")
+                STOP_SECONDS.clear()
             print(f"{stage:<14} {ok}/{trials} resumed bit-identical ({killed} killed mid-run, "
                   f"the rest finished before the kill; an uninterrupted run takes {full:.1f} s)", flush=True)
     print(json.dumps(report))

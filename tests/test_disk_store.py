@@ -433,15 +433,17 @@ def test_full_disk_and_write_errors_keep_rows_and_resume(tmp_path, monkeypatch):
     assert torch.equal(store.rows(), ref)
 
 
-def test_crash_resume_harness_on_factor_fitting():
-    """benchmarks/crash_resume.py: SIGKILL at random instants of fit_factors, rerun, bit-identical factors."""
+@pytest.mark.parametrize("stage,trials", [("fit_factors", 2), ("featurize_2ranks", 1)])
+def test_crash_resume_harness(stage, trials):
+    """benchmarks/crash_resume.py: SIGKILL at a random instant (of one process, or of one of two gloo
+    ranks, whose survivor must stop by itself), rerun, bit-identical output."""
     import json as _json
 
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "crash_resume.py"),
-                           "--trials", "2", "--stages", "fit_factors", "--seed", "3"], capture_output=True, text=True, timeout=300)
+                           "--trials", str(trials), "--stages", stage, "--seed", "3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = _json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["fit_factors"]["resumed_bit_identical"] == 2
+    assert report[stage]["resumed_bit_identical"] == trials
 
 
 def test_read_only_store_is_named_read_only_and_still_scores(tmp_path, monkeypatch, mlp, data):

@@ -19,6 +19,7 @@ from typing import Sequence
 import h5py
 
 from sketchattr.store import StoreMismatchError
+from sketchattr.store.atomic import carry_over, temporary_beside
 from sketchattr.store.hdf5 import FORMAT, FORMAT_VERSION, JOINED
 
 _SHARD = re.compile(r"\.rank(\d+)-of-(\d+)$")
@@ -130,7 +131,7 @@ def join_store(path: "str | os.PathLike[str]", world_size: int, checkpoint: str 
             attrs = attrs or dict(g.attrs)
     if len(set(metas)) != 1:
         raise StoreMismatchError(f"shard files of {path} were written with different metadata: {sorted(set(metas))}")
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_beside(path)
     with h5py.File(tmp, "w") as h:
         h.attrs["format"], h.attrs["format_version"] = FORMAT, FORMAT_VERSION
         h.attrs["layout"] = JOINED
@@ -150,13 +151,13 @@ def join_scores(path: "str | os.PathLike[str]", world_size: int, dataset: str = 
     path = Path(path)
     files = shard_paths(path, world_size)
     missing_shards(files)
-    with h5py.File(path, "a") as h:
-        for name in (dataset, "train_indices"):
-            if name in h:
-                del h[name]
+    tmp = temporary_beside(path)  # built aside and renamed: a crash during the join leaves the old file
+    with h5py.File(tmp, "w") as h:
+        carry_over(path, h, (dataset, "train_indices"))
         h.attrs["layout"] = JOINED
         concat_virtual(h, dataset, [(f, dataset) for f in files], axis=1, relative_to=path.parent)
         concat_virtual(h, "train_indices", [(f, "train_indices") for f in files], axis=0, relative_to=path.parent)
+    os.replace(tmp, path)
     return path
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from sketchattr.score.topk import TopK, TopKMerger
-from sketchattr.store import GradientStore, MemoryStore, StoreCorruptedError, StoreMetadata, StoreMismatchError
-from sketchattr.store.atomic import temporary_beside
+from sketchattr.store import GradientStore, MemoryStore, StoreMetadata, StoreMismatchError
+from sketchattr.store.atomic import carry_over, temporary_beside
 from sketchattr.registry import Registered
 
 if TYPE_CHECKING:
@@ -29,23 +29,6 @@ def as_store(rows: "GradientStore | torch.Tensor", indices: np.ndarray | None = 
     store.prepare(StoreMetadata(projector={"type": "given"}, modules={}, model_fingerprint="", task="", dim=rows.shape[1]))
     store.write(np.arange(rows.shape[0]) if indices is None else np.asarray(indices), rows)
     return store
-
-
-def _keep_other_datasets(path: "str | os.PathLike[str]", out: h5py.File, replaced: tuple[str, ...]) -> None:
-    """Copy the objects of an existing score file other than ``replaced`` into ``out``."""
-    if not os.path.exists(path):
-        return
-    try:
-        old = h5py.File(path, "r")
-    except OSError as exc:
-        raise StoreCorruptedError(f"the existing score file {path} cannot be read ({exc}); delete it or write to "
-                                  "another path") from exc
-    with old:
-        for key in old:
-            if key not in replaced:
-                old.copy(key, out)
-        for key, value in old.attrs.items():
-            out.attrs[key] = value
 
 
 class Scorer(Registered, abc.ABC):
@@ -115,7 +98,7 @@ class Scorer(Registered, abc.ABC):
         merger = TopKMerger(min(k, n)) if k else None
         tmp = temporary_beside(target)  # built aside and renamed: a crash never leaves a half-written file
         with h5py.File(tmp, "w") as f:
-            _keep_other_datasets(target, f, (dataset, "train_indices"))
+            carry_over(target, f, (dataset, "train_indices"))
             dset = f.create_dataset(dataset, shape=(n_q, n), dtype=np.float32, chunks=(min(n_q, 256), min(n, 4096)), fletcher32=True)
             f.create_dataset("train_indices", data=np.asarray(local, dtype=np.int64))
             col = 0

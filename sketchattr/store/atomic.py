@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
+
 
 def temporary_beside(path: "str | os.PathLike[str]") -> Path:
     """``.<name>.<pid>.tmp`` in ``path``'s folder (created); stale ones of dead processes are deleted."""
@@ -24,3 +26,23 @@ def temporary_beside(path: "str | os.PathLike[str]") -> Path:
         except (ValueError, PermissionError):
             pass
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def carry_over(path: "str | os.PathLike[str]", out: h5py.File, replaced: tuple[str, ...]) -> None:
+    """Copy the objects and root attributes of an existing HDF5 file at ``path`` (if any) into ``out``,
+    except the names in ``replaced`` (about to be rewritten)."""
+    from sketchattr.store.base import StoreCorruptedError
+
+    if not os.path.exists(path):
+        return
+    try:
+        old = h5py.File(path, "r")
+    except OSError as exc:
+        raise StoreCorruptedError(f"the existing file {path} cannot be read ({exc}); delete it or write to "
+                                  "another path") from exc
+    with old:
+        for key in old:
+            if key not in replaced:
+                old.copy(key, out)
+        for key, value in old.attrs.items():
+            out.attrs[key] = value
