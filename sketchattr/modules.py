@@ -261,7 +261,7 @@ def select_modules(
             )
         items = [which] if isinstance(which, (str, LastBlocks)) else list(which)
         if not items:
-            raise ValueError("empty module list")
+            raise ValueError("modules is an empty list: name at least one module, kind or pattern, or pass None for all")
         names, explicit = [], []
         for item in items:
             if isinstance(item, LastBlocks):

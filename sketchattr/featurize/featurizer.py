@@ -85,7 +85,12 @@ def physical_memory_bytes() -> float:
 
 
 def _as_dataset(data: Any) -> Dataset:
+    """A tuple/list of tensors as a TensorDataset (their first dimensions must agree); else ``data``."""
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        lengths = [t.shape[0] if t.dim() else None for t in data]
+        if None in lengths or len(set(lengths)) != 1:
+            raise ValueError(f"a tuple of tensors is read as (inputs, labels, ...) with one row per example; their "
+                             f"first dimensions must agree, found shapes {[tuple(t.shape) for t in data]}")
         return torch.utils.data.TensorDataset(*data)
     return data
 
