@@ -17,7 +17,7 @@ damping rule and d_λ need. Memory: a few [m, k] matrices (never m × m); passes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -127,11 +127,3 @@ def completed_spectrum(top: torch.Tensor, trace: float, full_rank: int) -> torch
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
-
-
-def weighted_blocks(blocks: Iterator[tuple[object, torch.Tensor]], w: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(rows, weights) per store block, from (indices, rows) blocks and the store-wide weights [n]."""
-    start = 0
-    for _, rows in blocks:
-        yield rows, w[start : start + len(rows)]
-        start += len(rows)

@@ -37,7 +37,7 @@ import torch
 from sketchattr.score.base import Scorer, as_store
 from sketchattr.score.damping import auto_damping, effective_dimension
 from sketchattr.score.linalg import accumulate_gram, eigh_ascending, symmetrize_upper
-from sketchattr.score.nystrom import completed_spectrum, nystrom_eigh, weighted_blocks
+from sketchattr.score.nystrom import completed_spectrum, nystrom_eigh
 from sketchattr.store.base import require_dense_rows
 from sketchattr.store import GradientStore
 
@@ -170,7 +170,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
             rank = min(self.rank or NYSTROM_RANK, m, n)
             with self._record(f"fit: Nyström r={rank}, {self.power_iters + 1} passes", n * (self.power_iters + 1)):
                 res = nystrom_eigh(
-                    lambda: weighted_blocks(((i, self._checked(r)) for i, r in self._blocks()), w), m, rank,
+                    lambda: ((rows, wb) for (_, rows), wb in self._blocks_with_weights(w, dtype=None)), m, rank,
                     self.weight_sum, self.power_iters, self.seed, self.dtype, self._compute_device(), self._sum,
                     self.progress,
                 )
@@ -303,9 +303,13 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
             want = dtype or (rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32)
             yield idx, rows.to(device=device, dtype=want, non_blocking=True)
 
-    def _blocks_with_weights(self, w: torch.Tensor) -> Iterator[tuple[tuple[np.ndarray, torch.Tensor], torch.Tensor]]:
+    def _blocks_with_weights(
+        self, w: torch.Tensor, dtype: "torch.dtype | None | str" = "fit"
+    ) -> Iterator[tuple[tuple[np.ndarray, torch.Tensor], torch.Tensor]]:
+        """Finite-checked store blocks with their weights [b]; rows in the fit dtype (default) or, with
+        ``dtype=None``, in their own precision (Nyström's float32 passes)."""
         start = 0
-        for idx, rows in self._blocks(self.dtype):
+        for idx, rows in self._blocks(self.dtype if dtype == "fit" else dtype):
             self._checked(rows)
             yield (idx, rows), w[start : start + len(idx)].to(rows.device)
             start += len(idx)

@@ -188,11 +188,7 @@ class DiskStore(GradientStore, name="disk"):
         if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():  # never a half-made file at the store's path
-                tmp = temporary_beside(self.path)
-                with h5py.File(tmp, "w") as f:
-                    f.attrs["format"] = FORMAT
-                    f.attrs["format_version"] = FORMAT_VERSION
-                os.replace(tmp, self.path)
+                self._create_atomically(None)
         try:
             f = h5py.File(self.path, "a" if write else "r")
         except OSError as exc:
@@ -237,15 +233,16 @@ class DiskStore(GradientStore, name="disk"):
         probe.release()
         return False
 
-    def _create_atomically(self, metadata: StoreMetadata) -> None:
-        """A new file, with its root attributes and this checkpoint's empty group, built under a
-        temporary name and renamed into place: a crash at any instant leaves no file or a complete one.
-        Inside a :meth:`writing` session the open handle moves to the new file."""
+    def _create_atomically(self, metadata: StoreMetadata | None) -> None:
+        """A new file, with its root attributes and (given ``metadata``) this checkpoint's empty group,
+        built under a temporary name and renamed into place: a crash at any instant leaves no file or a
+        complete one. Inside a :meth:`writing` session the open handle moves to the new file."""
         tmp = temporary_beside(self.path)
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
-            self._create_group(f, metadata)
+            if metadata is not None:
+                self._create_group(f, metadata)
         if self._handle is not None:
             self._handle.close()
         os.replace(tmp, self.path)
