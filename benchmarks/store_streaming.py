@@ -7,6 +7,9 @@ running top-k merge (optionally also writing the full score matrix to HDF5 in ch
 rows/s written and read and the peak RSS after each stage (bar: < 1 GB).
 
     python benchmarks/store_streaming.py [--gb 2.0] [--m 4096] [--queries 1000] [--scores_out FILE]
+    python benchmarks/store_streaming.py --quick     # a 0.1 GB store, m = 1024, 100 queries
+
+Writing the store shows a progress bar; each later stage prints a line when it starts and one when done.
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sketchattr import SketchedInfluence
+from sketchattr.score.queries import QueryRows
 from sketchattr.store import DiskStore, StoreMetadata
 
 
@@ -40,7 +45,7 @@ def write_store(path: Path, n: int, m: int, basis: torch.Tensor) -> None:
     t_write, batch = 0.0, 4096
     with store.writing():
         store.prepare(meta, planned=np.arange(n))
-        for s in range(0, n, batch):
+        for s in tqdm(range(0, n, batch), desc="write store", unit="block"):
             c = min(batch, n - s)
             rows = synthetic_rows(s, c, basis, seed=0)
             t0 = time.perf_counter()
@@ -65,7 +70,10 @@ def main() -> None:
     ap.add_argument("--scores_out", default=None, help="also write the full score matrix to this HDF5 file")
     ap.add_argument("--keep", action="store_true", help="keep the store file afterwards")
     ap.add_argument("--reuse", action="store_true", help="reuse a kept store file with the same row count")
+    ap.add_argument("--quick", action="store_true", help="a 0.1 GB store, m = 1024, 100 queries (a smoke run)")
     args = ap.parse_args()
+    if args.quick:
+        args.gb, args.m, args.queries = min(args.gb, 0.1), min(args.m, 1024), min(args.queries, 100)
     torch.set_num_threads(2)
 
     m = args.m
@@ -78,13 +86,15 @@ def main() -> None:
         write_store(path, n, m, basis)
 
     store = DiskStore(path, block_bytes=args.block_mb * 2**20)  # reopen: nothing cached in memory
+    print("fit   : streaming the store to accumulate F̂ ...", flush=True)
     t0 = time.perf_counter()
     scorer = SketchedInfluence(damping="auto").fit(store)
     t_fit = time.perf_counter() - t0
     print(f"fit   : {t_fit:7.1f} s  {n / t_fit:10,.0f} rows/s read (F̂ accumulated + eigh of {m}x{m}), "
           f"λ={scorer.damping_:.3g}, d_λ={scorer.effective_dimension():.0f}  peak RSS {peak_rss_mb():.0f} MB")
 
-    queries = synthetic_rows(10**9, args.queries, basis, seed=1)
+    queries = QueryRows.unchecked(synthetic_rows(10**9, args.queries, basis, seed=1))  # synthetic: no featurizer to check
+    print(f"score : streaming the store against {args.queries} queries ...", flush=True)
     t0 = time.perf_counter()
     top = scorer.top_k(queries, k=args.k)
     t_score = time.perf_counter() - t0

@@ -17,7 +17,8 @@ from sketchattr import ClassificationTask, Featurizer
 from sketchattr.data.registry import DatasetSplit, load_dataset
 from sketchattr.models.registry import make_model
 from sketchattr.project import make_projector
-from sketchattr.store import make_store
+from sketchattr.score.queries import QueryRows
+from sketchattr.store import StoreMetadata, make_store
 from sketchattr.task import CausalLMTask
 from sketchattr.train import train_model
 
@@ -88,18 +89,26 @@ def exact_gradients(args: argparse.Namespace, model: torch.nn.Module, split: Dat
     return Gradients(feat, store, test, feat.selection().dims)
 
 
-def sketch_rows(projector, rows: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Sketch unsketched rows [n, d] module by module — the same linear map the featurizer applies."""
-    return projector.project(list(torch.split(rows, list(dims), dim=1)))
+def sketch_rows(projector, rows: "torch.Tensor | QueryRows", dims: tuple[int, ...]) -> "torch.Tensor | QueryRows":
+    """Sketch unsketched rows [n, d] module by module — the same linear map the featurizer applies.
+    Query rows that carry their sketch come back carrying the new one (as :func:`sketch_store` records it)."""
+    out = projector.project(list(torch.split(torch.as_tensor(rows.rows if isinstance(rows, QueryRows) else rows), list(dims), dim=1)))
+    if not isinstance(rows, QueryRows):
+        return out
+    meta = rows.metadata and sketch_metadata(projector, dims, rows.metadata)
+    return QueryRows(out, meta, rows.indices)
+
+
+def sketch_metadata(projector, dims: tuple[int, ...], exact) -> "StoreMetadata":
+    """Metadata of rows sketched from exact rows described by ``exact``."""
+    return StoreMetadata(projector=projector.spec(), modules={"dims": list(dims)}, model_fingerprint=exact.model_fingerprint,
+                         task=exact.task, dim=projector.output_dim(dims))
 
 
 def sketch_store(projector, store, dims: tuple[int, ...], offload: str, path: Path | None = None):
     """A store of the sketched train rows, built block by block from the exact store."""
-    from sketchattr.store import StoreMetadata
-
     out = make_store(offload, **({"path": path} if offload == "disk" else {}))
-    meta = StoreMetadata(projector=projector.spec(), modules={"dims": list(dims)}, model_fingerprint=store.metadata.model_fingerprint,
-                         task=store.metadata.task, dim=projector.output_dim(dims))
+    meta = sketch_metadata(projector, dims, store.metadata)
     with out.writing():
         out.prepare(meta, overwrite=True)
         for idx, rows in store.iter_blocks():

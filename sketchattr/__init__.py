@@ -60,3 +60,8 @@ __all__ += ["TracIn", "tracin_from_checkpoints"]
 from sketchattr.score import Selection, TokenScores, aggregate_scores, per_token_scores, select_training_data  # noqa: E402
 
 __all__ += ["Selection", "TokenScores", "aggregate_scores", "per_token_scores", "select_training_data"]
+
+from sketchattr.score import InfluenceIndex, QueryMismatchError, QueryRows  # noqa: E402
+from sketchattr.kronfluence_task import KronfluenceTask  # noqa: E402
+
+__all__ += ["InfluenceIndex", "KronfluenceTask", "QueryMismatchError", "QueryRows"]

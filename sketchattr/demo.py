@@ -14,7 +14,7 @@ from sketchattr.task import ClassificationTask
 
 
 def run_demo(m: int = 1024, projector: str = "sjlt", queries: tuple[int, ...] = (0, 1, 2), k: int = 5, seed: int = 0) -> None:
-    """Train digits-mlp (BENCHMARKS.md recipe), featurize, score the 100 queries, print top-k."""
+    """Train digits-mlp (docs/benchmarks.md recipe), featurize, score the 100 queries, print top-k."""
     t0 = time.perf_counter()
     split = load_digits_split()
     model = train_digits_mlp(seed=0, split=split)
@@ -42,11 +42,11 @@ def run_demo(m: int = 1024, projector: str = "sjlt", queries: tuple[int, ...] = 
         print(f"\nquery {q}: label {label}, predicted {pred}")
         _print_row("  proponents (helped)", top.proponents[q], top.proponent_scores[q], y_train)
         _print_row("  opponents  (hurt)  ", top.opponents[q], top.opponent_scores[q], y_train)
-    same = np.mean([[y_train[i] == int(split.y_query[q]) for i in top.proponents[q]] for q in range(len(split.y_query))])
+    same = np.mean([[y_train[i] == int(split.y_query[q]) for i in top.proponents[q].tolist()] for q in range(len(split.y_query))])
     print(f"\nacross all {len(split.y_query)} queries, {same:.0%} of top-{k} proponents share the query's label")
     print(f"total {time.perf_counter() - t0:.1f}s")
 
 
-def _print_row(title: str, idx: np.ndarray, scores: np.ndarray, labels: dict[int, int]) -> None:
-    cells = ", ".join(f"#{i} (label {labels[int(i)]}, {s:+.3g})" for i, s in zip(idx, scores))
+def _print_row(title: str, idx: torch.Tensor, scores: torch.Tensor, labels: dict[int, int]) -> None:
+    cells = ", ".join(f"#{i} (label {labels[i]}, {s:+.3g})" for i, s in zip(idx.tolist(), scores.tolist()))
     print(f"{title}: {cells}")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dense_reference import ce_loss, dense_influence, margin_fn, per_example_grads
-from sketchattr import ClassificationTask, Featurizer, SketchedInfluence
+from sketchattr import ClassificationTask, Featurizer, QueryRows, SketchedInfluence
 from sketchattr.score.damping import auto_damping, effective_dimension
 
 
@@ -251,7 +251,7 @@ def test_nystrom_weighted_disk_store_and_auto_choice(tmp_path, monkeypatch):
     P = torch.linalg.inv(F + lam * torch.eye(40, dtype=F.dtype))
     q = torch.randn(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     ny = SketchedInfluence(damping=lam, method="nystrom", rank=10).fit(store)
-    assert torch.allclose(ny.score(q).double(), -(q @ P @ Gd.T), rtol=1e-3, atol=1e-3)  # float32 products, amplified by 1/λ in flat directions
+    assert torch.allclose(ny.score(QueryRows.unchecked(q)).double(), -(q @ P @ Gd.T), rtol=1e-3, atol=1e-3)  # float32 products, amplified by 1/λ in flat directions
     monkeypatch.setattr(si_mod, "EXACT_FIT_LIMIT", 16)
     assert SketchedInfluence().fit(store).path == "nystrom"
     monkeypatch.setattr(si_mod, "EXACT_FIT_LIMIT", 2048)

@@ -41,6 +41,7 @@ from sketchattr.task import Task, validate_task
 if TYPE_CHECKING:
     from sketchattr.curvature.profiler import Profiler
     from sketchattr.featurize.preconditioner import AdamPreconditioner
+    from sketchattr.score.queries import QueryRows
 
 
 class NonFiniteGradientError(ValueError):
@@ -256,7 +257,7 @@ class Featurizer:
             (checked after each batch); the rows written so far are kept and a later call
             resumes. ``self.last_run`` (:class:`FeaturizeRun`) says what the call did.
         """
-        dataset = _as_dataset(dataset)
+        dataset = self._dataset_of(dataset)
         idx, weights = self.plan_rows(dataset, indices, sampler)
         return self.featurize_rows(dataset, idx, weights, store, overwrite, max_rows, max_seconds, **store_kwargs)
 
@@ -281,7 +282,7 @@ class Featurizer:
         if max_seconds is not None and not max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
         t0 = time.perf_counter()
-        dataset = _as_dataset(dataset)
+        dataset = self._dataset_of(dataset)
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx):
             self.selection(self._example_input(dataset, idx))
@@ -310,7 +311,7 @@ class Featurizer:
         """The dataset indices [n] to featurize (all, ``indices``, or a sampler's draw) and
         their importance weights [n] (None without a sampler). Resolves the module selection
         on the first planned row (last-N modules are traced there)."""
-        dataset = _as_dataset(dataset)
+        dataset = self._dataset_of(dataset)
         if sampler is None:
             idx, weights = self._resolve_indices(dataset, indices), None
         elif indices is not None:
@@ -323,17 +324,21 @@ class Featurizer:
         self.selection(self._example_input(dataset, idx))
         return idx, weights
 
-    def query_rows(self, dataset: Any, indices: Sequence[int] | None = None) -> torch.Tensor:
-        """Sketched measurement gradients of query examples. Returns [n_query, m]."""
-        dataset = _as_dataset(dataset)
+    def query_rows(self, dataset: Any, indices: Sequence[int] | None = None) -> "QueryRows":
+        """Sketched measurement gradients of query examples (a Dataset, a DataLoader or a tuple of
+        tensors) as :class:`~sketchattr.score.queries.QueryRows`: ``.rows`` [n_query, m] with this
+        featurizer's metadata, so a scorer refuses them against a store sketched otherwise."""
+        from sketchattr.score.queries import QueryRows  # lazy: the scorers import the featurizer
+
+        dataset = self._dataset_of(dataset)
         idx = self._resolve_indices(dataset, indices)
         self.selection(self._example_input(dataset, idx))
         blocks = [rows for _, rows in self.iter_rows(dataset, idx, kind="query")]
-        return torch.cat(blocks, dim=0)
+        return QueryRows(torch.cat(blocks, dim=0), self.metadata("query"), idx)
 
     def train_rows(self, dataset: Any, indices: Sequence[int] | None = None) -> torch.Tensor:
         """Sketched training-loss gradients as one tensor [n, m] (no store)."""
-        dataset = _as_dataset(dataset)
+        dataset = self._dataset_of(dataset)
         idx = self._resolve_indices(dataset, indices)
         self.selection(self._example_input(dataset, idx))
         return torch.cat([rows for _, rows in self.iter_rows(dataset, idx, kind="train")], dim=0)
@@ -357,7 +362,7 @@ class Featurizer:
         split = getattr(self.task, "split_tokens", None)
         if not callable(split):
             raise TypeError(f"per-token rows need a Task with split_tokens(batch) (e.g. CausalLMTask); {type(self.task).__name__} has none")
-        dataset = _as_dataset(dataset)
+        dataset = self._dataset_of(dataset)
         idx = self._resolve_indices(dataset, [index])
         self.selection(self._example_input(dataset, idx))
         batch = _tree_map(self._to_device, next(iter(self._loader(Subset(dataset, idx.tolist()), 1))))
@@ -557,6 +562,19 @@ class Featurizer:
             return None
         first = _tree_map(self._to_device, next(iter(self._loader(Subset(dataset, idx[:1].tolist()), 1))))
         return example_runner(self.task, first)
+
+    def _dataset_of(self, data: Any) -> Dataset:
+        """The dataset behind a Dataset, a tuple of tensors or a DataLoader (rows follow the
+        dataset's order, not the loader's sampler; batches use this featurizer's ``batch_size``)."""
+        if isinstance(data, DataLoader):
+            custom = data.collate_fn is not None and data.collate_fn is not torch.utils.data.default_collate
+            if custom and self.collate_fn is None:
+                raise ValueError(
+                    "the DataLoader batches with its own collate_fn, but this featurizer has none: pass "
+                    "collate_fn=<the same function> to the Featurizer (its batches are built from loader.dataset)"
+                )
+            data = data.dataset
+        return _as_dataset(data)
 
     @staticmethod
     def _resolve_indices(dataset: Dataset, indices: Sequence[int] | None) -> np.ndarray:

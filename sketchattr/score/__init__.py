@@ -23,3 +23,8 @@ from sketchattr.score.per_token import TokenScores, per_token_scores  # noqa: E4
 from sketchattr.score.selection import Selection, aggregate_scores, select_training_data  # noqa: E402
 
 __all__ += ["Selection", "TokenScores", "aggregate_scores", "per_token_scores", "select_training_data"]
+
+from sketchattr.score.queries import QueryMismatchError, QueryRows  # noqa: E402
+from sketchattr.score.retrieval import InfluenceIndex  # noqa: E402  (faiss is imported only when an index is built)
+
+__all__ += ["InfluenceIndex", "QueryMismatchError", "QueryRows"]

@@ -34,10 +34,13 @@ def as_store(rows: "GradientStore | torch.Tensor", indices: np.ndarray | None = 
 class Scorer(Registered, abc.ABC):
     """Base of scorers. Subclasses register under ``name`` via ``class X(Scorer, name="x")``.
 
-    Scores follow the sign convention of DESIGN.md: ``scores[q, i]`` is the predicted change of
+    Scores follow the sign convention of docs/design.md: ``scores[q, i]`` is the predicted change of
     the query's measurement when training example i is up-weighted; shape [n_query, n_train].
     Subclasses implement ``fit`` and ``iter_scores`` (score blocks over the store); the base
-    builds ``score``, the streaming ``top_k`` and ``score_to_hdf5`` from it.
+    builds ``score``, the streaming ``top_k`` and ``score_to_hdf5`` from it. Every scorer takes
+    its queries in the same forms (:mod:`sketchattr.score.queries`: a Dataset, a DataLoader, a
+    tuple of tensors, or rows that carry their sketch) and returns ``torch.Tensor`` scores and
+    :class:`TopK` of tensors.
 
     Distributed (``fit(shard, collective=...)``, see :mod:`sketchattr.distributed`): each rank
     streams its own shard of the store (``shard_indices``; ``iter_scores`` covers it), while
@@ -56,7 +59,7 @@ class Scorer(Registered, abc.ABC):
         """Read the store once and prepare to score."""
 
     @abc.abstractmethod
-    def iter_scores(self, queries: torch.Tensor, **kwargs: Any) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def iter_scores(self, queries: Any, **kwargs: Any) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield (train dataset indices [b], scores [n_query, b]) block by block."""
 
     def score_rows(self, queries: Any, rows: torch.Tensor) -> torch.Tensor:
@@ -65,11 +68,11 @@ class Scorer(Registered, abc.ABC):
         store, or per-token rows (:func:`~sketchattr.score.per_token.per_token_scores`)."""
         raise NotImplementedError(f"{type(self).__name__} does not score rows outside its store")
 
-    def score(self, queries: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Scores [n_query, n_train] for query rows [n_query, m] (columns in store row order)."""
+    def score(self, queries: Any, **kwargs: Any) -> torch.Tensor:
+        """Scores [n_query, n_train] (columns in store row order, dataset indices ``train_indices``)."""
         return self._gather_columns(torch.cat([s for _, s in self.iter_scores(queries, **kwargs)], dim=1))
 
-    def top_k(self, queries: torch.Tensor, k: int = 10, **kwargs: Any) -> TopK:
+    def top_k(self, queries: Any, k: int = 10, **kwargs: Any) -> TopK:
         """Top-k proponents/opponents of each query by dataset index, merged block by block
         (memory O(n_query·(k + block)), never the full score matrix) and across ranks."""
         self._check_fitted()
@@ -81,7 +84,7 @@ class Scorer(Registered, abc.ABC):
         return self._merged(merger, k)
 
     def score_to_hdf5(
-        self, queries: torch.Tensor, path: "str | os.PathLike[str]", dataset: str = "scores", k: int | None = None, **kwargs: Any
+        self, queries: Any, path: "str | os.PathLike[str]", dataset: str = "scores", k: int | None = None, **kwargs: Any
     ) -> TopK | None:
         """Write the full score matrix [n_query, n_train] (float32) to ``path`` in column
         chunks, with ``train_indices`` beside it; optionally also return the top-k.
@@ -94,15 +97,18 @@ class Scorer(Registered, abc.ABC):
             from sketchattr.distributed.shards import join_scores, shard_path  # lazy: distributed imports scorers' packages
 
             target = shard_path(path, c.rank, c.world_size)
-        n_q, n = queries.shape[0], len(local)
+        n = len(local)
         merger = TopKMerger(min(k, n)) if k else None
         tmp = temporary_beside(target)  # built aside and renamed: a crash never leaves a half-written file
         with h5py.File(tmp, "w") as f:
             carry_over(target, f, (dataset, "train_indices"))
-            dset = f.create_dataset(dataset, shape=(n_q, n), dtype=np.float32, chunks=(min(n_q, 256), min(n, 4096)), fletcher32=True)
             f.create_dataset("train_indices", data=np.asarray(local, dtype=np.int64))
-            col = 0
+            col, dset = 0, None
             for idx, block in self.iter_scores(queries, **kwargs):
+                if dset is None:  # the query count is known once the queries are prepared
+                    n_q = block.shape[0]
+                    dset = f.create_dataset(dataset, shape=(n_q, n), dtype=np.float32, chunks=(min(n_q, 256), min(n, 4096)),
+                                            fletcher32=True)
                 dset[:, col : col + len(idx)] = block.float().cpu().numpy()
                 col += len(idx)
                 if merger:

@@ -36,11 +36,12 @@ import torch
 
 from sketchattr.curvature.factors import CURVATURE, CURVATURE_REMEDY, Factors, FactorsMismatchError, rotate
 from sketchattr.curvature.profiler import Profiler
-from sketchattr.featurize.featurizer import Featurizer, _as_dataset
+from sketchattr.featurize.featurizer import Featurizer
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.score.base import Scorer
 from sketchattr.score.topk import TopK
-from sketchattr.store import GradientStore
+from sketchattr.score.queries import QueryRows, is_dataset_like, sketch_differences
+from sketchattr.store import GradientStore, StoreMetadata, StoreMismatchError
 
 if TYPE_CHECKING:
     from sketchattr.distributed.collective import Collective
@@ -58,6 +59,7 @@ class PreparedQueries:
 
     rows: "torch.Tensor | list[torch.Tensor]"
     per_module: bool = False
+    metadata: "StoreMetadata | None" = None  # the preparing scorer's sketch; another store refuses them
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -162,7 +164,7 @@ class CurvatureScorer(Scorer):
     ) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
         """Yield (dataset indices [B], per-block gradient matrices [B, *layout.shape]) of the
         measurement (``kind="query"``) or training-loss (``"train"``) gradients, batch by batch."""
-        dataset = _as_dataset(dataset)
+        dataset = self._grad_featurizer._dataset_of(dataset)
         idx = self._grad_featurizer._resolve_indices(dataset, indices)
         dims = [b.dim for b in self.blocks]
         rows_iter = self._grad_featurizer.iter_rows(dataset, idx, kind=kind)
@@ -175,8 +177,13 @@ class CurvatureScorer(Scorer):
             yield b, [blk.layout.from_flat(r) for blk, r in zip(self.blocks, rows.split(dims, dim=1))]
 
     def prepare_queries(self, queries: Any, kind: str = "query", per_module: bool = False) -> PreparedQueries:
-        """Gradients of ``queries`` (a dataset or tuple of tensors), preconditioned, rank-truncated
-        (``query_rank``) and sketched with the store's projector: rows [n_query, m]."""
+        """Queries in any accepted form (:mod:`sketchattr.score.queries`) as gradients preconditioned,
+        rank-truncated (``query_rank``) and sketched with the store's projector: rows [n_query, m],
+        reusable by every scoring call."""
+        return self._prepared(queries, dict(kind=kind, per_module=per_module))
+
+    def _prepare_dataset(self, queries: Any, kind: str = "query", per_module: bool = False) -> PreparedQueries:
+        """Gradients of query examples (a Dataset, DataLoader or tuple of tensors), preconditioned and sketched."""
         if per_module and self.featurizer.projector.spec()["type"] != "identity":
             raise ValueError(
                 "per_module scores need an identity-projected store: a random sketch mixes the "
@@ -194,9 +201,10 @@ class CurvatureScorer(Scorer):
                 continue
             with self.profiler.record("project"):
                 out.append(self.featurizer.projector.project_query(flat))
+        meta = self.featurizer.metadata("query")
         if per_module:
-            return PreparedQueries([torch.cat(parts) for parts in zip(*out)], per_module=True)
-        return PreparedQueries(torch.cat(out))
+            return PreparedQueries([torch.cat(parts) for parts in zip(*out)], per_module=True, metadata=meta)
+        return PreparedQueries(torch.cat(out), metadata=meta)
 
     # ------------------------------------------------------------------ scoring
     def iter_scores(
@@ -205,7 +213,7 @@ class CurvatureScorer(Scorer):
         """Yield (train indices [b], scores [n_query, b]) block by block over the store
         (``per_module``: a dict module -> [n_query, b])."""
         self._check_fitted()
-        prepared = queries if isinstance(queries, PreparedQueries) else self.prepare_queries(queries, kind, per_module)
+        prepared = self._prepared(queries, dict(kind=kind, per_module=per_module))
         dims = [b.dim for b in self.blocks]
         blocks = self.store.iter_blocks(self.block_rows)
         while True:
@@ -269,7 +277,52 @@ class CurvatureScorer(Scorer):
         return torch.cat(out) if indices is not None else self._gather_columns(torch.cat(out), dim=0)
 
     def _prepared(self, queries: Any, kwargs: dict[str, Any]) -> PreparedQueries:
-        return queries if isinstance(queries, PreparedQueries) else self.prepare_queries(queries, kwargs.get("kind", "query"))
+        """Any accepted query input (see :mod:`sketchattr.score.queries`) as preconditioned, sketched rows."""
+        kind, per_module = kwargs.get("kind", "query"), kwargs.get("per_module", False)
+        name = type(self).__name__
+        if isinstance(queries, PreparedQueries):
+            diff = [] if queries.metadata is None else sketch_differences(self.featurizer.metadata("query"), queries.metadata)
+            if diff:
+                raise StoreMismatchError(f"{name}: these prepared queries come from another featurizer:\n  " + "\n  ".join(diff))
+            return queries
+        if isinstance(queries, QueryRows):
+            return self._prepare_rows(queries, per_module)
+        if is_dataset_like(queries):
+            return self._prepare_dataset(queries, kind, per_module)
+        raise TypeError(
+            f"{name} preconditions raw query gradients, so it takes the query examples (a Dataset, a DataLoader or a "
+            f"tuple of tensors), its own prepare_queries(...) output, or QueryRows of an identity featurizer; got "
+            f"{type(queries).__name__}"
+        )
+
+    def _prepare_rows(self, queries: QueryRows, per_module: bool) -> PreparedQueries:
+        """Exact query gradients (QueryRows of an identity featurizer with these modules) preconditioned
+        and sketched: a random sketch cannot be preconditioned after the fact."""
+        name, mine = type(self).__name__, self.featurizer.metadata("query")
+        if queries.metadata is not None:
+            if queries.metadata.projector.get("type") != "identity":
+                raise TypeError(
+                    f"{name} preconditions raw gradients before sketching; these query rows are already sketched "
+                    f"({queries.metadata.projector.get('type')}, m={queries.metadata.dim}). Pass the query examples "
+                    "themselves (a Dataset, DataLoader or tuple of tensors)"
+                )
+            exact = StoreMetadata(**{**mine.__dict__, "projector": queries.metadata.projector, "dim": queries.metadata.dim})
+            diff = sketch_differences(exact, queries.metadata)
+            if diff:
+                raise StoreMismatchError(f"{name}: the query gradients come from another model, task or module set:\n  "
+                                         + "\n  ".join(diff))
+        dims = [b.dim for b in self.blocks]
+        if queries.rows.shape[1] != sum(dims):
+            raise ValueError(f"{name}: exact query gradients must be [n_query, {sum(dims)}] (the modules' parameters), "
+                             f"got {tuple(queries.shape)}")
+        dws = [b.layout.from_flat(r) for b, r in zip(self.blocks, queries.rows.to(self.device).split(dims, dim=1))]
+        us = self.precondition(dws)
+        if self.query_rank is not None:
+            us = [low_rank(u, self.query_rank) for u in us]
+        flat = [b.layout.to_flat(u) for b, u in zip(self.blocks, us)]
+        if per_module:
+            return PreparedQueries(flat, per_module=True, metadata=mine)
+        return PreparedQueries(self.featurizer.projector.project_query(flat), metadata=mine)
 
 
 class EKFACScorer(CurvatureScorer, name="ekfac"):

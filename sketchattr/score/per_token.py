@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from sketchattr.score.queries import is_dataset_like
 from sketchattr.featurize.featurizer import Featurizer
 from sketchattr.score.base import Scorer
 
@@ -45,15 +46,17 @@ class TokenScores:
 def per_token_scores(scorer: Scorer, featurizer: Featurizer, queries: Any, dataset: Any,
                      indices: Sequence[int]) -> TokenScores:
     """Per-token scores of the training sequences ``indices`` of ``dataset`` for ``queries`` (in
-    the form ``scorer.score`` takes them: sketched query rows for :class:`SketchedInfluence`, a
-    dataset or prepared queries for the EKFAC family). ``featurizer`` is the one that built the
+    any form ``scorer.score`` takes them: a dataset, ``featurizer.query_rows(...)``, or the scorer's
+    ``prepare_queries(...)``). ``featurizer`` is the one that built the
     scorer's store (same projector, modules, task with ``split_tokens``)."""
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0:
         raise ValueError("no training sequences given")
     prepare = getattr(scorer, "prepare_queries", None)
-    if callable(prepare) and not hasattr(queries, "per_module"):
-        queries = prepare(queries)  # precondition the queries once for every sequence
+    if is_dataset_like(queries) and getattr(scorer, "featurizer", None) is None:
+        queries = featurizer.query_rows(queries)
+    if callable(prepare):
+        queries = prepare(queries)  # sketch / precondition the queries once for every sequence
     parts = [(featurizer.token_rows(dataset, int(i))) for i in idx]
     length = 1 + max([int(p.max()) for p, _ in parts if len(p)] + [0])
     out = None

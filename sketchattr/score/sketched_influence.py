@@ -29,7 +29,7 @@ block, so a store larger than memory can be scored (see :meth:`Scorer.top_k`).
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,12 +38,14 @@ from sketchattr.score.base import Scorer, as_store
 from sketchattr.score.damping import auto_damping, effective_dimension
 from sketchattr.score.linalg import accumulate_gram, eigh_ascending, symmetrize_upper
 from sketchattr.score.nystrom import completed_spectrum, nystrom_eigh
+from sketchattr.score.queries import QueryRows, checked_rows
 from sketchattr.store.base import require_dense_rows
 from sketchattr.store import GradientStore
 
 if TYPE_CHECKING:
     from sketchattr.curvature.profiler import Profiler
     from sketchattr.distributed.collective import Collective
+    from sketchattr.featurize.featurizer import Featurizer
 
 
 #: method="auto" decomposes F̂ exactly while min(m, n) is at most this, else runs Nyström
@@ -73,6 +75,11 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
     tail's total spread evenly), ``sigma_max``, ``trace`` (tr F̂), ``damping_`` (resolved λ),
     ``effective_dimension(λ)``, ``path`` (``"eigen"``, ``"gram"`` or ``"nystrom"``), ``rank_``
     (eigenpairs held). On the ``blocks`` path ``damping_`` is a tuple (one λ per block).
+
+    Queries (every scoring method, see :mod:`sketchattr.score.queries`): ``featurizer.query_rows(...)``
+    (checked against the store: rows of another sketch are refused), or — with
+    ``featurizer=`` the featurizer that built the store — a query Dataset, DataLoader or tuple of
+    tensors, sketched here.
     """
 
     def __init__(
@@ -88,6 +95,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         seed: int = 0,
         progress: bool = False,
         block_widths: "Sequence[int] | None" = None,
+        featurizer: "Featurizer | None" = None,
     ) -> None:
         if method not in ("auto", "eigen", "gram", "nystrom", "blocks"):
             raise ValueError(f"method must be 'auto', 'eigen', 'gram', 'nystrom' or 'blocks', got {method!r}")
@@ -105,6 +113,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         self.profiler = profiler
         self.rank, self.power_iters, self.seed, self.progress = rank, power_iters, seed, progress
         self.block_widths = None if block_widths is None else [int(b) for b in block_widths]
+        self.featurizer = featurizer
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -230,10 +239,22 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         return effective_dimension(self._spectrum, lam)
 
     # ------------------------------------------------------------------ scoring
-    def precondition(self, queries: torch.Tensor, damping: "float | str | None" = None) -> torch.Tensor:
-        """(F̂ + λI)⁻¹ q̂ for query rows [n_query, m] -> [n_query, m]."""
-        q = self._check_queries(queries)
-        lam = self.resolve_damping(damping)
+    def prepare_queries(self, queries: Any) -> QueryRows:
+        """Queries in any accepted form as checked :class:`QueryRows` [n_query, m] (a dataset is
+        sketched once with ``featurizer``), reusable by every scoring call."""
+        if isinstance(queries, QueryRows):
+            self._check_queries(queries)
+            return queries
+        rows = self._check_queries(queries)
+        meta = self.featurizer.metadata("query") if self.featurizer is not None and not isinstance(queries, torch.Tensor) else None
+        return QueryRows(rows.to(self.dtype), meta)
+
+    def precondition(self, queries: Any, damping: "float | str | None" = None) -> torch.Tensor:
+        """(F̂ + λI)⁻¹ q̂ for the queries (any accepted form, rows [n_query, m]) -> [n_query, m]."""
+        return self._solve(self._check_queries(queries), self.resolve_damping(damping))
+
+    def _solve(self, q: torch.Tensor, lam: "float | tuple[float, ...]") -> torch.Tensor:
+        """(F̂ + λI)⁻¹ q for checked rows q [n, m] in the fit dtype."""
         V = self._vecs
         if self.path == "eigen":
             return ((q @ V) / (self._sigma + lam)) @ V.T
@@ -246,14 +267,14 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         return (q - (a / (self.weight_sum * (self._sigma + lam))) @ V.T @ self._H) / lam
 
     def iter_scores(
-        self, queries: torch.Tensor, damping: "float | str | None" = None
+        self, queries: Any, damping: "float | str | None" = None
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield (train indices [b], scores [n_query, b]) block by block over the store."""
         u = -self.precondition(queries, damping)
         for idx, rows in self._blocks():
             yield idx, u.to(rows.dtype) @ rows.T
 
-    def score_rows(self, queries: torch.Tensor, rows: torch.Tensor, damping: "float | str | None" = None) -> torch.Tensor:
+    def score_rows(self, queries: Any, rows: torch.Tensor, damping: "float | str | None" = None) -> torch.Tensor:
         """−(F̂ + λI)⁻¹q̂ against train-side rows [n_rows, m]: [n_query, n_rows]."""
         if rows.dim() != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"rows must be [n, {self.dim}] (the store's width); got {tuple(rows.shape)}")
@@ -262,15 +283,16 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         rows = rows.to(device=u.device, dtype=rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32)
         return u.to(rows.dtype) @ rows.T
 
-    def score_grid(self, queries: torch.Tensor, dampings: Sequence[float]) -> torch.Tensor:
+    def score_grid(self, queries: Any, dampings: Sequence[float]) -> torch.Tensor:
         """Scores for several λ at once: [n_lambda, n_query, n_train], one decomposition."""
-        us = torch.stack([-self.precondition(queries, d) for d in dampings])  # [L, nq, m]
+        q = self._check_queries(queries)
+        us = torch.stack([-self._solve(q, self.resolve_damping(d)) for d in dampings])  # [L, nq, m]
         return torch.cat([us.to(rows.dtype) @ rows.T for _, rows in self._blocks()], dim=2)
 
     def self_influence(self, damping: "float | str | None" = None) -> torch.Tensor:
         """ĝ_iᵀ(F̂ + λI)⁻¹ĝ_i ≥ 0 for every train row: [n_train]."""
         lam = self.resolve_damping(damping)
-        local = torch.cat([(rows * self.precondition(rows, lam)).sum(dim=1) for _, rows in self._blocks(self.dtype)])
+        local = torch.cat([(rows * self._solve(rows, lam)).sum(dim=1) for _, rows in self._blocks(self.dtype)])
         return self._gather_columns(local, dim=0)
 
     # ------------------------------------------------------------------ internals
@@ -320,21 +342,17 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
             raise ValueError("train rows contain NaN/inf")
         return rows
 
-    def _check_queries(self, queries: torch.Tensor) -> torch.Tensor:
+    def _check_queries(self, queries: Any) -> torch.Tensor:
         self._check_fitted()
-        if not isinstance(queries, torch.Tensor):
-            raise TypeError(
-                f"SketchedInfluence scores sketched query rows [n_query, {self.dim}]; got a {type(queries).__name__}. "
-                "Sketch the queries with the store's featurizer first: featurizer.query_rows(queries)"
-            )
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
+        q = checked_rows(queries, self.store.metadata, "SketchedInfluence", self.featurizer)
+        if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(
-                f"query rows must be [n_query, {self.dim}] (the store's width), got {tuple(queries.shape)}: "
+                f"query rows must be [n_query, {self.dim}] (the store's width), got {tuple(q.shape)}: "
                 "were they sketched with the same projector?"
             )
-        if not torch.isfinite(queries).all():
+        if not torch.isfinite(q).all():
             raise ValueError("query rows contain NaN/inf")
-        return queries.to(device=self._vecs.device, dtype=self.dtype)
+        return q.to(device=self._vecs.device, dtype=self.dtype)
 
 
 def module_block_widths(metadata) -> list[int]:

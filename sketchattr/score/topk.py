@@ -10,12 +10,14 @@ import torch
 @dataclass(frozen=True)
 class TopK:
     """For each query, the k training examples with the highest (proponents) and lowest
-    (opponents) scores. Index arrays hold *dataset* indices. Shapes [n_query, k]."""
+    (opponents) scores: ``torch.Tensor`` on the CPU, like every scorer's scores. Index tensors
+    (int64) hold *dataset* indices (``.tolist()`` gives Python ints, e.g. for dict keys). Shapes
+    [n_query, k]."""
 
-    proponents: np.ndarray
-    proponent_scores: np.ndarray
-    opponents: np.ndarray
-    opponent_scores: np.ndarray
+    proponents: torch.Tensor
+    proponent_scores: torch.Tensor
+    opponents: torch.Tensor
+    opponent_scores: torch.Tensor
 
 
 class TopKMerger:
@@ -35,7 +37,7 @@ class TopKMerger:
 
     def add(self, top: TopK) -> None:
         """Merge another (partial) top-k [n_query, k'] into this one (e.g. another rank's)."""
-        as_t = lambda a: torch.as_tensor(np.asarray(a))
+        as_t = lambda a: torch.as_tensor(a).cpu()
         self._hi = self._merge(self._hi, as_t(top.proponent_scores), as_t(top.proponents), largest=True)
         self._lo = self._merge(self._lo, as_t(top.opponent_scores), as_t(top.opponents), largest=False)
 
@@ -51,10 +53,10 @@ class TopKMerger:
         if self._hi is None or self._hi[0].shape[1] < self.k:
             raise ValueError(f"fewer than k={self.k} training rows were scored")
         return TopK(
-            proponents=self._hi[1].cpu().numpy(),
-            proponent_scores=self._hi[0].cpu().numpy(),
-            opponents=self._lo[1].cpu().numpy(),
-            opponent_scores=self._lo[0].cpu().numpy(),
+            proponents=self._hi[1].cpu(),
+            proponent_scores=self._hi[0].cpu(),
+            opponents=self._lo[1].cpu(),
+            opponent_scores=self._lo[0].cpu(),
         )
 
 

@@ -3,7 +3,7 @@
     scores[q, i] = − Σ_c η_c ∇f_c(z_q)ᵀ ∇ℓ_c(z_i)
 
 over checkpoints c with learning rates η_c, f the task's measurement (the margin for
-classification) and ℓ the training loss — the sign convention of DESIGN.md: positive = training
+classification) and ℓ the training loss — the sign convention of docs/design.md: positive = training
 example i helps query q. With projected stores the gradients are the sketches ĝ = P g (one
 projector, same seed and m, for every checkpoint). ``variant="cos"`` unit-normalises each train
 row and each query row per checkpoint before the dot product (grad-cos).
@@ -29,7 +29,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from sketchattr.featurize.featurizer import Featurizer, _as_dataset
+from sketchattr.featurize.featurizer import Featurizer
+from sketchattr.score.queries import QueryRows, is_dataset_like
 from sketchattr.score.base import Scorer
 from sketchattr.score.topk import TopK
 from sketchattr.store.base import require_dense_rows
@@ -160,12 +161,24 @@ class TracIn(Scorer, name="tracin"):
 
     # ------------------------------------------------------------------ queries
     def query_rows(self, query_dataset: Any) -> TracInQueries:
-        """Measurement-gradient rows of the queries for every checkpoint (cached if enabled)."""
+        """Measurement-gradient rows of the queries for every checkpoint (cached if enabled).
+
+        query_dataset: a Dataset, DataLoader or tuple of tensors; a :class:`TracInQueries`; or, with
+        one checkpoint, that checkpoint featurizer's ``query_rows`` (checked against its store)."""
         if isinstance(query_dataset, TracInQueries):
             if len(query_dataset.rows) != self.n_checkpoints:
                 raise ValueError(f"query rows for {len(query_dataset.rows)} checkpoints, expected {self.n_checkpoints}")
             return query_dataset
-        n = len(_as_dataset(query_dataset))
+        if isinstance(query_dataset, QueryRows):
+            if self.n_checkpoints != 1:
+                raise TypeError(f"TracIn over {self.n_checkpoints} checkpoints needs query rows from every checkpoint's "
+                                "model: pass the query dataset (or TracIn.query_rows(dataset))")
+            query_dataset.check_matches(self.featurizers[0].metadata("train"), "TracIn")
+            return TracInQueries([query_dataset.rows])
+        if not is_dataset_like(query_dataset):
+            raise TypeError(f"TracIn takes the query examples (a Dataset, a DataLoader or a tuple of tensors) or "
+                            f"TracIn.query_rows(...); got {type(query_dataset).__name__}")
+        n = len(self.featurizers[0]._dataset_of(query_dataset))
         rows = []
         for c, feat in enumerate(self.featurizers):
             key = (id(query_dataset), n, c)
@@ -173,11 +186,15 @@ class TracIn(Scorer, name="tracin"):
             if hit is not None and hit[0] is query_dataset:
                 rows.append(hit[1])
                 continue
-            r = feat.query_rows(query_dataset)
+            r = feat.query_rows(query_dataset).rows
             if self.cache_queries:  # the dataset is kept with its rows so its id cannot be reused
                 self._cache[key] = (query_dataset, r)
             rows.append(r)
         return TracInQueries(rows)
+
+    def prepare_queries(self, queries: Any) -> TracInQueries:
+        """Every scorer's name for its reusable query form: :meth:`query_rows`."""
+        return self.query_rows(queries)
 
     def clear_query_cache(self) -> None:
         """Forget every cached query row."""

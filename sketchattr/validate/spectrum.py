@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sketchattr.score import SketchedInfluence
+from sketchattr.score import QueryRows, SketchedInfluence
 from sketchattr.score.damping import effective_dimension
 
 #: ε₉₅ ≈ EPS95_SCALE · (d_λ / m)^½, fitted on digits-mlp with all three projector types
@@ -23,15 +23,21 @@ from sketchattr.score.damping import effective_dimension
 EPS95_SCALE = 0.45
 
 
-def quadratic_forms(scorer: SketchedInfluence, rows: torch.Tensor, damping: float) -> torch.Tensor:
-    """φ_λ(g) = gᵀ(F + λI)⁻¹g for each row g of ``rows`` [n, m] under a fitted scorer. -> [n]"""
-    rows = rows.to(scorer.dtype)
-    return (rows.to(scorer._vecs.device) * scorer.precondition(rows, damping)).sum(dim=1)
+def _vouched(rows: "torch.Tensor | QueryRows") -> QueryRows:
+    """Rows given to the validation functions are sketched by the scorer they come with (their
+    contract); rows that carry their sketch are still checked."""
+    return rows if isinstance(rows, QueryRows) else QueryRows.unchecked(rows)
 
 
-def bilinear_forms(scorer: SketchedInfluence, a: torch.Tensor, b: torch.Tensor, damping: float) -> torch.Tensor:
+def quadratic_forms(scorer: SketchedInfluence, rows: "torch.Tensor | QueryRows", damping: float) -> torch.Tensor:
+    """φ_λ(g) = gᵀ(F + λI)⁻¹g for each row g of ``rows`` [n, m] (sketched like the scorer's store). -> [n]"""
+    rows = _vouched(rows)
+    return (rows.rows.to(device=scorer._vecs.device, dtype=scorer.dtype) * scorer.precondition(rows, damping)).sum(dim=1)
+
+
+def bilinear_forms(scorer: SketchedInfluence, a: "torch.Tensor | QueryRows", b: "torch.Tensor | QueryRows", damping: float) -> torch.Tensor:
     """B_λ(a_i, b_j) = a_iᵀ(F + λI)⁻¹b_j. a [na, m], b [nb, m] -> [na, nb]"""
-    return scorer.precondition(a, damping) @ b.to(device=scorer._vecs.device, dtype=scorer.dtype).T
+    return scorer.precondition(_vouched(a), damping) @ _vouched(b).rows.to(device=scorer._vecs.device, dtype=scorer.dtype).T
 
 
 @dataclass(frozen=True)
