@@ -65,3 +65,7 @@ from sketchattr.score import InfluenceIndex, QueryMismatchError, QueryRows  # no
 from sketchattr.kronfluence_task import KronfluenceTask  # noqa: E402
 
 __all__ += ["InfluenceIndex", "KronfluenceTask", "QueryMismatchError", "QueryRows"]
+
+from sketchattr.score import EnsembleInfluence, featurize_members  # noqa: E402
+
+__all__ += ["EnsembleInfluence", "featurize_members"]

@@ -8,7 +8,8 @@ trained weights independent of the machine's core count (2 threads give ~1e-5 di
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -163,6 +164,35 @@ def train_mnist_mlp(subset: "np.ndarray | torch.Tensor | None" = None, seed: int
     ``subset`` (positions or a bool mask [3000]; None = all)."""
     rows = _digits_rows(subset, split if split is not None else load_mnist_bench())
     return train_classifier(make_mnist_mlp(seed), *rows, seed=seed, epochs=MNIST_BENCH_EPOCHS)
+
+
+def train_checkpoints(
+    bench: str = "digits-mlp", epochs: "Sequence[int]" = (40, 50, 60), seed: int = 0, split: "DigitsSplit | None" = None,
+    subset: "np.ndarray | torch.Tensor | None" = None,
+) -> list[nn.Module]:
+    """Copies of the model at ``epochs`` (1-based, increasing) of ONE training run of a bench recipe —
+    checkpoints for an ensemble at no extra training. ``bench``: ``"digits-mlp"`` (:func:`train_digits_mlp`,
+    60 epochs), ``"digits-cnn"`` (:func:`train_digits_cnn`, 30) or ``"mnist-mlp"`` (:func:`train_mnist_mlp`,
+    30); ``split`` / ``subset`` / ``seed`` as there. The run is the bench's own (same seed, same shuffling),
+    stopped after the last requested epoch, so the checkpoint at the bench's final epoch equals the bench
+    model. Returns the models in eval mode, in the order of ``epochs``."""
+    makers = {"digits-mlp": (make_mlp, 60, load_digits_split), "digits-cnn": (make_digits_cnn, 30, load_digits_split),
+              "mnist-mlp": (make_mnist_mlp, MNIST_BENCH_EPOCHS, load_mnist_bench)}
+    if bench not in makers:
+        raise ValueError(f"bench must be one of {sorted(makers)}, got {bench!r}")
+    make, total, load = makers[bench]
+    at = [int(e) for e in epochs]
+    if not at or at != sorted(set(at)) or at[0] < 1 or at[-1] > total:
+        raise ValueError(f"epochs must be increasing, distinct and in [1, {total}] for {bench}, got {list(epochs)}")
+    saved: dict[int, nn.Module] = {}
+
+    def keep(epoch: int, model: nn.Module) -> None:
+        if epoch in at:
+            saved[epoch] = copy.deepcopy(model).eval()
+
+    rows = _digits_rows(subset, split if split is not None else load())
+    train_classifier(make(seed=seed), *rows, seed=seed, epochs=at[-1], on_epoch_end=keep)
+    return [saved[e] for e in at]
 
 
 def tiny_gpt2(vocab: int = 64, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_positions: int = 32, seed: int = 0) -> nn.Module:

@@ -28,3 +28,7 @@ from sketchattr.score.queries import QueryMismatchError, QueryRows  # noqa: E402
 from sketchattr.score.retrieval import InfluenceIndex  # noqa: E402  (faiss is imported only when an index is built)
 
 __all__ += ["InfluenceIndex", "QueryMismatchError", "QueryRows"]
+
+from sketchattr.score.ensemble import EnsembleInfluence, EnsembleQueries, featurize_members  # noqa: E402
+
+__all__ += ["EnsembleInfluence", "EnsembleQueries", "featurize_members"]

@@ -34,7 +34,7 @@ from sketchattr.score.queries import QueryRows, is_dataset_like
 from sketchattr.score.base import Scorer
 from sketchattr.score.topk import TopK
 from sketchattr.store.base import require_dense_rows
-from sketchattr.store import GradientStore, StoreMismatchError
+from sketchattr.store import GradientStore, StoreMismatchError, aligned_blocks
 
 _STORAGE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _DEFAULT_BLOCK_ROWS = 8192
@@ -283,35 +283,8 @@ class TracIn(Scorer, name="tracin"):
         return rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32
 
     def _aligned_blocks(self) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
-        """Blocks of every store, re-cut so that they cover the same rows; indices checked."""
-        block = self.block_rows or _DEFAULT_BLOCK_ROWS
-        its = [s.iter_blocks(block) for s in self.stores]
-        pending: list[list[tuple[np.ndarray, torch.Tensor]]] = [[] for _ in its]
-        while True:
-            for c, it in enumerate(its):
-                if not pending[c]:
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending[c].append(nxt)
-            if not all(pending):
-                if any(pending):
-                    raise StoreMismatchError("the checkpoint stores ran out of rows at different points")
-                return
-            take = min(len(p[0][0]) for p in pending)
-            idx0, parts = None, []
-            for c, p in enumerate(pending):
-                idx, rows = p[0]
-                if len(idx) > take:
-                    p[0] = (idx[take:], rows[take:])
-                    idx, rows = idx[:take], rows[:take]
-                else:
-                    p.pop(0)
-                if idx0 is None:
-                    idx0 = idx
-                elif not np.array_equal(idx, idx0):
-                    raise StoreMismatchError(f"checkpoint {c}'s store holds other rows than checkpoint 0's")
-                parts.append(rows)
-            yield idx0, parts
+        """Blocks of every checkpoint store over the same rows (see :func:`~sketchattr.store.aligned_blocks`)."""
+        return aligned_blocks(self.stores, self.block_rows or _DEFAULT_BLOCK_ROWS, label="checkpoint")
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

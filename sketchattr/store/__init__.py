@@ -10,6 +10,7 @@ from sketchattr.store.base import (
     StoreWriteError,
     StoreMetadata,
     StoreMismatchError,
+    aligned_blocks,
     make_store,
 )
 from sketchattr.store.hdf5 import DiskStore
@@ -17,5 +18,5 @@ from sketchattr.store.memory import CPUStore, MemoryStore
 
 __all__ = [
     "CPUStore", "DiskStore", "GradientStore", "MemoryStore", "StoreCorruptedError", "StoreLockedError", "StoreWriteError", "StoreMetadata",
-    "StoreMismatchError", "make_store",
+    "StoreMismatchError", "aligned_blocks", "make_store",
 ]

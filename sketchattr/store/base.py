@@ -15,7 +15,7 @@ import abc
 import contextlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -178,3 +178,30 @@ def make_store(offload: "str | GradientStore | None" = None, **kwargs: Any) -> G
     if name not in GradientStore.registry:
         raise ValueError(f"unknown store {offload!r}; available: none, {', '.join(sorted(GradientStore.registry))}")
     return GradientStore.registry[name](**kwargs)
+
+
+def aligned_blocks(
+    stores: "Sequence[GradientStore]", block_rows: int | None = None, label: str = "store"
+) -> "Iterator[tuple[np.ndarray, list[torch.Tensor]]]":
+    """Blocks of several stores over the same train rows, read together: (dataset indices [b],
+    [rows_c [b, m_c] per store]). Blocks are re-cut where the stores cut differently; stores
+    holding other rows, or running out at different points, raise StoreMismatchError naming the
+    ``label`` (e.g. "checkpoint", "member") of the one that differs."""
+    its = [s.iter_blocks(block_rows) for s in stores]
+    pending: list = [None] * len(its)
+    while True:
+        for c, it in enumerate(its):
+            if pending[c] is None:
+                pending[c] = next(it, None)
+        if any(p is None for p in pending):
+            if any(p is not None for p in pending):
+                raise StoreMismatchError(f"the {label} stores ran out of rows at different points")
+            return
+        take = min(len(p[0]) for p in pending)
+        idx0, parts = pending[0][0][:take], []
+        for c, (idx, rows) in enumerate(pending):
+            if not np.array_equal(idx[:take], idx0):
+                raise StoreMismatchError(f"{label} {c}'s store holds other rows than {label} 0's")
+            parts.append(rows[:take])
+            pending[c] = (idx[take:], rows[take:]) if len(idx) > take else None
+        yield idx0, parts
