@@ -3,7 +3,7 @@
 Quick path: ``Featurizer(model, task, projector="sjlt", m=1024).featurize(train_set)`` → a store;
 ``SketchedInfluence().fit(store).top_k(featurizer.query_rows(query_set), k=5)``.
 """
-from sketchattr.featurize import Featurizer, NonFiniteGradientError, model_fingerprint
+from sketchattr.featurize import Featurizer, IndexedDataset, NonFiniteGradientError, TrainTimeSketcher, model_fingerprint
 from sketchattr.modules import ModuleSelection, select_modules
 from sketchattr.project import (
     EigenbasisProjector,
@@ -40,7 +40,7 @@ from sketchattr.featurize.preconditioner import AdamPreconditioner
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamPreconditioner", "CausalLMTask", "LossTask", "PadCollator", "SequenceClassificationTask", "last_blocks",
+    "IndexedDataset", "TrainTimeSketcher", "AdamPreconditioner", "CausalLMTask", "LossTask", "PadCollator", "SequenceClassificationTask", "last_blocks",
     "EigenbasisProjector", "SparseEigenbasisProjector", "CPUStore", "DiskStore", "StoreCorruptedError", "StoreLockedError", "StoreWriteError", "make_sampler", "make_store",
     "ClassificationTask", "FactGraSSProjector", "FactorizedProjector", "Featurizer", "GaussianProjector", "GradientStore", "IdentityProjector",
     "MemoryStore", "ModuleSelection", "NonFiniteGradientError", "Projector", "RademacherProjector",

@@ -7,8 +7,9 @@ from sketchattr.featurize.engine import BatchCapture, Block, HookEngine, HookMis
 from sketchattr.featurize.featurizer import FeaturizeRun, Featurizer, NonFiniteGradientError, VmapError
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.featurize.rules import LayerRule, UnsupportedModuleError
+from sketchattr.featurize.train_time import IndexedDataset, TrainTimeSketcher
 
 __all__ = [
     "BatchCapture", "Block", "FeaturizeRun", "Featurizer", "HookEngine", "HookMismatchError", "LayerRule",
-    "NonFiniteGradientError", "UnsupportedModuleError", "VmapError", "model_fingerprint",
+    "IndexedDataset", "NonFiniteGradientError", "TrainTimeSketcher", "UnsupportedModuleError", "VmapError", "model_fingerprint",
 ]

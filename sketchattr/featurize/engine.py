@@ -17,6 +17,12 @@ call's output gradient ``g`` (no parameter gradient is formed). With a Task mask
 positions where it is 0 are zeroed in ``g`` and in both factors of sequence layers (outputs
 ``[B, T, …]``), so padding never enters a gradient or a statistic.
 
+**Recording a training step.** :meth:`HookEngine.record` / :meth:`HookEngine.recorded` capture the
+caller's own forward and ``loss.backward()`` instead (tensor hooks on the hooked outputs keep
+``g``), with a per-example ``scale`` for a loss that was a weighted sum of the examples' losses
+(a mean over examples or tokens): :mod:`sketchattr.featurize.train_time` builds a store while
+training this way.
+
 **Broadcast calls.** A module run once for the whole batch with a leading dimension of 1 (Hugging
 Face position embeddings on ``position_ids [1, T]``) is expanded to the batch in its hook, so each
 example's share of the gradient is its own.
@@ -327,6 +333,31 @@ def _add_one_hot_rows(buf: torch.Tensor, row: OneHotFactor, col: torch.Tensor, r
     flat.index_add_(0, b * (r1 - r0) + (idx[b, t] - r0), vals)
 
 
+def _check_mask(mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = mask.detach()
+    if mask.dim() != 2 or mask.shape[0] != batch_size:
+        raise ValueError(f"a mask must be [B, T] with B = {batch_size}; found shape {tuple(mask.shape)}")
+    return mask
+
+
+def _set_grad(call: _Call, g: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
+    """``call.g``: the output gradient ``g`` with masked positions zeroed and example i scaled by ``scale[i]``."""
+    if g is not None:
+        g = g.detach()
+        factor = None
+        if call.mask is not None:
+            m = call.mask.reshape(*g.shape[:-1]) if g.dim() >= 3 else call.mask
+            factor = m.unsqueeze(-1).to(g.dtype)
+        if scale is not None:
+            s = scale.to(device=g.device, dtype=g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+            factor = s if factor is None else factor * s
+        if factor is not None:
+            g = g * factor
+    call.g = g
+
+
 def _expand(t: Any, batch: int) -> Any:
     """A tensor with leading dim 1 broadcast to ``batch`` (other values unchanged)."""
     if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1:
@@ -357,6 +388,7 @@ class HookEngine:
         self._active = False
         self._calls: dict[str, list[_Call]] = {}
         self._pending: list[tuple[str, int, torch.Tensor]] = []
+        self._kept: dict[tuple[str, int], torch.Tensor] | None = None  # recording: grads kept by tensor hooks
         self._batch = 0
         self._mask: torch.Tensor | None = None
         self._workspace: dict[tuple[torch.dtype, str], torch.Tensor] = {}
@@ -441,6 +473,9 @@ class HookEngine:
             calls = self._calls.setdefault(name, [])
             calls.append(_Call(saved, None, self._positions_mask(use, output)))
             if output.requires_grad:
+                if self._kept is not None:  # recording: the caller's own backward hands g to a tensor hook, which
+                    output.register_hook(self._keeper(name, len(calls) - 1))  # sees the output as the module made it
+                    return output if shared else None  # (even if later ops change it in place): no copy needed
                 self._pending.append((name, len(calls) - 1, output))
                 return output.clone()  # later in-place ops change the copy, not the captured output
             return output if shared else None
@@ -460,10 +495,7 @@ class HookEngine:
         outputs and return the :class:`BatchCapture`. ``mask``: ``[B, T]``, 1 where a position counts."""
         if not self._handles:
             raise RuntimeError("HookEngine.run needs the hooks attached: use `with engine.attached():`")
-        if mask is not None:
-            mask = mask.detach()
-            if mask.dim() != 2 or mask.shape[0] != batch_size:
-                raise ValueError(f"a mask must be [B, T] with B = {batch_size}; found shape {tuple(mask.shape)}")
+        mask = _check_mask(mask, batch_size)
         self._calls, self._pending, self._batch, self._mask = {}, [], batch_size, mask
         self._active = True
         try:
@@ -474,17 +506,58 @@ class HookEngine:
             if self._pending:
                 grads = torch.autograd.grad(loss, [o for _, _, o in self._pending], allow_unused=True)
                 for (name, c, _), g in zip(self._pending, grads):
-                    call = self._calls[name][c]
-                    if g is not None:
-                        g = g.detach()
-                        if call.mask is not None:
-                            m = call.mask.reshape(*g.shape[:-1]) if g.dim() >= 3 else call.mask
-                            g = g * m.unsqueeze(-1).to(g.dtype)
-                    call.g = g
+                    _set_grad(self._calls[name][c], g)
             calls = {n: self._calls.get(n, []) for n in self._uses}
             return BatchCapture(self.blocks, calls, batch_size, self.workspace)
         finally:
             self._pending, self._mask = [], None
+
+    # ------------------------------------------------------------------ recording a caller's own step
+    def record(self, batch_size: int, mask: torch.Tensor | None = None) -> None:
+        """Capture the caller's next forward and backward (a training step's own) instead of
+        :meth:`run`'s ``autograd.grad``: the forward hooks save what the rules need as usual and put
+        a tensor hook on each hooked output that keeps ``g`` when the caller's ``loss.backward()``
+        reaches it (``.grad`` of the parameters is formed by the caller's backward as usual).
+        Then :meth:`stop_forward` (optional) and, after the backward, :meth:`recorded`.
+        ``mask``: ``[B, T]``, 1 where a position counts."""
+        if not self._handles:
+            raise RuntimeError("HookEngine.record needs the hooks attached: use `with engine.attached():`")
+        mask = _check_mask(mask, batch_size)
+        self._calls, self._pending, self._kept, self._batch, self._mask = {}, [], {}, batch_size, mask
+        self._active = True
+
+    def stop_forward(self) -> None:
+        """Capture no further forward call of this recording (its forward is over)."""
+        self._active = False
+
+    def recorded(self, scale: torch.Tensor | None = None) -> BatchCapture:
+        """End a :meth:`record`-ing: the :class:`BatchCapture` of its forward and backward. ``scale``
+        ``[B]``: multiplies example i's output gradients (a loss that weighted example i by
+        ``1/scale[i]`` gives the gradients of its unweighted loss; every rule is linear in ``g``)."""
+        if self._kept is None:
+            raise RuntimeError("HookEngine.recorded: no recording was started (call record() first)")
+        self._active = False
+        kept, self._kept = self._kept, None
+        try:
+            for name, calls in self._calls.items():
+                for c, call in enumerate(calls):
+                    _set_grad(call, kept.get((name, c)), scale)
+            calls = {n: self._calls.get(n, []) for n in self._uses}
+            return BatchCapture(self.blocks, calls, self._batch, self.workspace)
+        finally:
+            self._calls, self._mask = {}, None
+
+    def discard(self) -> None:
+        """Drop a recording (and anything it holds) without building a capture."""
+        self._active, self._kept, self._calls, self._mask = False, None, {}, None
+
+    def _keeper(self, name: str, c: int) -> Callable[[torch.Tensor], None]:
+        kept = self._kept  # this recording's: a late backward of an earlier graph never reaches a later recording
+
+        def keep(g: torch.Tensor) -> None:
+            if kept is not None:
+                kept[(name, c)] = g.detach()
+        return keep
 
     # ------------------------------------------------------------------ verification
     def verify(self, capture: BatchCapture, single_loss: Callable[[], torch.Tensor], params: dict[str, torch.Tensor]) -> None:
