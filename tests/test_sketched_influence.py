@@ -310,3 +310,42 @@ def test_blocks_path_refuses_mixed_rows(mlp, data):
     scorer = SketchedInfluence(method="blocks", block_widths=[16, 16]).fit(store)
     with pytest.raises(ValueError, match="2 floats"):
         scorer.score(feat.query_rows((x[:2], y[:2])), damping=(0.1, 0.2, 0.3))
+
+
+# ---------------------------------------------------------------------------- sketch-noise calibration of λ
+def _sketched_store(G, S, kind="gaussian"):
+    from sketchattr.store import MemoryStore, StoreMetadata
+
+    meta = StoreMetadata(projector={"type": kind, "m": S.shape[1], "seed": 0}, modules={"a": G.shape[1]}, model_fingerprint="t",
+                         task="t", dim=S.shape[1])
+    store = MemoryStore()
+    store.prepare(meta)
+    store.write(np.arange(len(G)), G @ S)
+    return store, meta
+
+
+def test_calibrate_damping_raises_lambda_only_when_queries_leave_the_span():
+    """Near-orthogonal train gradients (n=30 in d=3000) under a Gaussian sketch m=600: queries with
+    most energy outside their span get λ raised (their sketched out-of-span part is noise amplified by
+    (F̂+λ)⁻¹); queries inside the span, and an exact (identity) store, keep the fitted λ."""
+    from sketchattr.store import MemoryStore, StoreMetadata
+
+    g = torch.Generator().manual_seed(0)
+    n, d, m = 30, 3000, 600
+    G = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(3, 0.3, n, dtype=torch.float64)[:, None]
+    S = torch.randn(d, m, generator=g, dtype=torch.float64) / m**0.5
+    store, meta = _sketched_store(G, S)
+    inside = torch.randn(8, n, generator=g, dtype=torch.float64) @ G
+    outside = inside * 0.2 + torch.randn(8, d, generator=g, dtype=torch.float64) * 3.0
+    for queries, raised in ((inside, False), (outside, True)):
+        scorer = SketchedInfluence().fit(store)
+        assert scorer.path == "gram"
+        auto = scorer.damping_
+        lam = scorer.calibrate_damping(QueryRows(queries @ S, meta))
+        assert lam == scorer.damping_ and (lam > 1.5 * auto if raised else lam == auto), (raised, lam / auto)
+        assert torch.allclose(scorer.score(QueryRows(queries @ S, meta)), scorer.score(QueryRows(queries @ S, meta), damping=lam))
+    exact = MemoryStore()
+    exact.prepare(StoreMetadata(projector={"type": "identity"}, modules={"a": d}, model_fingerprint="t", task="t", dim=d))
+    exact.write(np.arange(n), G)
+    scorer = SketchedInfluence().fit(exact)
+    assert scorer.calibrate_damping(QueryRows.unchecked(outside)) == scorer.damping_ == SketchedInfluence().fit(exact).damping_
