@@ -7,6 +7,9 @@ MASTER_ADDR, MASTER_PORT); default 1×1, 1×2 and 2×1 (the 2-process run has on
 rank, so 2×1 against 1×2 is processes against threads on the same cores).
 
     python benchmarks/distributed_featurize.py [--n 2048] [--m 1024] [--batch_size 64] [--configs 1x1 1x2 2x1]
+    python benchmarks/distributed_featurize.py --quick      # 256 rows, 1x1 and 2x1
+
+Rank 0 shows a progress bar over its shard (stderr); each configuration prints its row when done.
 
 Stages per rank: gradients (per-example vmap gradients and data loading: what is left of the
 shard's time), projection (SJLT), store write (HDF5 commits), barrier wait (for the slowest
@@ -47,6 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(args.n, 784, generator=g), torch.randint(0, 10, (args.n,), generator=g))
     feat = Featurizer(synthetic_mlp(), ClassificationTask(), projector="sjlt", m=args.m, seed=0, batch_size=args.batch_size, progress=False)
     feat.train_rows(data, indices=range(args.batch_size))  # warm-up: projector streams, allocator
+    feat.progress = c.is_main and not args.no_progress  # a bar over rank 0's shard (after the untimed warm-up)
 
     prof = Profiler(enabled=True)
     project, commit = feat.projector.project, DiskStore._commit
@@ -86,7 +90,7 @@ def launch(procs: int, threads: int, args: argparse.Namespace, out: Path) -> lis
     env = dict(os.environ, WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--threads", str(threads),
-           "--n", str(args.n), "--m", str(args.m), "--batch_size", str(args.batch_size)]
+           "--n", str(args.n), "--m", str(args.m), "--batch_size", str(args.batch_size)] + (["--no_progress"] if args.no_progress else [])
     running = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(procs)]
     if any(p.wait() for p in running):
         raise SystemExit(f"a rank of the {procs}x{threads} run failed")
@@ -102,7 +106,11 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="256 rows, configurations 1x1 and 2x1 (a smoke run)")
+    ap.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = ap.parse_args()
+    if args.quick and not args.worker:
+        args.n, args.configs = min(args.n, 256), ["1x1", "2x1"]
     if args.worker:
         return worker(args)
 
@@ -124,7 +132,7 @@ def main() -> None:
         for s in stage_names:
             first, rest = results[0]["stages"][s], [r["stages"][s] for r in results[1:]]
             cells.append(f"{first:.2f}" + (f" / {max(rest):.2f}" if rest else ""))
-        print(f"{config:>15} {args.n:>6} {wall:>7.2f} {rate:>7.1f} {rate / base:>6.2f}x | " + " ".join(f"{c:>12}" for c in cells))
+        print(f"{config:>15} {args.n:>6} {wall:>7.2f} {rate:>7.1f} {rate / base:>6.2f}x | " + " ".join(f"{c:>12}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ timed passes over the same rows, i.e. steady-state throughput; the table gives t
 ratios to the training step and to vmap + SJLT.
 
     python benchmarks/featurize_throughput.py [--quick] [--repeats 3] [--device cuda]
+
+Each path's worker shows a progress bar per pass on stderr (``--no_progress``: none).
 """
 from __future__ import annotations
 
@@ -72,8 +74,9 @@ def projector(sa, path: str):
     }[path]()
 
 
-def worker(name: str, path: str, batch: int, rows: int, repeats: int, device: str) -> None:
+def worker(name: str, path: str, batch: int, rows: int, repeats: int, device: str, progress: bool = True) -> None:
     import sketchattr as sa
+    from tqdm.auto import tqdm
 
     torch.set_num_threads(2) if device == "cpu" else None
     model, task, data = case(name, rows)
@@ -86,7 +89,7 @@ def worker(name: str, path: str, batch: int, rows: int, repeats: int, device: st
 
     engine = "vmap" if path.startswith("vmap") else "auto"
     feat = None if path == "train" else sa.Featurizer(model, task, projector=projector(sa, path), batch_size=batch,
-                                                      progress=False, engine=engine)
+                                                      progress=progress, engine=engine)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every pass sees the same model
 
     def once() -> float:
@@ -94,7 +97,7 @@ def worker(name: str, path: str, batch: int, rows: int, repeats: int, device: st
         t0 = time.perf_counter()
         if feat is None:
             model.train()
-            for b in torch.utils.data.DataLoader(subset, batch_size=batch):
+            for b in tqdm(torch.utils.data.DataLoader(subset, batch_size=batch), desc="train steps", unit="batch", disable=not progress):
                 b = b.to(device) if isinstance(b, torch.Tensor) else tuple(t.to(device) for t in b)
                 opt.zero_grad()
                 task.train_loss(model, b).div(len(b[0]) if isinstance(b, (tuple, list)) else len(b)).backward()
@@ -123,9 +126,10 @@ def main() -> None:
     ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no_progress", action="store_true", help="no progress bars")
     args = ap.parse_args()
     if args.worker:
-        worker(*args.worker, batch=args.batch, rows=args.rows, repeats=args.repeats, device=args.device)
+        worker(*args.worker, batch=args.batch, rows=args.rows, repeats=args.repeats, device=args.device, progress=not args.no_progress)
         return
     cuda = args.device.startswith("cuda")
     repeats = 1 if args.quick else args.repeats
@@ -134,15 +138,15 @@ def main() -> None:
         batch = MODELS[name] * (4 if cuda else 1)
         rows = {"mlp": 768 if args.quick else 3000, "gpt": 32 if args.quick else 128}[name] * (4 if cuda else 1)
         res = {}
-        for path in PATHS:
-            print(f"  {name}: {path} ...", end="", flush=True, file=sys.stderr)
+        for k, path in enumerate(PATHS, 1):
+            print(f"[{k}/{len(PATHS)}] {name}: {path} (own process: warm-up pass + {repeats} timed)", flush=True, file=sys.stderr)
             cmd = [sys.executable, __file__, "--worker", name, path, "--batch", str(batch), "--rows", str(rows),
-                   "--repeats", str(repeats), "--device", args.device]
-            run = subprocess.run(cmd, capture_output=True, text=True)
+                   "--repeats", str(repeats), "--device", args.device] + (["--no_progress"] if args.no_progress else [])
+            run = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress bars, errors) passes through
             if run.returncode:
-                raise RuntimeError(f"{name}/{path} failed:\n{run.stderr[-3000:]}")
+                raise RuntimeError(f"{name}/{path} failed (its traceback is above)")
             res[path] = json.loads(run.stdout.strip().splitlines()[-1])
-            print(f" {res[path]['samples_per_s']:.3g} samples/s", file=sys.stderr)
+            print(f"  {name}: {path}: {res[path]['samples_per_s']:.3g} samples/s", file=sys.stderr)
         train, vmap = res["train"], res["vmap+sjlt"]
         print(f"\n{name}: {train['params']:,} params, {rows} rows, batch {batch}" + (" x 64 tokens" if name == "gpt" else "")
               + f", {args.device}, median of {repeats}")

@@ -1,4 +1,4 @@
-"""LDS and seconds of regularized sketched influence on the digits-mlp bench (BENCHMARKS.md).
+"""LDS and seconds of regularized sketched influence on the digits-mlp bench (docs/benchmarks.md).
 
 For each projector and sketch size m: featurize the 1000 train rows and 100 queries, fit
 SketchedInfluence with damping="auto", score, and compute LDS against the cached retraining
@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sketchattr import ClassificationTask, Featurizer, SketchedInfluence
 from sketchattr.data.digits import load_digits_split
@@ -63,7 +64,7 @@ def main() -> None:
               f"{'best grid':>9} {'@λ/σmax':>7} {'gap':>6} {'kronf.':>6} {'unreg.':>6} {'sec (median)':>12}")
     print(header)
     print("-" * len(header))
-    for projector, m in configs:
+    for projector, m in tqdm(configs, desc="projectors", unit="config"):
         times = []
         for _ in range(args.repeats):
             sec, scorer, queries, scores = attribute(model, split, projector, m, args.seed)
@@ -76,10 +77,10 @@ def main() -> None:
         kronf = lds_of(scorer.score(queries, damping=0.1 * float(scorer.sigma.sum()) / scorer.dim))
         unreg = lds_of(scorer.score(queries, damping=1e-8 * smax))
         d_lam = scorer.effective_dimension()
-        print(f"{projector:<10} {scorer.dim:>5} {scorer.damping_ / smax:>11.2e} {d_lam:>6.0f} {scorer.dim / d_lam:>6.1f} "
+        tqdm.write(f"{projector:<10} {scorer.dim:>5} {scorer.damping_ / smax:>11.2e} {d_lam:>6.0f} {scorer.dim / d_lam:>6.1f} "
               f"{auto:>8.3f} {grid_lds[best]:>9.3f} {GRID[best]:>7.0e} {grid_lds[best] - auto:>6.3f} {kronf:>6.3f} "
               f"{unreg:>6.3f} {statistics.median(times):>12.2f}")
-        print(f"{'':<10} grid LDS over λ/σmax {GRID}: " + ", ".join(f"{v:.3f}" for v in grid_lds))
+        tqdm.write(f"{'':<10} grid LDS over λ/σmax {GRID}: " + ", ".join(f"{v:.3f}" for v in grid_lds))
 
 
 if __name__ == "__main__":

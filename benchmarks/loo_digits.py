@@ -6,6 +6,9 @@ measured effect f(all) − f(all∖i), for the exact and sketched regularized IF
 gradient dot product (λ → ∞ limit, up to scale).
 
     python benchmarks/loo_digits.py [--n_removed 50] [--n_seeds 4]
+    python benchmarks/loo_digits.py --quick         # 10 removed rows, 1 seed (its own cache file)
+
+The retrainings (cached and resumable under --cache_dir) show a progress bar.
 """
 from __future__ import annotations
 
@@ -26,7 +29,10 @@ def main() -> None:
     ap.add_argument("--n_removed", type=int, default=50)
     ap.add_argument("--n_seeds", type=int, default=4)
     ap.add_argument("--cache_dir", default="grad_cache")
+    ap.add_argument("--quick", action="store_true", help="10 removed rows and 1 seed (a smoke run; the correlation is noisy)")
     args = ap.parse_args()
+    if args.quick:
+        args.n_removed, args.n_seeds = min(args.n_removed, 10), 1
     split = load_digits_split()
     truth = loo_ground_truth(Path(args.cache_dir) / f"digits_loo_{args.n_removed}_R{args.n_seeds}.h5",
                              partial(train_digits_mlp, split=split), partial(query_margins, split=split),

@@ -102,6 +102,8 @@ def main() -> None:
         dattri_child(args._dattri_child)
         return
 
+    from tqdm.auto import tqdm
+
     import sketchattr as sa
     from sketchattr.recipes import load_mnist_bench, train_mnist_mlp
     from sketchattr.validate.ground_truth import mnist_mlp_ground_truth
@@ -119,14 +121,14 @@ def main() -> None:
                (sa.FactorizedProjector(32, 32, seed=0), None, "auto"), (sa.FactorizedProjector(32, 32, seed=0), None, "blocks")]
     rows = []
     print(f"{'method':<48} {'columns':>7} {'LDS':>6} {'seconds (median)':>16}")
-    for projector, m, method in configs:
+    for projector, m, method in tqdm(configs, desc="our sketches", unit="config"):
         times = []
         for _ in range(repeats):
             scores, sec, scorer = our_path(model, split, projector, m, method)
             times.append(sec)
         name = f"ours: {projector if isinstance(projector, str) else projector.name} + SketchedInfluence(auto, {scorer.path})"
         rows.append((name, scorer.dim, lds_of(scores.numpy()), statistics.median(times)))
-        print(f"{rows[-1][0]:<48} {rows[-1][1]:>7,} {rows[-1][2]:>6.3f} {rows[-1][3]:>16.2f}", flush=True)
+        tqdm.write(f"{rows[-1][0]:<48} {rows[-1][1]:>7,} {rows[-1][2]:>6.3f} {rows[-1][3]:>16.2f}")
 
     if args.dattri_python:
         with tempfile.TemporaryDirectory() as work:
@@ -134,7 +136,7 @@ def main() -> None:
                             x_query=split.x_query, y_query=split.y_query), Path(work) / "inputs.pt")
             env = dict(os.environ, PYTHONPATH=str(ROOT))
             times: dict[str, list[float]] = {}
-            for _ in range(repeats):
+            for _ in tqdm(range(repeats), desc="dattri runs", unit="run"):
                 proc = subprocess.run([args.dattri_python, __file__, "--_dattri_child", work], env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise SystemExit(f"dattri run failed:\n{proc.stderr[-3000:]}")

@@ -7,11 +7,14 @@ CUDA also the growth of ``torch.cuda.max_memory_allocated``).
 
 Dense projectors draw ``m * d`` random numbers on CPU (also for CUDA inputs: generation is
 on CPU for bit-identical sketches across devices), which is hours for ``d = 1e8, m = 4096``;
-they run at ``--d-dense`` columns instead and the table adds the measured rate and the
+they run at ``--d_dense`` columns instead and the table adds the measured rate and the
 time extrapolated to ``--d``.
 
     python benchmarks/projector_memory.py                       # d=1e8, m=4096, CPU
     python benchmarks/projector_memory.py --d 1e7 --types sjlt --c 4
+    python benchmarks/projector_memory.py --quick               # d=2e6, m=1024 (dense at d=2e5), seconds
+
+Each type runs in its own process; a progress bar (stderr) counts them.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout
+
+from tqdm.auto import tqdm  # noqa: E402
 
 DENSE_TYPES = ("gaussian", "rademacher")
 
@@ -38,13 +43,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--types", default="sjlt,gaussian,rademacher", help="comma-separated types")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=_int, default=1, help="rows B of the input [B, d]")
-    p.add_argument("--d-dense", type=_int, default=500_000,
+    p.add_argument("--d_dense", type=_int, default=500_000,
                    help="d used for gaussian/rademacher (CPU generation); time is extrapolated")
     p.add_argument("--c", type=_int, default=1, help="SJLT nonzeros per column")
-    p.add_argument("--block-size", type=_int, default=None, help="default: the projector's")
+    p.add_argument("--block_size", type=_int, default=None, help="default: the projector's")
     p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--quick", action="store_true", help="d=2e6, m=1024, dense types at d=2e5 (a smoke run)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one type
-    return p.parse_args(argv)
+    p.add_argument("--d-dense", dest="d_dense", type=_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spellings
+    p.add_argument("--block-size", dest="block_size", type=_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:  # the workers get the same argv, so they see the same sizes
+        args.d, args.m, args.d_dense = min(args.d, 2_000_000), min(args.m, 1024), min(args.d_dense, 200_000)
+    return args
 
 
 # --------------------------------------------------------------------------- worker side
@@ -153,9 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"d={args.d:.3g} m={args.m} batch={args.batch} device={args.device} "
           f"(gaussian/rademacher at d={args.d_dense:.3g}, extrapolated to d)", flush=True)
     rows = []
-    for kind in kinds:
+    for kind in tqdm(kinds, desc="projector types", unit="type"):
         rows.append(run_type(kind, argv))
-        print(f"  {kind}: {rows[-1]['seconds']:.2f}s", flush=True)
+        tqdm.write(f"  {kind}: {rows[-1]['seconds']:.2f}s")
     print(format_table(rows))
 
 

@@ -1,6 +1,6 @@
 """What do 10× more queries cost once the training side is stored? (EKFAC, SJLT store.)
 
-The digits-mlp model attributes against a train set of ``--n-train`` rows (the 1,000 digits train
+The digits-mlp model attributes against a train set of ``--n_train`` rows (the 1,000 digits train
 images tiled with small noise, so the training side has a realistic size next to the queries:
 the digits bench has only 1,000 train rows, as many as the 1,000 queries). For 100 and 1,000
 queries (held-out digits, tiled likewise) it times, median of ``--repeats``:
@@ -10,9 +10,12 @@ queries (held-out digits, tiled likewise) it times, median of ``--repeats``:
 * **job**: the whole attribution with the store built once (featurize the train set into the
   store, fit the EKFAC factors, score all queries);
 * **baseline**: what Kronfluence's pairwise scoring does: factors fitted once, training
-  gradients recomputed for every query batch of ``--query-batch``.
+  gradients recomputed for every query batch of ``--query_batch``.
 
-    python benchmarks/query_scaling.py [--n-train 50000] [--m 1024] [--repeats 3]
+    python benchmarks/query_scaling.py [--n_train 50000] [--m 1024] [--repeats 3]
+    python benchmarks/query_scaling.py --quick          # 1,000 train rows, 20 / 200 queries, one repeat
+
+Progress bars (stderr) follow the setup (training, store, factors) and the timed runs.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import statistics
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 import sketchattr as sa
 from sketchattr.data.digits import load_digits_split
@@ -44,23 +48,31 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-train", type=int, default=50_000)
+    ap.add_argument("--n_train", type=int, default=50_000, help="train rows (default 50,000; --quick: 1,000)")
     ap.add_argument("--m", type=int, default=1024)
-    ap.add_argument("--query-batch", type=int, default=100)
+    ap.add_argument("--query_batch", type=int, default=100, help="the baseline's query batch (--quick: 50)")
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="a CI-sized run: 1,000 train rows, 20 and 200 queries, one repeat")
+    ap.add_argument("--n-train", dest="n_train", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spelling
+    ap.add_argument("--query-batch", dest="query_batch", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    sizes = (100, 1000)
+    if args.quick:
+        args.n_train, args.query_batch, args.repeats, sizes = min(args.n_train, 1000), 50, 1, (20, 200)
+    print("training digits-mlp ...", flush=True)
     split = load_digits_split()
     model = train_digits_mlp(seed=0, split=split)
     task = sa.ClassificationTask()
     xt, yt = split.train_dataset().tensors
     xq, yq = split.query_dataset().tensors
     train = tiled(xt, yt, args.n_train, seed=1)
-    queries = {n: tiled(xq, yq, n, seed=2) for n in (100, 1000)}
+    queries = {n: tiled(xq, yq, n, seed=2) for n in sizes}
     feat = sa.Featurizer(model, task, projector="sjlt", m=args.m, seed=0, batch_size=500, progress=False)
-    fit = lambda: sa.fit_factors(model, task, train, kind="ekfac", batch_size=500, progress=False)
-    scorer = sa.EKFACScorer(fit(), feat).fit(feat.featurize(train))
+    fit = lambda progress=False: sa.fit_factors(model, task, train, kind="ekfac", batch_size=500, progress=progress)
+    setup = sa.Featurizer(model, task, projector="sjlt", m=args.m, seed=0, batch_size=500)  # same sketch, with a bar
+    scorer = sa.EKFACScorer(fit(progress=True), feat).fit(setup.featurize(train))
 
     def job(q) -> None:
         sa.EKFACScorer(fit(), feat).fit(feat.featurize(train)).score(q)
@@ -73,11 +85,21 @@ def main() -> None:
 
     print(f"digits-mlp, EKFAC on an SJLT m = {args.m} store of {args.n_train:,} train rows "
           f"(median of {args.repeats}; baseline query batch {args.query_batch})")
-    print(f"{'':<34} {'100 queries s':>14} {'1,000 queries s':>16} {'ratio':>7}")
-    for label, fn in (("scoring (store + factors exist)", scorer.score), ("job (store built once)", job),
-                      ("baseline (train grads per batch)", baseline)):
-        t100, t1000 = (median_seconds(lambda: fn(queries[n]), args.repeats) for n in (100, 1000))
-        print(f"{label:<34} {t100:>14.2f} {t1000:>16.2f} {t1000 / t100:>6.2f}x", flush=True)
+    cols = [f"{n:,} queries s" for n in sizes]
+    print(f"{'':<34} {cols[0]:>14} {cols[1]:>16} {'ratio':>7}")
+    runs = (("scoring (store + factors exist)", scorer.score), ("job (store built once)", job),
+            ("baseline (train grads per batch)", baseline))
+    bar = tqdm(total=len(runs) * len(sizes) * args.repeats, desc="timed runs", unit="run")
+    def timed(fn, n: int) -> float:
+        def once() -> None:
+            fn(queries[n])
+            bar.update()
+        return median_seconds(once, args.repeats)
+
+    for label, fn in runs:
+        small, large = (timed(fn, n) for n in sizes)
+        tqdm.write(f"{label:<34} {small:>14.2f} {large:>16.2f} {large / small:>6.2f}x")
+    bar.close()
 
 
 if __name__ == "__main__":

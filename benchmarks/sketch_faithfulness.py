@@ -12,6 +12,9 @@ the regularized quadratic/bilinear forms on the 100 query gradients against the 
 featurization seconds for the 1,000 train rows (median of --repeats).
 
     python benchmarks/sketch_faithfulness.py [--repeats 3]
+    python benchmarks/sketch_faithfulness.py --quick    # one repeat, 16×16-sized sketches, SJLT in fp32/bf16
+
+A progress bar (stderr) counts the sketches measured.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import statistics
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 import sketchattr as sa
 from sketchattr.data.digits import load_digits_split
@@ -52,7 +56,13 @@ def measure(model, split, gt, exact, exact_q, lam, projector, m, dtype, repeats)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="one repeat, the 16×16-sized sketches of part 1, SJLT in fp32 and bf16 in part 2")
     args = ap.parse_args()
+    sides = (16,) if args.quick else (16, 32)
+    part2 = (("sjlt", "sjlt", 1024),) if args.quick else (("sjlt", "sjlt", 1024), ("factorized 32x32 per module", "factorized", 1024))
+    dtypes = {k: DTYPES[k] for k in (("fp32", "bf16") if args.quick else DTYPES)}
+    if args.quick:
+        args.repeats = 1
     split = load_digits_split()
     gt = digits_ground_truth()
     model = train_digits_mlp(seed=0, split=split)
@@ -64,19 +74,23 @@ def main() -> None:
           f"({lam / exact.sigma_max:.1e}·σ_max), d_λ = {exact.effective_dimension():.0f}\n")
 
     header = f"{'sketch':<34} {'m':>5} {'dtype':>5} {'LDS auto':>8} {'ε95':>6} {'pair ε95':>8} {'featurize s':>11}"
-    print("Part 1 — sketch types at equal m (fp32)\n" + header)
-    for side in (16, 32):
+    print("Part 1 — sketch types at equal m (fp32)\n" + header, flush=True)
+    bar = tqdm(total=4 * len(sides) + len(part2) * len(dtypes), desc="sketches", unit="sketch")
+    for side in sides:
         m = 2 * side * side  # two Linear modules, concatenated
         cases = ((f"factorized {side}x{side} per module", "factorized", side * side),
                  ("factgrass (mask 4m → SJLT)", "factgrass", m), ("sjlt", "sjlt", m), ("gaussian", "gaussian", m))
         for label, proj, size in cases:
             r = measure(model, split, gt, exact, exact_q, lam, proj, size, torch.float32, args.repeats)
-            print(f"{label:<34} {r[4]:>5} {'fp32':>5} {r[0]:>8.3f} {r[1]:>6.3f} {r[2]:>8.3f} {r[3]:>11.3f}")
-    print("\nPart 2 — half precision, computed and stored\n" + header)
-    for label, proj, size in (("sjlt", "sjlt", 1024), ("factorized 32x32 per module", "factorized", 1024)):
-        for name, dtype in DTYPES.items():
+            bar.update()
+            tqdm.write(f"{label:<34} {r[4]:>5} {'fp32':>5} {r[0]:>8.3f} {r[1]:>6.3f} {r[2]:>8.3f} {r[3]:>11.3f}")
+    tqdm.write("\nPart 2 — half precision, computed and stored\n" + header)
+    for label, proj, size in part2:
+        for name, dtype in dtypes.items():
             r = measure(model, split, gt, exact, exact_q, lam, proj, size, dtype, args.repeats)
-            print(f"{label:<34} {r[4]:>5} {name:>5} {r[0]:>8.3f} {r[1]:>6.3f} {r[2]:>8.3f} {r[3]:>11.3f}")
+            bar.update()
+            tqdm.write(f"{label:<34} {r[4]:>5} {name:>5} {r[0]:>8.3f} {r[1]:>6.3f} {r[2]:>8.3f} {r[3]:>11.3f}")
+    bar.close()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ random inputs. For each, featurize the same rows into a MemoryStore and into a f
 repeat, and print the medians and the ratio (bar: disk ≤ 1.2 × memory).
 
     python benchmarks/store_throughput.py [--repeats 5] [--m 1024] [--n_synth 2000]
+    python benchmarks/store_throughput.py --quick      # 2 repeats, 300 synthetic rows
+
+A progress bar (stderr) counts the timed featurize calls.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from sketchattr import ClassificationTask, Featurizer
 from sketchattr.data.digits import load_digits_split
@@ -42,7 +46,10 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=1024)
     ap.add_argument("--n_synth", type=int, default=1000)
     ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="2 repeats, 300 synthetic rows (a smoke run; ratios are noisy)")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.n_synth = min(args.repeats, 2), min(args.n_synth, 300)
 
     split = load_digits_split()
     synth_x = torch.randn(args.n_synth, 784, generator=torch.Generator().manual_seed(0))
@@ -58,12 +65,12 @@ def main() -> None:
             feat = Featurizer(model, ClassificationTask(), projector="sjlt", m=args.m, seed=0, batch_size=args.batch_size, progress=False)
             time_featurize(feat, dataset, MemoryStore)  # warm-up: projector chunks, allocator
             mem, disk = [], []
-            for r in range(args.repeats):  # interleaved, so machine noise hits both alike
+            for r in tqdm(range(args.repeats), desc=f"{name}: memory + disk", unit="repeat", leave=False):  # interleaved, so machine noise hits both alike
                 mem.append(time_featurize(feat, dataset, MemoryStore))
                 path = Path(tmp) / f"{name}-{r}.h5"
                 disk.append(time_featurize(feat, dataset, lambda: DiskStore(path)))
             mm, dm = statistics.median(mem), statistics.median(disk)
-            print(f"{name:<14} {n_params:>10,} {len(dataset):>6} {args.m:>5} {mm:>9.3f} {dm:>8.3f} {dm / mm:>11.2f} {len(dataset) / dm:>11,.0f}")
+            tqdm.write(f"{name:<14} {n_params:>10,} {len(dataset):>6} {args.m:>5} {mm:>9.3f} {dm:>8.3f} {dm / mm:>11.2f} {len(dataset) / dm:>11,.0f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ last is the bench model; "last-N" is the last 1 of its 2 layers), and a syntheti
 MLP on random data with 3 checkpoints (last-N = last 2 of its 3 layers).
 
     python benchmarks/tracin_recipes.py [--synthetic_rows 2000]
+    python benchmarks/tracin_recipes.py --quick      # digits-mlp only
+
+A progress bar (stderr) counts the configurations of each model.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 import scipy.stats
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 import sketchattr as sa
 from sketchattr.data.digits import load_digits_split
@@ -53,9 +57,9 @@ def configs(last_n: int) -> list[tuple[str, dict]]:
 def run(name: str, models, lrs, train, queries, last_n: int, gt=None) -> None:
     n = len(train)
     print(f"\n{name}: {sum(p.numel() for p in models[0].parameters()):,} params, {len(models)} checkpoints, {n} train rows, {len(queries)} queries")
-    print(f"{'configuration':<30} {'seconds':>8} {'speedup':>8} {'top-10 overlap':>15} {'Spearman':>9}" + (f" {'LDS':>6}" if gt else ""))
+    print(f"{'configuration':<30} {'seconds':>8} {'speedup':>8} {'top-10 overlap':>15} {'Spearman':>9}" + (f" {'LDS':>6}" if gt else ""), flush=True)
     base = None
-    for label, cfg in configs(last_n):
+    for label, cfg in tqdm(configs(last_n), desc=name, unit="config", leave=False):
         sampler = make_sampler("stratified", key="labels", rate=0.1, seed=0) if cfg.get("sampler") else None
         t0 = time.perf_counter()
         tracin = sa.tracin_from_checkpoints(models, sa.ClassificationTask(), train, lrs, projector=cfg.get("projector", "identity"),
@@ -73,7 +77,7 @@ def run(name: str, models, lrs, train, queries, last_n: int, gt=None) -> None:
         line = f"{label:<30} {sec:>8.2f} {base[0] / sec:>7.1f}x {top:>15.2f} {rho:>9.3f}"
         if gt is not None:
             line += f" {lds(full.numpy(), gt).mean:>6.3f}"
-        print(line)
+        tqdm.write(line)
 
 
 def set_overlap(full: torch.Tensor, base: torch.Tensor, cols: torch.Tensor, k: int = 10) -> float:
@@ -87,7 +91,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic_rows", type=int, default=300, help="the baseline keeps unsketched gradients: 300 rows x 1.33M params x 3 checkpoints = 4.8 GB")
     ap.add_argument("--skip_synthetic", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="digits-mlp only (same as --skip_synthetic)")
     args = ap.parse_args()
+    args.skip_synthetic = args.skip_synthetic or args.quick
     split = load_digits_split()
     models = checkpoints(make_mlp(seed=0), split.x_train, split.y_train, [20, 40, 60], lr=0.05)
     run("digits-mlp", models, [0.05] * 3, split.train_dataset(), split.query_dataset(), last_n=1, gt=digits_ground_truth())

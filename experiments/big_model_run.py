@@ -3,8 +3,8 @@ an HDF5 store (resumable), fit sketched influence on it, score 1,000 queries wit
 per-stage profiler table, peak RSS, store size and the extrapolated time of the full run.
 
 Stages (each a row of the table; nested rows overlap their stage's percent):
-build model → featurize train into the store (``--offload disk``: resumable; ``--max-minutes`` /
-``--stop-after-rows`` stop early, re-running the same command continues) → fit
+build model → featurize train into the store (``--offload disk``: resumable; ``--max_minutes`` /
+``--stop_after_rows`` stop early, re-running the same command continues) → fit
 ``SketchedInfluence`` (F̂ streamed from the store, one eigh) → featurize the queries (gradients of
 ``CausalLMTask.measurement``, the query's log-likelihood) → streaming top-k.
 
@@ -12,7 +12,7 @@ The model is the randomly initialised ``gpt-14m`` preset (13.8M params; no train
 measures the pipeline, not attribution quality) on ``RandomTokens`` (seeded, generated per index).
 Sketches cover every Linear layer (embeddings and LayerNorms are not Linear).
 
-    python experiments/big_model_run.py --max-minutes 8 --dtype bfloat16 --compute-dtype bfloat16
+    python experiments/big_model_run.py --max_minutes 8 --dtype bfloat16 --compute_dtype bfloat16
     python experiments/big_model_run.py --quick --store /tmp/quick.h5
 """
 from __future__ import annotations
@@ -45,27 +45,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help=f"tiny model, a few hundred sequences (CI): {QUICK}")
     ap.add_argument("--params", default="gpt-14m", choices=sorted(PRESETS), help="model preset (default gpt-14m, 13.8M params)")
     ap.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
-    ap.add_argument("--d-model", type=int, default=None)
-    ap.add_argument("--n-layer", type=int, default=None)
-    ap.add_argument("--n-head", type=int, default=None)
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's, 64)")
-    ap.add_argument("--num-train", type=int, default=100_000)
-    ap.add_argument("--num-query", type=int, default=1000)
+    ap.add_argument("--d_model", type=int, default=None)
+    ap.add_argument("--n_layer", type=int, default=None)
+    ap.add_argument("--n_head", type=int, default=None)
+    ap.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's, 64)")
+    ap.add_argument("--num_train", type=int, default=100_000)
+    ap.add_argument("--num_query", type=int, default=1000)
     ap.add_argument("--proj", default="factorized", choices=["factorized", "sjlt", "gaussian", "rademacher"])
     ap.add_argument("--m", type=int, default=4096, help="sketch size; factorized: per-layer m_out×m_in ≤ m / (Linear layers)")
     ap.add_argument("--factor", default=None, metavar="OUTxIN", help="factorized per-layer sizes, e.g. 16x16 (overrides --m)")
     ap.add_argument("--offload", default="disk", choices=["disk", "cpu", "none"])
     ap.add_argument("--store", default=None, help="HDF5 path (default grad_cache/big_<settings>.h5)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--k", type=int, default=10, help="top-k proponents/opponents per query")
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop featurizing train after this budget (resumable)")
-    ap.add_argument("--stop-after-rows", type=int, default=None, help="stop featurizing train after this many new rows")
-    ap.add_argument("--no-resume", action="store_true", help="discard the store's rows and start over")
+    ap.add_argument("--max_minutes", type=float, default=None, help="stop featurizing train after this budget (resumable)")
+    ap.add_argument("--stop_after_rows", type=int, default=None, help="stop featurizing train after this many new rows")
+    ap.add_argument("--no_resume", action="store_true", help="discard the store's rows and start over")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="store dtype")
-    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"], help="model / gradient dtype")
+    ap.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"], help="model / gradient dtype")
     ap.add_argument("--seed", type=int, default=0, help="model init, projector and data seed")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the summary (and top-k) to this JSON file")
+    for old in ("--d-model", "--n-layer", "--n-head", "--seq-len", "--num-train", "--num-query", "--batch-size", "--stop-after-rows"):
+        ap.add_argument(old, dest=old[2:].replace("-", "_"), type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spellings
+    ap.add_argument("--max-minutes", dest="max_minutes", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ap.add_argument("--no-resume", dest="no_resume", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ap.add_argument("--compute-dtype", dest="compute_dtype", choices=["float32", "bfloat16"], default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():

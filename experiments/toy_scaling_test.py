@@ -5,9 +5,9 @@ Model sizes (input 10 → hidden → 1): tiny [8] ≈ 97 params, small [16, 12] 
 + 0.1·noise. Strategies: identity | diagonal | kfac | ekfac (factored curvature scored from an
 identity store) and sketched (SketchedInfluence on an SJLT store, m = --proj_dim, auto damping).
 
-    python experiments/toy_scaling_test.py --test params --dataset-size 100 --query-size 20
-    python experiments/toy_scaling_test.py --test data --model-size small
-    python experiments/toy_scaling_test.py --test single --model-size medium --dataset-size 200 --query-size 50 --strategy ekfac
+    python experiments/toy_scaling_test.py --test params --dataset_size 100 --query_size 20
+    python experiments/toy_scaling_test.py --test data --model_size small
+    python experiments/toy_scaling_test.py --test single --model_size medium --dataset_size 200 --query_size 50 --strategy ekfac
 """
 from __future__ import annotations
 
@@ -105,12 +105,15 @@ def growth(rows: list[dict], key: str) -> str:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--test", default="single", choices=["params", "data", "single"])
-    ap.add_argument("--model-size", default="small", choices=list(SIZES))
-    ap.add_argument("--dataset-size", type=int, default=100)
-    ap.add_argument("--query-size", type=int, default=20)
+    ap.add_argument("--model_size", default="small", choices=list(SIZES))
+    ap.add_argument("--dataset_size", type=int, default=100)
+    ap.add_argument("--query_size", type=int, default=20)
     ap.add_argument("--strategy", default="ekfac", choices=["identity", "diagonal", "kfac", "ekfac", "sketched"])
-    ap.add_argument("--proj-dim", type=int, default=1024, help="sketch size of the 'sketched' strategy")
+    ap.add_argument("--proj_dim", type=int, default=1024, help="sketch size of the 'sketched' strategy")
     ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--model-size", dest="model_size", choices=list(SIZES), default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spellings
+    for old in ("--dataset-size", "--query-size", "--proj-dim"):
+        ap.add_argument(old, dest=old[2:].replace("-", "_"), type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     run("tiny", 20, 5, args.strategy, args.proj_dim, 2, verbose=False)  # warm-up: first-call overheads out of the timings
     if args.test == "params":

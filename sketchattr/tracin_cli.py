@@ -2,22 +2,22 @@
 
 Inputs
 ------
-Model: ``--model-def module:function`` names a Python callable that returns an ``nn.Module``
+Model: ``--model_def module:function`` names a Python callable that returns an ``nn.Module``
 (e.g. ``sketchattr.models.mlp:make_mlp``), called with the keyword arguments of
-``--model-kwargs '{"in_dim": 64}'`` (JSON, default none). Each checkpoint given to
+``--model_kwargs '{"in_dim": 64}'`` (JSON, default none). Each checkpoint given to
 ``--checkpoints ck1.pt ck2.pt ...`` is a *state dict* of that module saved with
 ``torch.save(model.state_dict(), path)``; it is loaded with ``torch.load(weights_only=True)``.
-``--learning-rates`` gives η_c per checkpoint (default 1.0 each; one value is used for all).
+``--learning_rates`` gives η_c per checkpoint (default 1.0 each; one value is used for all).
 
-Data: ``--train-data`` and ``--test-data`` are either
+Data: ``--train_data`` and ``--test_data`` are either
 
 * ``.pt`` files holding a dict of tensors ``{"x": [N, ...], "y": [N]}`` saved with
   ``torch.save`` (loaded with ``weights_only=True``), or
 * ``.npz`` files with arrays ``x`` and ``y`` (``numpy.savez``).
 
 Floating ``x`` is cast to the model's dtype; ``y`` holds class indices (classification) or
-targets (``--task regression``). ``--stratify-by labels`` stratifies the train sample by ``y``;
-``--stratify-by NAME`` uses another per-example array ``NAME`` of the train file.
+targets (``--task regression``). ``--stratify_by labels`` stratifies the train sample by ``y``;
+``--stratify_by NAME`` uses another per-example array ``NAME`` of the train file.
 
 Output (``--output results.json``)
 ----------------------------------
@@ -32,12 +32,15 @@ Output (``--output results.json``)
      "timings": {"load_s", "featurize_train_s", "score_s", "total_s", "per_query_s"},
      "memory": {"train_rows_bytes": {...}, "train_rows_total_bytes", "query_cache_bytes", ...}}
 
-Scores follow DESIGN.md: ``score = −Σ_c η_c ∇f_c(z_test)ᵀ∇ℓ_c(z_train)``, positive = the train
+Scores follow docs/design.md: ``score = −Σ_c η_c ∇f_c(z_test)ᵀ∇ℓ_c(z_train)``, positive = the train
 example helps the test example (margin measurement for classification). Train indices are
 indices of the train file's rows (also after sampling).
 
 ``--mode batch`` scores every test index at once; ``--mode single`` one test index at a time
 (query gradients computed per example, memory O(1) queries).
+
+On success it prints what it wrote (the report's path, how many test examples × top-k over how
+many train rows, the seconds per stage); ``--show N`` adds the top-k of the first N test examples.
 """
 from __future__ import annotations
 
@@ -63,37 +66,39 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model-def", required=True, help="module:function returning the nn.Module (e.g. sketchattr.models.mlp:make_mlp)")
-    p.add_argument("--model-kwargs", default="{}", help="JSON dict of keyword arguments for the model function")
+    p.add_argument("--model_def", "--model-def", required=True, help="module:function returning the nn.Module (e.g. sketchattr.models.mlp:make_mlp)")
+    p.add_argument("--model_kwargs", "--model-kwargs", default="{}", help="JSON dict of keyword arguments for the model function")
     p.add_argument("--checkpoints", nargs="+", required=True, help="state-dict files (torch.save(model.state_dict()))")
-    p.add_argument("--learning-rates", type=float, nargs="+", default=None, help="eta per checkpoint (default 1.0 each)")
-    p.add_argument("--train-data", required=True, help=".pt dict {'x','y'} or .npz with x, y")
-    p.add_argument("--test-data", required=True, help=".pt dict {'x','y'} or .npz with x, y")
+    p.add_argument("--learning_rates", "--learning-rates", type=float, nargs="+", default=None, help="eta per checkpoint (default 1.0 each)")
+    p.add_argument("--train_data", "--train-data", required=True, help=".pt dict {'x','y'} or .npz with x, y")
+    p.add_argument("--test_data", "--test-data", required=True, help=".pt dict {'x','y'} or .npz with x, y")
     p.add_argument("--task", choices=["classification", "regression"], default="classification")
-    p.add_argument("--use-projection", action="store_true", help="randomly project gradients (else exact)")
-    p.add_argument("--projection-dim", type=int, default=256)
-    p.add_argument("--projection-type", choices=["gaussian", "sjlt", "sparse", "rademacher"], default="gaussian",
+    p.add_argument("--use_projection", "--use-projection", action="store_true", help="randomly project gradients (else exact)")
+    p.add_argument("--projection_dim", "--projection-dim", type=int, default=256)
+    p.add_argument("--projection_type", "--projection-type", choices=["gaussian", "sjlt", "sparse", "rademacher"], default="gaussian",
                    help="'sparse' = sjlt")
-    p.add_argument("--sample-rate", type=float, default=1.0, help="fraction of train rows scored (default 1.0)")
-    p.add_argument("--stratify-by", default=None, help="'labels' (y) or the name of an array in the train file")
-    p.add_argument("--num-last-layers", type=int, default=None, help="attribute through the last N layers only")
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--sample_rate", "--sample-rate", type=float, default=1.0, help="fraction of train rows scored (default 1.0)")
+    p.add_argument("--stratify_by", "--stratify-by", default=None, help="'labels' (y) or the name of an array in the train file")
+    p.add_argument("--num_last_layers", "--num-last-layers", type=int, default=None, help="attribute through the last N layers only")
+    p.add_argument("--top_k", "--top-k", type=int, default=10)
     p.add_argument("--mode", choices=["single", "batch"], default="batch")
-    p.add_argument("--test-indices", type=int, nargs="+", default=None, help="test rows to explain (default all)")
+    p.add_argument("--test_indices", "--test-indices", type=int, nargs="+", default=None, help="test rows to explain (default all)")
     p.add_argument("--output", required=True, help="JSON report path")
     p.add_argument("--variant", choices=["dot", "cos"], default="dot")
     p.add_argument("--seed", type=int, default=0, help="projector and sampler seed")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch_size", "--batch-size", type=int, default=64)
     p.add_argument("--store", choices=["none", "cpu", "disk"], default="none", help="where train rows are kept")
-    p.add_argument("--store-path", default=None, help="HDF5 file for --store disk (one group per checkpoint)")
+    p.add_argument("--store_path", "--store-path", default=None, help="HDF5 file for --store disk (one group per checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no_progress", "--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="also print the top-k proponents/opponents of the first N test examples (default 0: only the summary)")
     return p
 
 
 def load_model_def(spec: str) -> Any:
     if ":" not in spec:
-        raise ValueError(f"--model-def must be 'module:function', got {spec!r}")
+        raise ValueError(f"--model_def must be 'module:function', got {spec!r}")
     mod, fn = spec.split(":", 1)
     obj = importlib.import_module(mod)
     for part in fn.split("."):
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test_idx = list(range(n_test)) if args.test_indices is None else list(args.test_indices)
     bad = [i for i in test_idx if not 0 <= i < n_test]
     if bad:
-        raise ValueError(f"--test-indices {bad} outside [0, {n_test})")
+        raise ValueError(f"--test_indices {bad} outside [0, {n_test})")
 
     sampler = None
     if args.sample_rate < 1.0 or args.stratify_by:
@@ -172,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif args.stratify_by in train:
             sampler = make_sampler("stratified", key=train[args.stratify_by].numpy(), rate=args.sample_rate, seed=args.seed)
         else:
-            raise ValueError(f"--stratify-by {args.stratify_by!r}: use 'labels' or an array of the train file ({sorted(train)})")
+            raise ValueError(f"--stratify_by {args.stratify_by!r}: use 'labels' or an array of the train file ({sorted(train)})")
     projector = {"sparse": "sjlt"}.get(args.projection_type, args.projection_type) if args.use_projection else "identity"
     t_load = time.perf_counter()
 
@@ -236,7 +241,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
+    print_summary(report, out, getattr(args, "show", 0))
     return report
+
+
+def print_summary(report: dict[str, Any], path: Path, show: int = 0) -> None:
+    """What ``run`` wrote: the file, the shape of the result, the seconds; the top-k of the
+    first ``show`` test examples."""
+    s, t = report["settings"], report["timings"]
+    n_ck = len(s["checkpoints"])
+    print(f"wrote {path}: top-{s['top_k']} proponents/opponents of {len(report['results'])} test examples over "
+          f"{s['n_scored_train']:,} of {s['n_train']:,} train rows ({n_ck} checkpoint{'s' if n_ck != 1 else ''}, "
+          f"{s['n_parameters']:,} parameters, projector {s['projector']['type']}, {s['mode']} mode, {s['device']})")
+    print(f"seconds: {t['total_s']:.2f} total (load {t['load_s']:.2f}, featurize train {t['featurize_train_s']:.2f}, "
+          f"score {t['score_s']:.2f} = {t['per_query_s']:.3g} per test example)")
+    fmt = lambda entries: ", ".join(f"train {e['train_index']} ({e['score']:+.3g})" for e in entries)
+    for r in report["results"][: max(show, 0)]:
+        print(f"test {r['test_index']} (label {r['label']})\n  helps: {fmt(r['proponents'])}\n  hurts: {fmt(r['opponents'])}")
 
 
 def _jsonable(v: torch.Tensor) -> Any:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launcher import run_ranks  # noqa: E402
+from launcher import free_port, run_ranks  # noqa: E402
 from test_imagenet_example import ROOT, _argv, _scores, analyze, checkpoint, image_root  # noqa: E402,F401 (fixtures)
 
 SCRIPT = ROOT / "examples" / "imagenet_resnet50" / "ddp_analyze.py"
@@ -92,6 +94,51 @@ def test_ddp_ekfac_query_rank_matches_one_process(runs):
     assert "Profiler" not in rank1 and "query cat" not in rank1  # output on rank 0 only
     summary = json.loads((two / "summary.json").read_text())
     assert {r["action"] for r in summary["profile_slowest_rank"]} >= {"Featurize Train (store)", "Fit Factors"}
+
+
+def test_more_ranks_than_batches_fails_early_and_says_why(image_root, checkpoint, tmp_path):  # noqa: F811
+    """2 processes, 24 train images in one --train_batch_size 32 batch: both ranks stop right after
+    loading the data (before the model or any store) with the cause and the ways out, instead of
+    rank 1 failing later with 'the store holds no rows'."""
+    argv = _argv(image_root, tmp_path / "out", checkpoint, "--device", "cpu", "--backend", "gloo", "--offload", "disk",
+                 "--factor_strategy", "sketched")
+    argv[argv.index("--train_batch_size") + 1] = "32"
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")) for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode != 0, log
+        assert (f"error (rank {rank}): more ranks than batches: 2 ranks, but 24 rows make only 1 batch of --train_batch_size 32, "
+                "so rank 1 would hold no rows; use at most 1 process or a --train_batch_size of at most 12") in log, log
+        assert "holds no rows: featurize" not in log and "parameters" not in log  # stopped before building the model
+    assert not (tmp_path / "out" / "cache").exists()  # no store begun
+
+
+def test_featurize_refuses_more_ranks_than_batches():
+    """sketchattr.distributed.featurize checks before sketching anything (the same check on every rank)."""
+    import sketchattr as sa
+    import sketchattr.distributed as sad
+    from sketchattr.distributed.featurize import check_enough_batches
+
+    class Rank(sad.Collective):  # rank 0 of a world of 3 that never communicates: enough for the check
+        rank, world_size = 0, 3
+
+    model = torch.nn.Linear(4, 3)
+    data = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    feat = sa.Featurizer(model, sa.ClassificationTask(), projector="sjlt", m=8, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=r"4 ranks, but 20 rows make only 3 batches"):
+        check_enough_batches(20, 7, 4)
+    with pytest.raises(ValueError, match=r"3 ranks, but 16 rows make only 2 batches of batch_size 8, so rank 2 would hold no "
+                                         r"rows; use at most 2 processes or a batch_size of at most 5"):
+        sad.featurize(feat, data, collective=Rank())
+    check_enough_batches(16, 8, 2)  # 2 batches for 2 ranks: fine
+    check_enough_batches(20, 64, 1)  # one process takes everything
 
 
 def test_ddp_analyze_needs_torchrun(monkeypatch, image_root):  # noqa: F811

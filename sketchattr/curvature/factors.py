@@ -429,10 +429,13 @@ def _covariance_stage(run: _Run, tensors: dict) -> dict:
 
 def _eigen_stage(run: _Run, tensors: dict) -> dict:
     out = {}
+    names = [name for name, t in tensors.items() if "A" in t]  # no A: a block without Kronecker structure (Λ done)
+    bar = tqdm(names, desc="eigendecomposition", unit="module", disable=not run.progress)
     with run.profiler.record("eigendecomposition"):
-        for name, t in tensors.items():
-            if "A" not in t:
-                continue  # a block without Kronecker structure: its diagonal Λ is already there
+        for name in bar:
+            t = tensors[name]
+            n = max(t[s].shape[0] for s in ("A", "S") if t[s].dim() == 2)  # eigh is O(n³) in the larger side
+            bar.set_postfix_str(f"{name} ({n}×{n})", refresh=True)
             out[name] = {}
             for side in ("A", "S"):
                 vals, vecs = _eigh(t[side])

@@ -50,6 +50,8 @@ def featurize(
 
     Every rank must call this with the same settings; all ranks check that their store
     metadata (model, projector, modules, task) and planned rows agree, and raise together.
+    Every rank needs at least one batch: with more ranks than ``batch_size`` batches every rank
+    raises ValueError (:func:`check_enough_batches`) before sketching anything.
     """
     c = collective or get_collective()
     prof = profiler or Profiler(enabled=False)
@@ -57,6 +59,7 @@ def featurize(
     idx, weights = featurizer.plan_rows(dataset, indices, sampler)
     meta = featurizer.metadata("train")
     c.together(lambda: _check_same_plan(c, meta, idx, weights))
+    check_enough_batches(len(idx), featurizer.batch_size, c.world_size)  # same outcome on every rank
     part = c.shard(len(idx), featurizer.batch_size)
     rows, w = idx[part], None if weights is None else weights[part]
     c.activity(f"featurize: rows {part.start}..{part.stop} of {len(idx)}")
@@ -84,6 +87,22 @@ def featurize(
         c.together(lambda: c.is_main and join_store(path, c.world_size, shard.checkpoint))
     c.activity("featurize: done")
     return shard
+
+
+def check_enough_batches(n_rows: int, batch_size: int, world_size: int, batch_flag: str = "batch_size") -> None:
+    """Raise ValueError when ``world_size`` ranks cannot each get a whole batch of ``batch_size``
+    out of ``n_rows`` rows (shards are batch-aligned, so the ranks beyond the number of batches
+    would hold no rows, and no scorer can be fitted on an empty shard). ``batch_flag``: the name
+    of the batch-size setting in the message (e.g. a script's ``--train_batch_size``)."""
+    batches = -(-n_rows // batch_size) if batch_size >= 1 else 0
+    if world_size > 1 and 0 < batches < world_size:
+        empty = f"rank {world_size - 1}" if batches == world_size - 1 else f"ranks {batches}..{world_size - 1}"
+        fit = f" or a {batch_flag} of at most {n_rows // world_size}" if n_rows >= world_size else ""
+        plural = lambda k, word: f"{k} {word}" + ("" if k == 1 else ("es" if word.endswith(("ch", "ss")) else "s"))
+        raise ValueError(
+            f"more ranks than batches: {world_size} ranks, but {n_rows} rows make only {plural(batches, 'batch')} "
+            f"of {batch_flag} {batch_size}, so {empty} would hold no rows; use at most {plural(batches, 'process')}{fit}"
+        )
 
 
 def _raise(error: BaseException | None) -> None:
