@@ -39,14 +39,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ TRAK side (runs in the TRAK venv)
+def mlp_from_state_dict(state: dict) -> torch.nn.Sequential:
+    """The bench MLP (Linear -> ReLU -> ... -> Linear, modules "0", "2", ...) rebuilt from its weights,
+    so the payload carries tensors only (the TRAK venv has no sketchattr to build it from)."""
+    names = sorted({k.split(".")[0] for k in state}, key=int)
+    layers: list = []
+    for i, name in enumerate(names):
+        out_dim, in_dim = state[f"{name}.weight"].shape
+        layers += [torch.nn.Linear(in_dim, out_dim)] + ([torch.nn.ReLU()] if i < len(names) - 1 else [])
+    model = torch.nn.Sequential(*layers)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def worker(payload: str, out: str) -> None:
     """Featurize every member with TRAK, score the queries, write scores per requested group."""
     import logging
 
     from trak import TRAKer
 
-    data = torch.load(payload, weights_only=False)
-    models, groups, bs = data["models"], data["groups"], data["batch_size"]
+    data = torch.load(payload, weights_only=True)  # tensors, numbers and names only: no pickled code
+    models, groups, bs = [mlp_from_state_dict(sd) for sd in data["state_dicts"]], data["groups"], data["batch_size"]
     x, y, xq, yq = data["x_train"], data["y_train"], data["x_query"], data["y_query"]
     torch.set_num_threads(data["threads"])
     times = {}
@@ -79,7 +92,7 @@ def run_trak(bench_name: str, models: list, split, groups: dict[str, list[int]],
     """TRAK scores [n_query, n_train] per "p{proj_dim}_{group}" and its seconds per model, from the side venv."""
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / "payload.pt"
-        torch.save({"models": models, "groups": groups, "batch_size": batch_size, "proj_dims": proj_dims, "threads": threads,
+        torch.save({"state_dicts": [m.state_dict() for m in models], "groups": groups, "batch_size": batch_size, "proj_dims": proj_dims, "threads": threads,
                     "x_train": split.x_train.float(), "y_train": split.y_train, "x_query": split.x_query.float(),
                     "y_query": split.y_query}, payload)
         t = time.perf_counter()
@@ -133,7 +146,8 @@ def main() -> None:
             times = {p: cached[name]["times"][str(p)] for p in dims}
         else:
             models = E.member_models(bench, split, list(range(n_seeds)), args.cache_dir)
-            scores, times = run_trak(name, models, split, groups, dims, args.trak_python, args.batch_size, args.threads)
+            scores, raw = run_trak(name, models, split, groups, dims, args.trak_python, args.batch_size, args.threads)
+            times = {p: raw[str(p)] for p in dims}  # the worker's JSON keys are strings
             lds_at = {p: {k: [float(lds(scores[f"p{p}_k{k}_g{g}"], gt).mean) for g in range(n_seeds // k)] for k in counts}
                       for p in dims}
         per_k = lds_at[bench.m]
