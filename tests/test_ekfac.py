@@ -433,3 +433,28 @@ def test_batch_seeds_are_distinct_and_batch_zero_keeps_the_pass_seed():
     assert batch_seed(3, 0, 0) == pass_seed(3, 0) == 3 and batch_seed(3, 1, 0) == pass_seed(3, 1)
     seeds = {batch_seed(3, p, b) for p in (0, 1) for b in range(50)}
     assert len(seeds) == 100  # all distinct: no batch of the covariance pass reuses a correction-pass seed
+
+
+def test_distributed_fit_names_the_rank_without_rows_on_every_rank():
+    """A rank whose shard is empty must not fail alone (its peers would wait in the gather): every
+    rank gathers the shard sizes and raises the same error naming the empty rank."""
+    import sketchattr as sa
+    from conftest import tiny_data, tiny_mlp
+    from sketchattr.store import MemoryStore
+
+    model = tiny_mlp()
+    feat = sa.Featurizer(model, sa.ClassificationTask(), projector="sjlt", m=16, batch_size=6, progress=False)
+    full = feat.featurize(tiny_data())
+    factors = sa.fit_factors(model, sa.ClassificationTask(), tiny_data(), kind="ekfac", progress=False)
+
+    class TwoRanks:  # what torch.distributed's all_gather_object returns for [rank 0 full, rank 1 empty]
+        rank, world_size, is_main = 0, 2, True
+
+        def gather_objects(self, mine):
+            return [(full.metadata.to_json(), len(full)), (None, 0)]
+
+    for store in (full, MemoryStore()):  # rank 0's view, then rank 1's (an empty, unprepared store)
+        with pytest.raises(ValueError, match="rank 1 holds no train rows"):
+            sa.EKFACScorer(factors, feat, damping=0.1).fit(store, collective=TwoRanks())
+        with pytest.raises(ValueError, match="rank 1 holds no train rows"):
+            sa.SketchedInfluence().fit(store, collective=TwoRanks())

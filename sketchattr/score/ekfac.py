@@ -151,10 +151,10 @@ class CurvatureScorer(Scorer):
         """Bind the store of train rows; it must come from this featurizer (else StoreMismatchError).
         collective: the store is this rank's shard (:func:`sketchattr.distributed.featurize`);
         every rank then prepares all queries, scores its shard, and ``score``/``top_k`` gather."""
-        if store.metadata is None or len(store) == 0:
+        if collective is None and (store.metadata is None or len(store) == 0):
             raise ValueError("the store holds no rows: featurize a training set first")
+        self._bind(store, collective)  # distributed: every rank learns which rank holds no rows, and stops
         store.metadata.check_matches(self.featurizer.metadata("train"))
-        self._bind(store, collective)
         self.profiler = Profiler(enabled=True)
         return self
 
