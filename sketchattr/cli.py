@@ -36,16 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2], help="query positions to print")
     demo.add_argument("--k", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0, help="projector seed")
+    demo.set_defaults(run=_run_demo, command_name="demo")
     for name, (module, help_text, aliases) in NEW_COMMANDS.items():
         mod = importlib.import_module(module)
         p = sub.add_parser(name, aliases=aliases, help=help_text, description=mod.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(run=mod.run, command_name=name)
-    from sketchattr.tracin_cli import add_parser as add_tracin_parser
+    from sketchattr.tracin_cli import add_parser as add_tracin_parser, run as run_tracin
 
-    add_tracin_parser(sub)
+    add_tracin_parser(sub).set_defaults(run=run_tracin, command_name="tracin")
     return parser
+
+
+def _run_demo(args: Any) -> None:
+    from sketchattr.demo import run_demo
+
+    run_demo(m=args.m, projector=args.projector, queries=tuple(args.queries), k=args.k, seed=args.seed)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -61,11 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "run", None) is None:
-        return _run_legacy(args)
     errors = _user_errors()
     try:
-        if args.config:
+        if getattr(args, "config", None):
             from sketchattr.commands.config import apply_config
 
             args = apply_config(parser, args.command, argv, args.config)
@@ -82,15 +87,3 @@ def _message(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     name = type(exc).__name__
     return text if name in ("CommandError", "DataError") else f"{text} ({name})"
-
-
-def _run_legacy(args: Any) -> int:
-    if args.command == "demo":
-        from sketchattr.demo import run_demo
-
-        run_demo(m=args.m, projector=args.projector, queries=tuple(args.queries), k=args.k, seed=args.seed)
-    elif args.command == "tracin":
-        from sketchattr.tracin_cli import run as run_tracin
-
-        run_tracin(args)
-    return 0

@@ -45,7 +45,6 @@ many train rows, the seconds per stage); ``--show N`` adds the top-k of the firs
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from pathlib import Path
@@ -53,6 +52,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from sketchattr.commands.model_loading import load_function, read_state_dict
 
 HELP_EPILOG = __doc__[__doc__.index("Inputs") :]
 
@@ -96,18 +97,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def load_model_def(spec: str) -> Any:
-    if ":" not in spec:
-        raise ValueError(f"--model_def must be 'module:function', got {spec!r}")
-    mod, fn = spec.split(":", 1)
-    obj = importlib.import_module(mod)
-    for part in fn.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"{spec} is not callable")
-    return obj
-
-
 def load_data(path: str) -> dict[str, torch.Tensor]:
     """{"x": tensor [N, ...], "y": tensor [N], ...} from a .pt dict or a .npz file."""
     p = Path(path)
@@ -138,15 +127,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    make = load_model_def(args.model_def)
+    make = load_function(args.model_def, flag="--model_def")
     kwargs = json.loads(args.model_kwargs)
     models = []
     for ck in args.checkpoints:
-        if not Path(ck).exists():
-            raise FileNotFoundError(f"checkpoint not found: {ck}")
         model = make(**kwargs)
-        state = torch.load(ck, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(read_state_dict(ck, model, flag="--checkpoints"))
         models.append(model.to(device))
     lrs = args.learning_rates if args.learning_rates is not None else [1.0] * len(models)
     if len(lrs) == 1:
@@ -216,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sel = tracin.featurizers[0].selection()
     report = {
         "settings": {
-            **{key: (list(v) if isinstance(v, tuple) else v) for key, v in vars(args).items() if key != "handler"},
+            **{key: (list(v) if isinstance(v, tuple) else v) for key, v in vars(args).items() if not callable(v)},
             "learning_rates": lrs,
             "projector": tracin.featurizers[0].projector.spec(),
             "modules": sel.spec(),

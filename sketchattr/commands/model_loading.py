@@ -33,16 +33,17 @@ def is_hf_folder(model: str) -> bool:
     return Path(model).is_dir()
 
 
-def load_function(spec: str) -> Callable[..., Any]:
-    """The callable named by ``module:function`` or ``path/file.py:function``."""
+def load_function(spec: str, flag: str = "--model") -> Callable[..., Any]:
+    """The callable named by ``module:function`` or ``path/file.py:function`` (``flag`` names the
+    option in error messages)."""
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
-        raise CommandError(f"--model {spec!r} is neither 'module:function' nor an existing Hugging Face model folder")
+        raise CommandError(f"{flag} {spec!r} is neither 'module:function' nor an existing Hugging Face model folder")
     try:
         if mod_name.endswith(".py"):
             path = Path(mod_name)
             if not path.is_file():
-                raise CommandError(f"--model {spec}: file {path} not found")
+                raise CommandError(f"{flag} {spec}: file {path} not found")
             name = f"_sketchattr_user_{abs(hash(str(path.resolve())))}"
             module_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
@@ -59,14 +60,14 @@ def load_function(spec: str) -> Callable[..., Any]:
     except CommandError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's module failed to import: name it and why
-        raise CommandError(f"--model {spec}: cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from exc
+        raise CommandError(f"{flag} {spec}: cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise CommandError(f"--model {spec}: module {mod_name!r} has no attribute {attr!r}")
+            raise CommandError(f"{flag} {spec}: module {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise CommandError(f"--model {spec}: {attr!r} is not callable")
+        raise CommandError(f"{flag} {spec}: {attr!r} is not callable")
     return obj
 
 
@@ -88,29 +89,29 @@ def load_model(model: str, model_args: dict[str, Any], checkpoint: str | None, t
     return net.eval()
 
 
-def read_state_dict(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str, model: nn.Module, flag: str = "--checkpoint") -> dict[str, torch.Tensor]:
     """A state dict from ``path`` (weights_only), checked against the model's keys and shapes."""
     p = Path(path)
     if not p.is_file():
-        raise CommandError(f"--checkpoint not found: {p}")
+        raise CommandError(f"{flag} not found: {p}")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling refused or damaged file
-        raise CommandError(f"cannot read --checkpoint {p} with torch.load(weights_only=True): {str(exc).splitlines()[0]}") from exc
+        raise CommandError(f"cannot read {flag} {p} with torch.load(weights_only=True): {str(exc).splitlines()[0]}") from exc
     if isinstance(state, dict):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CommandError(f"--checkpoint {p} is not a state dict (torch.save(model.state_dict(), path))")
+        raise CommandError(f"{flag} {p} is not a state dict (torch.save(model.state_dict(), path))")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         parts = ([f"missing keys {missing[:8]}"] if missing else []) + ([f"unexpected keys {unexpected[:8]}"] if unexpected else [])
         parts += [f"shape mismatch {s}" for s in shapes[:8]]
-        raise CommandError(f"--checkpoint {p} does not fit the model of --model: " + "; ".join(parts))
+        raise CommandError(f"{flag} {p} does not fit the model: " + "; ".join(parts))
     return state
 
 

@@ -281,7 +281,9 @@ class CurvatureScorer(Scorer):
         kind, per_module = kwargs.get("kind", "query"), kwargs.get("per_module", False)
         name = type(self).__name__
         if isinstance(queries, PreparedQueries):
-            diff = [] if queries.metadata is None else sketch_differences(self.featurizer.metadata("query"), queries.metadata)
+            # against the bound store's metadata (checked against the featurizer at fit): no re-hash of the model per call
+            mine = self.store.metadata if hasattr(self, "store") else self.featurizer.metadata("query")
+            diff = [] if queries.metadata is None else sketch_differences(mine, queries.metadata)
             if diff:
                 raise StoreMismatchError(f"{name}: these prepared queries come from another featurizer:\n  " + "\n  ".join(diff))
             return queries

@@ -38,7 +38,7 @@ from sketchattr.score.base import Scorer, as_store
 from sketchattr.score.damping import auto_damping, effective_dimension, sketch_noise_damping
 from sketchattr.score.linalg import accumulate_gram, eigh_ascending, symmetrize_upper
 from sketchattr.score.nystrom import completed_spectrum, nystrom_eigh
-from sketchattr.score.queries import QueryRows, checked_rows
+from sketchattr.score.queries import QueryRows, checked_rows, is_dataset_like
 from sketchattr.store.base import require_dense_rows
 from sketchattr.store import GradientStore, StoreMetadata
 
@@ -267,12 +267,12 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
     def prepare_queries(self, queries: Any) -> QueryRows:
         """Queries in any accepted form as checked :class:`QueryRows` [n_query, m] (a dataset is
         sketched once with ``featurizer``), reusable by every scoring call."""
+        if is_dataset_like(queries) and self.featurizer is not None:
+            queries = self.featurizer.query_rows(queries)  # sketched once, with their provenance
         if isinstance(queries, QueryRows):
             self._check_queries(queries)
             return queries
-        rows = self._check_queries(queries)
-        meta = self.featurizer.metadata("query") if self.featurizer is not None and not isinstance(queries, torch.Tensor) else None
-        return QueryRows(rows.to(self.dtype), meta)
+        return QueryRows(self._check_queries(queries), None)  # rows of a store without provenance
 
     def precondition(self, queries: Any, damping: "float | str | None" = None) -> torch.Tensor:
         """(F̂ + λI)⁻¹ q̂ for the queries (any accepted form, rows [n_query, m]) -> [n_query, m]."""
