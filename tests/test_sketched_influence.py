@@ -112,8 +112,12 @@ def test_auto_damping_rule(mlp, data):
     def d_of(lam):
         return torch.trace(torch.linalg.solve(F + lam * eye, F)).item()
 
-    noise = torch.trace(F).item() / n
-    if lam == pytest.approx(noise, rel=1e-12):
+    ev = torch.linalg.eigvalsh(F).flip(0)                       # descending
+    spikes = 0                                                   # eigenvalues above half of the trace left
+    while ev[spikes] > 0.5 * ev[spikes:].sum():
+        spikes += 1
+    noise = ev[spikes:].sum().item() / n
+    if lam == pytest.approx(noise, rel=1e-9):
         assert d_of(lam) <= m / AUTO_SKETCH_RATIO + 1e-6  # the noise level already keeps the sketch faithful
     else:
         assert lam > noise and d_of(lam) == pytest.approx(m / AUTO_SKETCH_RATIO, rel=1e-6)
@@ -134,6 +138,17 @@ def test_auto_damping_terms():
     assert effective_dimension(sigma, lam) == pytest.approx(10.0, rel=1e-6)
     with pytest.raises(ValueError, match="n"):
         auto_damping(sigma, 30, 0)
+
+
+def test_auto_damping_leaves_spikes_out_of_the_noise_level():
+    """A direction holding more than half of the trace (then of what remains) is signal: the noise
+    level is the rest of the trace over n; a spectrum without such a spike keeps tr/n."""
+    n = 5000
+    bulk = torch.logspace(-1, -6, 2000, dtype=torch.float64)
+    spiked = torch.cat([torch.tensor([50.0 * float(bulk.sum()), 2.0 * float(bulk.sum())], dtype=torch.float64), bulk])
+    assert auto_damping(spiked, 4096, n) == pytest.approx(float(bulk.sum()) / n, rel=1e-12)
+    flat = torch.cat([torch.tensor([0.4 * float(bulk.sum())], dtype=torch.float64), bulk])   # 29% of the trace: no spike
+    assert auto_damping(flat, 4096, n) == pytest.approx(float(flat.sum()) / n, rel=1e-12)
 
 
 def test_bad_inputs(mlp, data):
@@ -322,6 +337,31 @@ def _sketched_store(G, S, kind="gaussian"):
     store.prepare(meta)
     store.write(np.arange(len(G)), G @ S)
     return store, meta
+
+
+def test_out_of_span_energy_matches_the_projection_onto_the_train_span():
+    """‖q_⊥‖² = ‖q‖² − ‖P_span(G) q‖² from torch.linalg: exactly on an identity store; from a Gaussian
+    sketch (m=600, n=30 rows in d=3000) within the sketch's own fluctuation (√(2/m) ≈ 6% per query)."""
+    from sketchattr.store import MemoryStore, StoreMetadata
+
+    g = torch.Generator().manual_seed(1)
+    n, d, m = 30, 3000, 600
+    G = torch.randn(n, d, generator=g, dtype=torch.float64)
+    queries = torch.randn(8, n, generator=g, dtype=torch.float64) @ G * 0.05 + torch.randn(8, d, generator=g, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(G.T)                                   # orthonormal basis of span(G) [d, n]
+    truth = (queries ** 2).sum(1) - ((queries @ Q) ** 2).sum(1)
+    exact = MemoryStore()
+    exact.prepare(StoreMetadata(projector={"type": "identity"}, modules={"a": d}, model_fingerprint="t", task="t", dim=d))
+    exact.write(np.arange(n), G)
+    assert torch.allclose(SketchedInfluence().fit(exact).out_of_span_energy(QueryRows.unchecked(queries)), truth, rtol=1e-8)
+    S = torch.randn(d, m, generator=g, dtype=torch.float64) / m**0.5
+    store, meta = _sketched_store(G, S)
+    est = SketchedInfluence().fit(store).out_of_span_energy(QueryRows(queries @ S, meta))
+    ratio = est / truth
+    assert abs(float(ratio.mean()) - 1) < 0.05 and float((ratio - 1).abs().max()) < 0.25, ratio
+    with pytest.raises(ValueError, match="Gram path"):
+        SketchedInfluence().fit(_sketched_store(torch.randn(700, 50, dtype=torch.float64), torch.eye(50, dtype=torch.float64))[0]).out_of_span_energy(
+            QueryRows.unchecked(torch.randn(2, 50, dtype=torch.float64)))
 
 
 def test_calibrate_damping_raises_lambda_only_when_queries_leave_the_span():

@@ -211,24 +211,44 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
         and keeps it as ``damping_`` for every later scoring call (no ground truth: the queries' own
         sketched rows). See :func:`~sketchattr.score.damping.sketch_noise_damping`.
 
-        Needs the Gram path (m > n: the queries' energy outside the span of the train rows, ‖q_⊥‖²,
-        is observable as (‖q̂‖² − ‖P_span q̂‖²) / (1 − n/m)) and rows of a random sketch; elsewhere
-        (exact rows, m ≤ n, Nyström, blocks) λ is left as fitted. On the transformer bench it brings
-        SJLT/Gaussian stores from 0.015–0.039 to ≤ 0.010 LDS of the grid's best; on classifiers it
-        leaves λ unchanged (their queries lie in the span)."""
+        Needs the Gram path (m > n, where :meth:`out_of_span_energy` is observable) and rows of a
+        random sketch; elsewhere (exact rows, m ≤ n, Nyström, blocks) λ is left as fitted. On the
+        transformer bench it brings SJLT/Gaussian stores from 0.015–0.039 to ≤ 0.005 LDS of the grid's
+        best; on classifiers it leaves λ unchanged (their queries lie in the span)."""
         q = self._check_queries(queries)
         if self.path != "gram" or not _random_sketch(self.store.metadata) or isinstance(self.damping_, tuple):
             return self.damping_
-        keep = self._sigma > 1e-10 * self.sigma_max
-        sig, U = self._sigma[keep], self._vecs[:, keep]
-        scale = torch.sqrt(self.weight_sum * sig)
-        rows = U * scale                                          # [n, r] train rows in F̂'s eigenbasis
-        coords = (q @ self._H.T) @ U / scale                       # [n_query, r]
-        r = int(keep.sum())
-        outside = ((q ** 2).sum(dim=1) - (coords ** 2).sum(dim=1)).clamp(min=0) / (1.0 - r / self.dim)
+        sig, rows, coords = self._span_coordinates(q)
+        outside = self._outside(q, coords)
         with self._record("calibrate damping"):
             self.damping_ = sketch_noise_damping(sig, rows, coords, outside, self.dim, float(self.damping_))
         return self.damping_
+
+    def out_of_span_energy(self, queries: Any) -> torch.Tensor:
+        """‖q_⊥‖² per query: the energy of each query gradient outside the span of the train
+        gradients, estimated from the sketch as (‖q̂‖² − ‖P_span q̂‖²) / (1 − r/m) (a random sketch of
+        size m keeps a fraction r/m of q_⊥'s energy inside the r-dimensional span of the sketched
+        rows); exact for an identity store. [n_query]. Gram path only (m > n). Divide by
+        ``(q.rows ** 2).sum(1)`` for the fraction: ~1% for the bench classifiers, ~60% for the
+        transformer bench's sequence gradients."""
+        q = self._check_queries(queries)
+        if self.path != "gram":
+            raise ValueError(f"out_of_span_energy needs the Gram path (m > n); this scorer uses {self.path!r}")
+        return self._outside(q, self._span_coordinates(q)[2])
+
+    def _span_coordinates(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(F̂'s nonzero eigenvalues [r], the train rows [n, r] and the queries [n_query, r] in F̂'s
+        eigenbasis) on the Gram path."""
+        keep = self._sigma > 1e-10 * self.sigma_max
+        sig, U = self._sigma[keep], self._vecs[:, keep]
+        scale = torch.sqrt(self.weight_sum * sig)
+        return sig, U * scale, (q @ self._H.T) @ U / scale
+
+    def _outside(self, q: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        energy = ((q ** 2).sum(dim=1) - (coords ** 2).sum(dim=1)).clamp(min=0)
+        if not _random_sketch(self.store.metadata):
+            return energy
+        return energy / (1.0 - coords.shape[1] / self.dim)
 
     @property
     def sigma(self) -> torch.Tensor:
