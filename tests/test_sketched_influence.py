@@ -99,7 +99,7 @@ def test_top_k_carries_dataset_indices(mlp, data):
 
 
 def test_auto_damping_rule(mlp, data):
-    """λ = max(tr F̂ / n, λ with d_λ = m/3), checked on the explicit F̂ = GᵀG/n (float64)."""
+    """λ = max(tr F̂ / n (spikes left out), λ with d_λ = m/3), checked on the explicit F̂ = GᵀG/n (float64)."""
     from sketchattr.score.damping import AUTO_SKETCH_RATIO
 
     g, _ = _grads(mlp, data)
