@@ -219,7 +219,7 @@ def main() -> None:
         if not args.no_ekfac and bench.sketches[0][0] == "identity":
             ek_rows.append(ekfac_row(bench, seed))
 
-    print(f"\nSketchedInfluence: LDS at the grid's best λ (oracle) vs damping='auto' (λ = max(tr F̂/n without spikes, d_λ = m/{AUTO_SKETCH_RATIO:g}))")
+    print(f"\nSketchedInfluence: LDS at the grid's best λ (oracle) vs damping='auto' (λ = max(tr F̂/n without spikes, d_λ = m/{AUTO_SKETCH_RATIO:g}, d_λ = reproducible dim.))")
     head = (f"{'bench':<11} {'seed':>4} {'sketch':<14} {'best':>6} {'λ/σmax':>7} {'d_λ':>5} {'auto':>6} {'gap':>6} {'d_λ':>5} "
             f"{'calib.':>6} {'gap':>6} {'prev.':>6} {'d=60':>6}")
     print(head + "\n" + "-" * len(head))

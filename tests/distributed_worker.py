@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-N, NQ, D_IN, HIDDEN, CLASSES, BATCH, M, K = 60, 6, 8, 16, 4, 8, 32, 5
+N, NQ, D_IN, HIDDEN, CLASSES, BATCH, M, K = 72, 6, 8, 16, 4, 8, 32, 5
 EIGEN_M = 40
 NYSTROM_RANK = 12
 

@@ -111,6 +111,7 @@ def test_fhat_scores_topk_match_single_process(run, single):
         assert torch.allclose(res["blocks_scores"], single["blocks"].score(single["gram_q"]), rtol=1e-8, atol=1e-10)
     assert results[0]["gram_path"].item()
     gram = single["gram"]
+    assert gram.reproducible_dimension_ is not None  # damping="auto" measured split-half reproducibility
     for res in results:
         assert torch.allclose(res["gram_sigma"], gram.sigma, rtol=1e-10, atol=1e-12)
         assert torch.allclose(res["gram_scores"], gram.score(single["gram_q"]), rtol=1e-8, atol=1e-10)

@@ -4,7 +4,7 @@ import torch
 
 from dense_reference import ce_loss, dense_influence, margin_fn, per_example_grads
 from sketchattr import ClassificationTask, Featurizer, QueryRows, SketchedInfluence
-from sketchattr.score.damping import auto_damping, effective_dimension
+from sketchattr.score.damping import auto_damping, effective_dimension, reproducible_dimension
 
 
 def _grads(mlp, data):
@@ -121,7 +121,7 @@ def test_auto_damping_rule(mlp, data):
         assert d_of(lam) <= m / AUTO_SKETCH_RATIO + 1e-6  # the noise level already keeps the sketch faithful
     else:
         assert lam > noise and d_of(lam) == pytest.approx(m / AUTO_SKETCH_RATIO, rel=1e-6)
-    assert lam == pytest.approx(auto_damping(scorer.sigma, m, n), rel=1e-12)
+    assert lam == pytest.approx(auto_damping(scorer.sigma, m, n, scorer.reproducible_dimension_), rel=1e-12)
     assert effective_dimension(scorer.sigma, lam) == pytest.approx(scorer.effective_dimension())
 
 
@@ -337,6 +337,51 @@ def _sketched_store(G, S, kind="gaussian"):
     store.prepare(meta)
     store.write(np.arange(len(G)), G @ S)
     return store, meta
+
+
+def test_reproducible_dimension_matches_the_explicit_split_half_formula():
+    """Σ_k min(1, v_kᵀF̂_B v_k / σ_k) over the eigenpairs (σ_k, v_k) of F̂_A = Σ_A w g gᵀ / Σ_A w, formed
+    explicitly in d-space with torch.linalg (float64, weighted rows, one split); then what it counts:
+    rows of a rank-5 structure reproduce ~5 directions, nearly orthogonal rows (n=200 in d=5000)
+    almost none (each of a half's n/2 directions counts ~(n/2)/d)."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 80, 40
+    G = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, d, dtype=torch.float64))
+    w = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(7))
+    a, b = perm[: n // 2], perm[n // 2:]
+    fa = (G[a] * w[a, None]).T @ G[a] / w[a].sum()
+    fb = (G[b] * w[b, None]).T @ G[b] / w[b].sum()
+    sig, V = torch.linalg.eigh(fa)
+    keep = sig > 1e-10 * sig.max()
+    rho = torch.einsum("dk,de,ek->k", V[:, keep], fb, V[:, keep])
+    expected = float((rho / sig[keep]).clamp(0, 1).sum())
+    H = G * w.sqrt()[:, None]
+    assert reproducible_dimension(H @ H.T, w, splits=1, seed=7) == pytest.approx(expected, rel=1e-9)
+
+    # isotropic noise directions of a half count n_A/d each (ρ = s², σ ≈ s²·d/n_A): 95 × 100/10⁴ ≈ 1
+    basis = torch.randn(5, 10_000, generator=g, dtype=torch.float64)
+    shared = torch.randn(200, 5, generator=g, dtype=torch.float64) @ basis + 1e-2 * torch.randn(200, 10_000, generator=g, dtype=torch.float64)
+    assert 4.5 < reproducible_dimension(shared @ shared.T, torch.ones(200, dtype=torch.float64)) < 7.0
+    orthogonal = torch.randn(200, 5000, generator=g, dtype=torch.float64)
+    assert reproducible_dimension(orthogonal @ orthogonal.T, torch.ones(200, dtype=torch.float64)) < 10
+
+
+def test_auto_damping_reproducibility_floor_binds_only_below_the_noise_level():
+    """With a reproducible dimension r, λ rises to d_λ = r when r is below the d_λ of the other two
+    terms, and is unchanged otherwise; the Gram-path scorer measures r from its own rows."""
+    sigma = torch.logspace(0, -6, 400, dtype=torch.float64)
+    n = 400
+    plain = auto_damping(sigma, 10**6, n)
+    assert auto_damping(sigma, 10**6, n, reproducible=10.0) > plain
+    assert effective_dimension(sigma, auto_damping(sigma, 10**6, n, reproducible=10.0)) == pytest.approx(10.0, rel=1e-6)
+    assert auto_damping(sigma, 10**6, n, reproducible=390.0) == plain
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(120, 3000, generator=g, dtype=torch.float64)   # nearly orthogonal: few directions reproduce
+    scorer = SketchedInfluence().fit(rows)
+    assert scorer.path == "gram" and scorer.reproducible_dimension_ is not None
+    assert scorer.damping_ == pytest.approx(auto_damping(scorer.sigma, 3000, 120, scorer.reproducible_dimension_), rel=1e-12)
+    assert scorer.effective_dimension() == pytest.approx(max(scorer.reproducible_dimension_, 1.0), rel=1e-6)
 
 
 def test_out_of_span_energy_matches_the_projection_onto_the_train_span():
