@@ -37,7 +37,7 @@ from sketchattr.score.damping import AUTO_SKETCH_RATIO, effective_dimension, lam
 from sketchattr.validate.lds import lds
 
 GRID = 10.0 ** np.linspace(-5, 1, 25)  # λ / σ_max
-EKFAC_GRID = 10.0 ** np.linspace(-4, 1, 11)  # c in λ_k = c·mean(Λ_k)
+EKFAC_GRID = 10.0 ** np.linspace(-6, 1, 29)  # c in λ_k = c·mean(Λ_k); one score_grid call
 
 
 @dataclass
@@ -148,11 +148,9 @@ def ekfac_row(bench: Bench, seed: int) -> dict:
     store = feat.featurize(bench.train)
     factors = sa.fit_factors(bench.model, bench.task, bench.train, kind="ekfac", progress=False, **bench.fit_kw)
     means = {b.name: float(factors.curvature(b.name, "ekfac")[2].mean()) for b in feat.engine.blocks}
-    curve = []
-    for c in EKFAC_GRID:
-        scorer = sa.EKFACScorer(factors, feat, damping={k: c * v for k, v in means.items()}).fit(store)
-        curve.append(lds_of(bench, scorer.score(bench.queries)))
-    default = lds_of(bench, sa.EKFACScorer(factors, feat).fit(store).score(bench.queries))
+    scorer = sa.EKFACScorer(factors, feat).fit(store)
+    grid = scorer.score_grid(bench.queries, [None] + [{k: c * v for k, v in means.items()} for c in EKFAC_GRID])
+    default, curve = lds_of(bench, grid[0]), [lds_of(bench, s) for s in grid[1:]]
     best = int(np.argmax(curve))
     row = dict(bench=bench.name, model_seed=seed, best=max(curve), best_c=EKFAC_GRID[best], default=default)
     tqdm.write(f"  {bench.name:<11} seed {seed} EKFAC  best {row['best']:.3f} (c={row['best_c']:.1e})  "
@@ -239,7 +237,7 @@ def main() -> None:
             print(f"{r['bench']:<11} seed {r['model_seed']}  best {r['best']:.3f} at c={r['best_c']:.0e}   "
                   f"default {r['default']:.3f}   gap {r['best'] - r['default']:+.3f}")
     print(f"\n{time.perf_counter() - t0:.0f} s")
-    out = C.write_outputs(args.output_dir, "damping_rule", {"max_gap_auto": max(gaps), "grid": GRID.tolist()},
+    out = C.write_outputs(args.output_dir, "damping_rule", {"max_gap_auto": max(gaps), "grid": GRID.tolist(), "ekfac": ek_rows},
                           [{k: v for k, v in r.items() if k not in ("curve", "d_curve", "sigma")} for r in si_rows])
     (out / "damping_rule_curves.json").write_text(json.dumps(
         [dict(r, sigma=[float(x) for x in r["sigma"]]) for r in si_rows], default=float))

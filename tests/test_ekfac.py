@@ -275,6 +275,37 @@ def test_gaussian_sketch_scores_equal_explicit_projection(name, kind):
     assert (top.proponents == torch.argsort(ref, dim=1, descending=True)[:, :3].numpy()).all()
 
 
+@pytest.mark.parametrize("projector,m", [("identity", None), ("gaussian", 16)])
+@pytest.mark.parametrize("kind", ["ekfac", "diagonal"])
+def test_score_grid_equals_dense_formula_per_damping(projector, m, kind):
+    """One pass of query gradients, many dampings: each slice is −(P M_λ q)ᵀ(P g) with M_λ built explicitly."""
+    model, x, y = make("cnn")
+    feat = Featurizer(model, TASK, projector=projector, m=m, seed=3, batch_size=7, progress=False)
+    store = feat.featurize((x, y))
+    factors = _fit(model, x, y, kind)
+    specs = layer_specs(model, factors.modules)
+    P = feat.projector.matrix([s.dim for s in specs]) if m else torch.eye(sum(s.dim for s in specs), dtype=torch.float64)
+    G = per_example_grads(model, ce_loss, x, y)
+    Q = per_example_grads(model, margin_fn, x[:5], y[:5])
+    dampings = [None, 1e-3, 0.5, {sp.name: 0.02 * (k + 1) for k, sp in enumerate(specs)}]
+    scorer = SCORERS[kind](factors, feat, damping=7.0).fit(store)  # the constructor's damping is not used by the grid
+    grid = scorer.score_grid((x[:5], y[:5]), dampings)
+    assert grid.shape == (4, 5, N)
+    for slice_, damping in zip(grid, dampings):
+        ref = -(P @ dense_M(factors, kind, specs, damping) @ Q.T).T @ (P @ G.T)
+        assert torch.allclose(slice_, ref, atol=1e-10, rtol=1e-9)
+    assert not torch.allclose(grid[1], grid[2])  # the dampings matter at this size
+    if projector == "identity":  # exact query gradients as QueryRows take the same path
+        rows = feat.query_rows((x[:5], y[:5]))
+        assert torch.allclose(scorer.score_grid(rows, dampings), grid, atol=1e-12)
+    with pytest.raises(TypeError, match="prepared queries"):
+        scorer.score_grid(scorer.prepare_queries((x[:5], y[:5])), dampings)
+    with pytest.raises(ValueError, match="empty"):
+        scorer.score_grid((x[:5], y[:5]), [])
+    with pytest.raises(ValueError, match="finite float > 0|damping must be"):
+        scorer.score_grid((x[:5], y[:5]), [0.1, -1.0])
+
+
 # ---------------------------------------------------------------------------- 5. invariances
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 @pytest.mark.parametrize("fisher", ["empirical"])  # true-Fisher labels are seeded per batch (so per batch_size)

@@ -17,7 +17,8 @@ Options: ``query_rank=k`` replaces each module's u by its rank-k truncated SVD b
 sketching (:func:`query_rank_agreement` measures what that costs); ``query_dtype`` computes
 query gradients in bf16/fp16 (preconditioning stays in the factors' dtype); ``score_dtype``
 sets the dtype of the streamed products (default: the store rows' precision, at least fp32);
-``profile=True`` prints a per-stage timing table after each scoring run.
+``profile=True`` prints a per-stage timing table after each scoring run. ``score_grid(queries,
+dampings)`` scores several dampings from one pass of query gradients and one read of the store.
 
 Damping and sketching: the sketch adds noise of order ‖u‖‖g‖/√m to each score, and a weakly
 damped u is large, so sketched EKFAC wants more damping than exact EKFAC (on digits-mlp, SJLT
@@ -119,32 +120,39 @@ class CurvatureScorer(Scorer):
             dtype=query_dtype or featurizer.dtype, progress=featurizer.progress,
             engine=featurizer.engine_choice, collate_fn=featurizer.collate_fn,
         )
-        self._curvature, self.damping_ = self._resolve_curvature(damping)
+        self._bases = self._undamped_curvature()
+        self._curvature, self.damping_ = self._damped(damping)
 
     # ------------------------------------------------------------------ curvature
-    def _resolve_curvature(self, damping: "float | dict[str, float] | None") -> tuple[list[Curvature], dict[str, float]]:
-        """Per module (Q_S, Q_A, Λ + λ) on the compute device; all None for the identity."""
+    def _undamped_curvature(self) -> list[Curvature]:
+        """Per module (Q_S, Q_A, Λ) on the compute device, fetched once; all None for the identity."""
         if self.curvature_kind is None:
-            return [(None, None, None)] * len(self.blocks), {}
+            return [(None, None, None)] * len(self.blocks)
         if self.factors is None:
             raise ValueError(f"{type(self).__name__} needs fitted factors (fit_factors(..., kind=...))")
         _check_factors(self.factors, self.featurizer)
+        move = lambda t: None if t is None else t.to(device=self.device, dtype=self.dtype)
+        return [tuple(move(t) for t in self.factors.curvature(block.name, self.curvature_kind)) for block in self.blocks]
+
+    def _damped(self, damping: "float | dict[str, float] | None") -> tuple[list[Curvature], dict[str, float]]:
+        """Per module (Q_S, Q_A, Λ + λ) and {module: λ} for one damping (see the class docstring)."""
+        if self.curvature_kind is None:
+            return list(self._bases), {}
         curvature, lambdas = [], {}
-        for block in self.blocks:
-            qs, qa, lam = self.factors.curvature(block.name, self.curvature_kind)
+        for block, (qs, qa, lam) in zip(self.blocks, self._bases):
             if isinstance(damping, dict):
                 lambdas[block.name] = float(damping[block.name])
             else:
                 lambdas[block.name] = float(damping) if damping is not None else 0.1 * float(lam.mean())
             if lambdas[block.name] <= 0:
                 raise ValueError(f"module {block.name!r} has zero curvature: pass an explicit damping > 0")
-            move = lambda t: None if t is None else t.to(device=self.device, dtype=self.dtype)
-            curvature.append((move(qs), move(qa), move(lam) + lambdas[block.name]))
+            curvature.append((qs, qa, lam + lambdas[block.name]))
         return curvature, lambdas
 
-    def precondition(self, dws: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per block u = M_k G: [B, rows(+1), cols(+1)] -> same shape (in the factors' dtype)."""
-        return [_apply(c, dw.to(self.dtype)) for c, dw in zip(self._curvature, dws)]
+    def precondition(self, dws: Sequence[torch.Tensor], curvature: "list[Curvature] | None" = None) -> list[torch.Tensor]:
+        """Per block u = M_k G: [B, rows(+1), cols(+1)] -> same shape (in the factors' dtype);
+        ``curvature``: another damping's (default: this scorer's)."""
+        return [_apply(c, dw.to(self.dtype)) for c, dw in zip(curvature or self._curvature, dws)]
 
     # ------------------------------------------------------------------ fitting
     def fit(self, store: GradientStore, collective: "Collective | None" = None) -> "CurvatureScorer":
@@ -182,29 +190,42 @@ class CurvatureScorer(Scorer):
         reusable by every scoring call."""
         return self._prepared(queries, dict(kind=kind, per_module=per_module))
 
-    def _prepare_dataset(self, queries: Any, kind: str = "query", per_module: bool = False) -> PreparedQueries:
-        """Gradients of query examples (a Dataset, DataLoader or tuple of tensors), preconditioned and sketched."""
+    def _prepare_dataset(self, queries: Any, kind: str = "query", per_module: bool = False,
+                         curvatures: "Sequence[list[Curvature]] | None" = None) -> list[PreparedQueries]:
+        """Gradients of query examples (a Dataset, DataLoader or tuple of tensors), preconditioned with
+        each of ``curvatures`` (default: this scorer's) and sketched: one PreparedQueries per curvature,
+        from one pass of query gradients."""
         if per_module and self.featurizer.projector.spec()["type"] != "identity":
             raise ValueError(
                 "per_module scores need an identity-projected store: a random sketch mixes the "
                 "modules' columns into one m-dimensional row"
             )
-        out = []
+        curvatures = list(curvatures or [self._curvature])
+        out: list[list] = [[] for _ in curvatures]
         for _, dws in self.module_gradients(queries, kind):
-            with self.profiler.record("precondition"):
-                us = self.precondition(dws)
-                if self.query_rank is not None:
-                    us = [low_rank(u, self.query_rank) for u in us]
-                flat = [b.layout.to_flat(u) for b, u in zip(self.blocks, us)]
-            if per_module:
-                out.append(flat)
-                continue
-            with self.profiler.record("project"):
-                out.append(self.featurizer.projector.project_query(flat))
+            for parts, curvature in zip(out, curvatures):
+                parts.append(self._precondition_rows(dws, curvature, per_module))
+        return [self._prepared_from(parts, per_module) for parts in out]
+
+    def _precondition_rows(self, dws: Sequence[torch.Tensor], curvature: list[Curvature],
+                           per_module: bool) -> "torch.Tensor | list[torch.Tensor]":
+        """Per-block gradients [B, *shape] -> preconditioned, rank-truncated rows: sketched [B, m], or
+        per module [B, d_k] (``per_module``)."""
+        with self.profiler.record("precondition"):
+            us = self.precondition(dws, curvature)
+            if self.query_rank is not None:
+                us = [low_rank(u, self.query_rank) for u in us]
+            flat = [b.layout.to_flat(u) for b, u in zip(self.blocks, us)]
+        if per_module:
+            return flat
+        with self.profiler.record("project"):
+            return self.featurizer.projector.project_query(flat)
+
+    def _prepared_from(self, parts: list, per_module: bool) -> PreparedQueries:
         meta = self.featurizer.metadata("query")
         if per_module:
-            return PreparedQueries([torch.cat(parts) for parts in zip(*out)], per_module=True, metadata=meta)
-        return PreparedQueries(torch.cat(out), metadata=meta)
+            return PreparedQueries([torch.cat(p) for p in zip(*parts)], per_module=True, metadata=meta)
+        return PreparedQueries(torch.cat(parts), metadata=meta)
 
     # ------------------------------------------------------------------ scoring
     def iter_scores(
@@ -250,6 +271,33 @@ class CurvatureScorer(Scorer):
             return {k: self._gather_columns(torch.cat([b[k] for b in blocks], dim=1)) for k in blocks[0]}
         return self._gather_columns(torch.cat(blocks, dim=1))
 
+    def score_grid(self, queries: Any, dampings: "Sequence[float | dict[str, float] | None]", kind: str = "query") -> torch.Tensor:
+        """Scores for several dampings at once: [n_damping, n_query, n_train]. Each damping is what
+        the constructor takes (a float λ, {module: λ}, or None = 0.1·mean(Λ) per module). The query
+        gradients are computed once and the store is read once, so a sweep costs about one scoring
+        call (what ``experiments/damping_rule.py`` uses for EKFAC's c·mean(Λ) grid).
+
+        queries: the query examples or exact QueryRows (prepared queries carry one damping already)."""
+        self._check_fitted()
+        if not len(dampings):
+            raise ValueError("dampings is empty: give at least one damping")
+        if isinstance(queries, PreparedQueries):
+            raise TypeError("score_grid preconditions the queries once per damping: pass the query examples or "
+                            "exact QueryRows, not prepared queries (they are preconditioned with one damping)")
+        names = [b.name for b in self.blocks]
+        for d in dampings:
+            _check_damping(d, names)
+        curvatures = [self._damped(d)[0] for d in dampings]
+        if isinstance(queries, QueryRows):
+            prepared = self._prepare_rows(queries, False, curvatures)
+        elif is_dataset_like(queries):
+            prepared = self._prepare_dataset(queries, kind, False, curvatures)
+        else:
+            return self.score_grid(self._prepared(queries, {}), dampings)  # the same TypeError as score()
+        stacked = PreparedQueries(torch.cat([p.rows for p in prepared]), metadata=prepared[0].metadata)
+        n_query = prepared[0].rows.shape[0]
+        return self.score(stacked).reshape(len(dampings), n_query, -1)
+
     def top_k(self, queries: Any, k: int = 10, **kwargs: Any) -> TopK:
         if kwargs.get("per_module"):
             raise ValueError("top_k ranks total scores; per_module is for score()")
@@ -288,18 +336,19 @@ class CurvatureScorer(Scorer):
                 raise StoreMismatchError(f"{name}: these prepared queries come from another featurizer:\n  " + "\n  ".join(diff))
             return queries
         if isinstance(queries, QueryRows):
-            return self._prepare_rows(queries, per_module)
+            return self._prepare_rows(queries, per_module)[0]
         if is_dataset_like(queries):
-            return self._prepare_dataset(queries, kind, per_module)
+            return self._prepare_dataset(queries, kind, per_module)[0]
         raise TypeError(
             f"{name} preconditions raw query gradients, so it takes the query examples (a Dataset, a DataLoader or a "
             f"tuple of tensors), its own prepare_queries(...) output, or QueryRows of an identity featurizer; got "
             f"{type(queries).__name__}"
         )
 
-    def _prepare_rows(self, queries: QueryRows, per_module: bool) -> PreparedQueries:
+    def _prepare_rows(self, queries: QueryRows, per_module: bool,
+                      curvatures: "Sequence[list[Curvature]] | None" = None) -> list[PreparedQueries]:
         """Exact query gradients (QueryRows of an identity featurizer with these modules) preconditioned
-        and sketched: a random sketch cannot be preconditioned after the fact."""
+        and sketched (one PreparedQueries per curvature): a random sketch cannot be preconditioned after the fact."""
         name, mine = type(self).__name__, self.featurizer.metadata("query")
         if queries.metadata is not None:
             if queries.metadata.projector.get("type") != "identity":
@@ -318,13 +367,8 @@ class CurvatureScorer(Scorer):
             raise ValueError(f"{name}: exact query gradients must be [n_query, {sum(dims)}] (the modules' parameters), "
                              f"got {tuple(queries.shape)}")
         dws = [b.layout.from_flat(r) for b, r in zip(self.blocks, queries.rows.to(self.device).split(dims, dim=1))]
-        us = self.precondition(dws)
-        if self.query_rank is not None:
-            us = [low_rank(u, self.query_rank) for u in us]
-        flat = [b.layout.to_flat(u) for b, u in zip(self.blocks, us)]
-        if per_module:
-            return PreparedQueries(flat, per_module=True, metadata=mine)
-        return PreparedQueries(self.featurizer.projector.project_query(flat), metadata=mine)
+        return [self._prepared_from([self._precondition_rows(dws, c, per_module)], per_module)
+                for c in (curvatures or [self._curvature])]
 
 
 class EKFACScorer(CurvatureScorer, name="ekfac"):
