@@ -84,7 +84,7 @@ def ours(model: nn.Module, modules: list[str], train: list, query: list, use_mas
     task = OurTask(modules, use_mask)
     factors = sa.fit_factors(model, task, train, kind="ekfac", fisher="empirical", batch_size=len(train), progress=False)
     feat = sa.Featurizer(model, task, projector="identity", batch_size=16, progress=False)
-    return sa.EKFACScorer(factors, feat).fit(feat.featurize(train)).score(query)
+    return sa.EKFACScorer(factors, feat, damping=None).fit(feat.featurize(train)).score(query)  # 0.1·mean(Λ), as Kronfluence
 
 
 def kronfluence(model: nn.Module, modules: list[str], train: list, query: list, use_mask: bool, out: str) -> torch.Tensor:

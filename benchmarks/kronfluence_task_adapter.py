@@ -76,7 +76,7 @@ def our_scores(model, task: sa.Task, split, strategy: str) -> torch.Tensor:
     else:
         factors = sa.fit_factors(model, task, split.train_dataset(), kind="ekfac", fisher="empirical", batch_size=100,
                                  progress=False)
-        scorer = sa.EKFACScorer(factors, feat)  # damping None = 0.1·mean(Λ) per module, Kronfluence's heuristic
+        scorer = sa.EKFACScorer(factors, feat, damping=None)  # 0.1·mean(Λ) per module, Kronfluence's heuristic
     return scorer.fit(store).score(split.query_dataset()).double()
 
 

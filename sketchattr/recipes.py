@@ -57,16 +57,21 @@ def train_classifier(
     seed: int = 0,
     num_threads: int | None = 1,
     on_epoch_end: "Callable[[int, nn.Module], None] | None" = None,
+    optimizer: "Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer] | None" = None,
 ) -> nn.Module:
     """Train ``model`` in place on x [N, D], y [N] with the reference recipe; returns it in eval mode.
 
     ``num_threads``: torch intra-op threads during training (None = leave the global setting).
     ``on_epoch_end(epoch, model)``: called after each epoch (1-based), e.g. to save checkpoints.
+    ``optimizer``: parameters -> optimizer, replacing the recipe's SGD(lr, momentum, weight_decay).
     """
     n = len(x)
     if n == 0 or len(y) != n:
         raise ValueError(f"expected non-empty x [N, ...] and y [N]; found {tuple(x.shape)} and {tuple(y.shape)}")
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer is None:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        opt = optimizer(model.parameters())
     model.train()
     with torch_threads(num_threads):
         for epoch, batches in enumerate(epoch_batches(n, batch_size, epochs, seed), start=1):

@@ -32,6 +32,11 @@ def setup(n=40):
     return model, x, y, factors
 
 
+def auto_lambda(lam):
+    """The default damping ("auto"), written out: max(Λ) / 3e4 per block."""
+    return float(lam.max()) / 3e4
+
+
 def explicit(factors, model):
     """Per block: K (Q_S ⊗ Q_A, identity where a basis is None, diagonal for flat blocks), D = Λ + λ, the
     row-major position of every featurizer-layout coordinate."""
@@ -45,7 +50,7 @@ def explicit(factors, model):
         perm = torch.arange(r * c)
         if isinstance(lay, KronLayout) and lay.bias == "col":
             perm = torch.tensor([o * c + i for o in range(r) for i in range(c - 1)] + [o * c + c - 1 for o in range(r)])
-        out.append((torch.kron(qs.contiguous(), qa.contiguous()), lam.reshape(-1), lam.reshape(-1) + 0.1 * float(lam.mean()), perm))
+        out.append((torch.kron(qs.contiguous(), qa.contiguous()), lam.reshape(-1), lam.reshape(-1) + auto_lambda(lam), perm))
     return out
 
 
@@ -70,7 +75,7 @@ def test_rows_and_scores_equal_truncated_ekfac_formula(m):
         qv = torch.zeros(Q.shape[0], d, dtype=torch.float64)
         gv[:, perm], qv[:, perm] = G[:, offset : offset + d], Q[:, offset : offset + d]
         parts.append(((qv @ K) / D, gv @ K))
-        ratios.append(lam / (0.1 * lam.mean()))
+        ratios.append(lam / auto_lambda(lam))
         offset += d
     keep = torch.topk(torch.cat(ratios), m).indices
     qk, gk = torch.cat([p[0] for p in parts], 1)[:, keep], torch.cat([p[1] for p in parts], 1)[:, keep]
@@ -97,6 +102,11 @@ def test_disk_store_and_checks(tmp_path):
         sa.EigenbasisProjector(10, sa.fit_factors(model, TASK, (x, y), kind="diagonal", progress=False))
     with pytest.raises(ValueError, match="more than the 99 coordinates"):
         sa.EigenbasisProjector(100, factors)
+    for bad in (-1.0, float("nan"), "max"):  # damping as the scorers take it: "auto", None or a float > 0
+        with pytest.raises(ValueError, match="must be 'auto', None or a finite float > 0"):
+            sa.SparseEigenbasisProjector(20, factors, damping=bad)
+    kept = {d: sa.EigenbasisProjector(30, factors, damping=d).spec() for d in ("auto", None, 0.5)}
+    assert len({str(v) for v in kept.values()}) == 3  # the damping is part of the store's projector spec
 
 
 @pytest.mark.parametrize("k", [99, 12])

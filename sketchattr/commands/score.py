@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_query", type=int, default=None, help="score only the first N query rows")
     p.add_argument("--k", type=int, default=10, help="proponents and opponents per query (default 10)")
     p.add_argument("--scorer", choices=("sketched_influence", "ekfac"), default="sketched_influence")
-    p.add_argument("--damping", default="auto", help="'auto' or a number λ > 0 (ekfac: auto = 0.1·mean eigenvalue per module)")
+    p.add_argument("--damping", default="auto", help="'auto' or a number λ > 0 (ekfac: auto = max eigenvalue / 3e4 per module)")
     p.add_argument("--output_dir", default=None, help="where results go (default: <store stem>_scores beside the store)")
     p.add_argument("--report", choices=REPORTS, default="html", help="report of each query next to its top examples")
     p.add_argument("--report_queries", type=int, default=20, help="queries shown in the report (default 20)")
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_damping(text: str, scorer: str) -> Any:
     if str(text) == "auto":
-        return "auto" if scorer == "sketched_influence" else None
+        return "auto"
     try:
         value = float(text)
     except ValueError:

@@ -9,7 +9,7 @@ eigenbasis as ``R = Q_Sᵀ G Q_A`` and the influence of a training example on a 
 set ``E[R_g[j,k]²] = Λ[j,k]`` (that is how EKFAC fits Λ), so a coordinate's term has spread about
 ``Λ/(Λ + λ)`` in whitened units: coordinates with Λ well below λ add little. This projector keeps
 the ``m`` coordinates with the largest ``Λ/λ_b`` over all blocks (λ_b the block's damping, by
-default 0.1·mean(Λ_b) as in the scorers) and stores ``R_g`` there, so
+default the scorers' ``"auto"``, max(Λ_b)/3·10⁴) and stores ``R_g`` there, so
 
     EKFACScorer(factors, featurizer with this projector)
 
@@ -48,12 +48,12 @@ class EigenbasisProjector(Projector, name="eigenbasis"):
         m: columns kept over all blocks (at most the attributed parameters).
         factors: :class:`~sketchattr.curvature.Factors` (``"ekfac"``, or ``"kfac"``: Λ = λ_S λ_Aᵀ)
             of the same model and modules as the featurizer.
-        damping: λ per block used to rank coordinates: None = 0.1·mean(Λ) per block (the scorers'
-            default), or a float.
+        damping: λ per block used to rank coordinates, as the scorers take it: "auto" (default,
+            max(Λ)/3·10⁴ per block), None (0.1·mean(Λ) per block) or a float.
         seed: accepted for a uniform constructor; the map is deterministic.
     """
 
-    def __init__(self, m: int, factors: "Factors", damping: float | None = None, seed: int = 0,
+    def __init__(self, m: int, factors: "Factors", damping: "float | str | None" = "auto", seed: int = 0,
                  block_size: int = 8192) -> None:
         super().__init__(m, seed=seed, block_size=block_size)
         if factors is None or factors.kind not in ("ekfac", "kfac"):
@@ -63,12 +63,12 @@ class EigenbasisProjector(Projector, name="eigenbasis"):
         layouts = factors.layouts
         self.layouts = [layouts[n] for n in self.names]
         ratios, self._bases, self._offsets = [], [], []
+        from sketchattr.score.damping import module_damping  # here: sketchattr.score imports the projectors
+
         for name in self.names:
             qs, qa, lam = factors.curvature(name, factors.kind)
             lam = lam.to(torch.float64)
-            block_lambda = float(damping) if damping is not None else 0.1 * float(lam.mean())
-            if block_lambda <= 0:
-                raise ValueError(f"module {name!r} has zero curvature: pass an explicit damping > 0")
+            block_lambda = module_damping(lam, damping, f"module {name}")
             ratios.append((lam / block_lambda).reshape(-1))
             self._bases.append((qs, qa))
         total = sum(len(r) for r in ratios)
@@ -205,7 +205,7 @@ class SparseEigenbasisProjector(EigenbasisProjector, name="eigen_topk"):
 
     sparse_rows = True
 
-    def __init__(self, m: int, factors: "Factors", damping: float | None = None, seed: int = 0,
+    def __init__(self, m: int, factors: "Factors", damping: "float | str | None" = "auto", seed: int = 0,
                  block_size: int = 8192) -> None:
         m = _check_int("m", m, minimum=2)
         if m % 2:
@@ -215,11 +215,13 @@ class SparseEigenbasisProjector(EigenbasisProjector, name="eigen_topk"):
         self.k, self.m = m // 2, m
         if self.k > total:
             raise ValueError(f"k = m/2 = {self.k} is more than the {total} coordinates of the selected blocks")
+        from sketchattr.score.damping import module_damping  # here: sketchattr.score imports the projectors
+
         scales = []
         for name in self.names:
             _, _, lam = factors.curvature(name, factors.kind)
             lam = lam.to(torch.float64).reshape(-1)
-            scales.append(lam + (float(damping) if damping is not None else 0.1 * float(lam.mean())))
+            scales.append(lam + module_damping(lam, damping, f"module {name}"))
         self._d = torch.cat(scales)  # Λ + λ per coordinate, in block-then-row-major order
         self._starts = [0] + torch.tensor([len(x) for x in scales]).cumsum(0).tolist()
 
