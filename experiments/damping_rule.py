@@ -175,10 +175,15 @@ def sketched_influence_rows(bench: Bench, seed: int, sketches: list) -> list[dic
 CURVATURE_SCORERS = {"ekfac": sa.EKFACScorer, "kfac": sa.KFACScorer, "diagonal": sa.DiagonalScorer}
 
 
-def ekfac_row(bench: Bench, seed: int, kind: str = "ekfac") -> dict:
-    """The EKFAC-family table's row: LDS over c·mean(Λ_k), "auto" and 0.1·mean(Λ_k) (kind: ekfac, kfac, diagonal)."""
+def ekfac_rows(bench: Bench, seed: int, kinds: tuple[str, ...] = ("ekfac",)) -> list[dict]:
+    """The EKFAC-family table's rows, one exact store for all kinds (ekfac, kfac, diagonal)."""
     feat = bench.featurizer()
     store = feat.featurize(bench.train)
+    return [ekfac_row(bench, seed, kind, feat, store) for kind in kinds]
+
+
+def ekfac_row(bench: Bench, seed: int, kind: str, feat: sa.Featurizer, store: Any) -> dict:
+    """LDS over c·mean(Λ_k), "auto" and 0.1·mean(Λ_k) for one kind, on the exact store of ``feat``."""
     factors = sa.fit_factors(bench.model, bench.task, bench.train, kind="diagonal" if kind == "diagonal" else "ekfac",
                              progress=False, **bench.fit_kw)
     means = {b.name: float(factors.curvature(b.name, kind)[2].mean()) for b in feat.engine.blocks}
@@ -251,10 +256,8 @@ def main() -> None:
         bench = make_bench(name, seed, args)
         sketches = bench.sketches[:3:2] if args.quick else bench.sketches
         si_rows += sketched_influence_rows(bench, seed, sketches)
-        if not args.no_ekfac:
-            ek_rows.append(ekfac_row(bench, seed))
-            if seed == seeds[0] and not args.quick:  # KFAC and the diagonal share the rule: one seed as a check
-                ek_rows += [ekfac_row(bench, seed, kind) for kind in ("kfac", "diagonal")]
+        if not args.no_ekfac:  # KFAC and the diagonal share the rule: checked on the first seed
+            ek_rows += ekfac_rows(bench, seed, ("ekfac", "kfac", "diagonal") if seed == seeds[0] and not args.quick else ("ekfac",))
 
     print(f"\nSketchedInfluence: LDS at the grid's best λ (oracle) vs damping='auto' (λ = max(tr F̂/n without spikes, d_λ = m/{AUTO_SKETCH_RATIO:g}, d_λ = reproducible dim.))")
     head = (f"{'bench':<11} {'seed':>4} {'sketch':<14} {'best':>6} {'λ/σmax':>7} {'d_λ':>5} {'auto':>6} {'gap':>6} {'d_λ':>5} "
