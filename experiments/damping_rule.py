@@ -18,7 +18,7 @@ parameters, 3,000 real images) and the Adam-trained MLP are held out.
 
     python experiments/damping_rule.py                       # all benches, model seeds 0–3 (~13 min)
     python experiments/damping_rule.py --quick               # digits-mlp, seed 0, two sketches (CI)
-    python experiments/damping_rule.py --plot docs/damping_rule.png
+    python experiments/damping_rule.py --plot docs/damping_rule.png  # and docs/damping_rule_ekfac.png
 
 Ground truth is cached in --cache_dir (digits ~1 min, CNN ~1 min, transformer ~80 s, Adam MLP ~2 min on first use).
 """
@@ -194,7 +194,10 @@ def ekfac_row(bench: Bench, seed: int, kind: str, feat: sa.Featurizer, store: An
         lds_values += [lds_of(bench, s) for s in scorer.score_grid(bench.queries, dampings[i:i + 8])]
     auto, heuristic, curve = lds_values[0], lds_values[1], lds_values[2:]
     best = int(np.argmax(curve))
-    row = dict(bench=bench.name, model_seed=seed, kind=kind, best=max(curve), best_c=EKFAC_GRID[best], auto=auto, heuristic=heuristic)
+    # "auto" as one number on the c axis: the geometric mean over modules of λ_auto,k / mean(Λ_k)
+    auto_c = float(np.exp(np.mean([np.log(scorer.damping_[k] / means[k]) for k in means])))
+    row = dict(bench=bench.name, model_seed=seed, kind=kind, best=max(curve), best_c=EKFAC_GRID[best], auto=auto,
+               heuristic=heuristic, auto_c=auto_c, curve=curve)
     tqdm.write(f"  {bench.name:<11} seed {seed} {kind.upper()}  best {row['best']:.3f} (c={row['best_c']:.1e})  "
                f"auto {auto:.3f} (gap {row['best'] - auto:+.3f})  0.1·mean {heuristic:.3f} (gap {row['best'] - heuristic:+.3f})")
     return row
@@ -231,6 +234,35 @@ def plot(rows: list[dict], path: str) -> None:
     print(f"wrote {path}")
 
 
+def plot_ekfac(rows: list[dict], path: str) -> None:
+    """EKFAC: LDS − best over c (λ_k = c·mean Λ_k), one line per model seed; auto (star, at its
+    mean-equivalent c) and 0.1·mean (dot) marked."""
+    plt = C.pyplot()
+    rows = [r for r in rows if r["kind"] == "ekfac"]
+    if plt is None or not rows:
+        return
+    benches = list(dict.fromkeys(r["bench"] for r in rows))
+    fig, axes = plt.subplots(1, len(benches), figsize=(3.6 * len(benches), 3.2), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], benches):
+        for i, r in enumerate(x for x in rows if x["bench"] == name):
+            c = f"C{i}"
+            ax.plot(EKFAC_GRID, np.array(r["curve"]) - r["best"], lw=0.9, color=c, label=f"seed {r['model_seed']}")
+            ax.plot([0.1], [r["heuristic"] - r["best"]], marker="o", ms=4, color=c)
+            ax.plot([r["auto_c"]], [r["auto"] - r["best"]], marker="*", ms=9, color=c)
+        ax.axhline(-0.01, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.08, 0.012)
+        ax.set_title(name)
+        ax.set_xlabel("c in λ_k = c·mean(Λ_k)")
+        ax.legend(fontsize=6, loc="lower center")
+    axes[0][0].set_ylabel("LDS − best of the c grid")
+    fig.suptitle("EKFAC: LDS over c, one line per model seed; stars = damping='auto' (max Λ_k / 3e4, placed at its "
+                 "mean-equivalent c), dots = 0.1·mean(Λ_k); dotted = 0.01 below the best", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--benches", default="digits-mlp,digits-cnn,markov-lm,mnist-mlp,digits-mlp-adam",
@@ -242,7 +274,7 @@ def main() -> None:
     ap.add_argument("--no_ekfac", action="store_true", help="skip the EKFAC damping table")
     ap.add_argument("--cache_dir", default="grad_cache")
     ap.add_argument("--output_dir", default="results")
-    ap.add_argument("--plot", default=None, help="save LDS-vs-d_λ curves to this PNG")
+    ap.add_argument("--plot", default=None, help="save the LDS-over-λ curves to this PNG (EKFAC's to the same name + _ekfac)")
     ap.add_argument("--quick", action="store_true", help="digits-mlp, seed 0, exact + SJLT 1024, 20-subset ground truth")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message=".*vmap.*")
@@ -291,6 +323,7 @@ def main() -> None:
     print(f"wrote {out}/damping_rule.json, .csv")
     if args.plot:
         plot(si_rows, args.plot)
+        plot_ekfac(ek_rows, args.plot.replace(".png", "_ekfac.png"))
 
 
 if __name__ == "__main__":
