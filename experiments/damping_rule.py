@@ -203,6 +203,16 @@ def ekfac_row(bench: Bench, seed: int, kind: str, feat: sa.Featurizer, store: An
     return row
 
 
+def _gap_axis(ax: Any, title: str, xlabel: str, top: float) -> None:
+    """A log-x panel of LDS − best, with the 0.01 tolerance dotted."""
+    ax.axhline(-0.01, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.08, top)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=6, loc="lower center")
+
+
 def plot(rows: list[dict], path: str) -> None:
     plt = C.pyplot()
     if plt is None:
@@ -220,13 +230,8 @@ def plot(rows: list[dict], path: str) -> None:
             ax.plot([r["auto_lam"]], [r["auto"] - r["best"]], marker="o", ms=4, color=c)
             if r["calibrated_lam"] != r["auto_lam"]:
                 ax.plot([r["calibrated_lam"]], [r["calibrated"] - r["best"]], marker="*", ms=8, color=c)
-        ax.axhline(-0.01, color="grey", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_ylim(-0.08, 0.005)
-        ax.set_title(name)
-        ax.set_xlabel("λ / σ_max")
+        _gap_axis(ax, name, "λ / σ_max", top=0.005)
         ax.set_ylabel("LDS − best LDS of the grid")
-        ax.legend(fontsize=6, loc="lower center")
     fig.suptitle("SketchedInfluence: LDS over λ, one line per model seed; dots = damping='auto', stars = then "
                  "calibrate_damping(queries) (no ground truth); dotted = 0.01 below the best", fontsize=9)
     fig.tight_layout()
@@ -249,12 +254,7 @@ def plot_ekfac(rows: list[dict], path: str) -> None:
             ax.plot(EKFAC_GRID, np.array(r["curve"]) - r["best"], lw=0.9, color=c, label=f"seed {r['model_seed']}")
             ax.plot([0.1], [r["heuristic"] - r["best"]], marker="o", ms=4, color=c)
             ax.plot([r["auto_c"]], [r["auto"] - r["best"]], marker="*", ms=9, color=c)
-        ax.axhline(-0.01, color="grey", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_ylim(-0.08, 0.012)
-        ax.set_title(name)
-        ax.set_xlabel("c in λ_k = c·mean(Λ_k)")
-        ax.legend(fontsize=6, loc="lower center")
+        _gap_axis(ax, name, "c in λ_k = c·mean(Λ_k)", top=0.012)
     axes[0][0].set_ylabel("LDS − best of the c grid")
     fig.suptitle("EKFAC: LDS over c, one line per model seed; stars = damping='auto' (max Λ_k / 3e4, placed at its "
                  "mean-equivalent c), dots = 0.1·mean(Λ_k); dotted = 0.01 below the best", fontsize=9)
