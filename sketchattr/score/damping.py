@@ -194,7 +194,7 @@ def module_damping(eigenvalues: torch.Tensor, damping: "float | str | None", nam
       digits MLP trained with Adam within 0.010 (``experiments/damping_rule.py``). Within a module Λ
       spans five or more decades; below λ a coordinate scores as a plain gradient product instead of
       being amplified, and how far down the inverse should reach tracks the top of the spectrum, not
-      its bulk. The constant is empirical (2.5–4·10⁴ keeps all five models within 0.011);
+      its bulk. The constant is empirical (2.5–4·10⁴ keeps the three source models within 0.011);
     * ``None``: 0.1·mean(Λ), Kronfluence's documented heuristic (0.007–0.020 short on the transformer
       bench, the CNN and the MNIST MLP);
     * a float > 0: itself.
