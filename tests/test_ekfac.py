@@ -304,6 +304,8 @@ def test_score_grid_equals_dense_formula_per_damping(projector, m, kind):
         scorer.score_grid(scorer.prepare_queries((x[:5], y[:5])), dampings)
     with pytest.raises(ValueError, match="empty"):
         scorer.score_grid((x[:5], y[:5]), [])
+    with pytest.raises(TypeError, match="takes the query examples"):  # the same message as score()
+        scorer.score_grid(42, dampings)
     with pytest.raises(ValueError, match="finite float > 0|damping must be"):
         scorer.score_grid((x[:5], y[:5]), [0.1, -1.0])
 

@@ -273,7 +273,7 @@ class CurvatureScorer(Scorer):
 
     def score_grid(self, queries: Any, dampings: "Sequence[float | dict[str, float] | None]", kind: str = "query") -> torch.Tensor:
         """Scores for several dampings at once: [n_damping, n_query, n_train]. Each damping is what
-        the constructor takes (a float λ, {module: λ}, or None = 0.1·mean(Λ) per module). The query
+        the constructor takes ("auto", None, a float λ or {module: λ}). The query
         gradients are computed once and the store is read once, so a sweep costs about one scoring
         call (what ``experiments/damping_rule.py`` uses for EKFAC's c·mean(Λ) grid).
 
@@ -287,13 +287,7 @@ class CurvatureScorer(Scorer):
         names = [b.name for b in self.blocks]
         for d in dampings:
             _check_damping(d, names)
-        curvatures = [self._damped(d)[0] for d in dampings]
-        if isinstance(queries, QueryRows):
-            prepared = self._prepare_rows(queries, False, curvatures)
-        elif is_dataset_like(queries):
-            prepared = self._prepare_dataset(queries, kind, False, curvatures)
-        else:
-            return self.score_grid(self._prepared(queries, {}), dampings)  # the same TypeError as score()
+        prepared = self._prepare_raw(queries, kind, False, [self._damped(d)[0] for d in dampings])
         stacked = PreparedQueries(torch.cat([p.rows for p in prepared]), metadata=prepared[0].metadata)
         n_query = prepared[0].rows.shape[0]
         return self.score(stacked).reshape(len(dampings), n_query, -1)
@@ -335,10 +329,17 @@ class CurvatureScorer(Scorer):
             if diff:
                 raise StoreMismatchError(f"{name}: these prepared queries come from another featurizer:\n  " + "\n  ".join(diff))
             return queries
+        return self._prepare_raw(queries, kind, per_module)[0]
+
+    def _prepare_raw(self, queries: Any, kind: str, per_module: bool,
+                     curvatures: "Sequence[list[Curvature]] | None" = None) -> list[PreparedQueries]:
+        """Query examples or exact QueryRows, preconditioned with each of ``curvatures`` (default: this
+        scorer's) and sketched: one PreparedQueries per curvature."""
         if isinstance(queries, QueryRows):
-            return self._prepare_rows(queries, per_module)[0]
+            return self._prepare_rows(queries, per_module, curvatures)
         if is_dataset_like(queries):
-            return self._prepare_dataset(queries, kind, per_module)[0]
+            return self._prepare_dataset(queries, kind, per_module, curvatures)
+        name = type(self).__name__
         raise TypeError(
             f"{name} preconditions raw query gradients, so it takes the query examples (a Dataset, a DataLoader or a "
             f"tuple of tensors), its own prepare_queries(...) output, or QueryRows of an identity featurizer; got "
