@@ -69,8 +69,12 @@ def _padded(length):
     return padded_tokens(10, length, seed=4)
 
 
-def test_padding_to_32_or_64_changes_nothing():
-    model = tiny_hf("llama")
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_padding_to_32_or_64_changes_nothing(name):
+    """Rows, EKFAC factors and EKFAC scores at two padding lengths are equal. GPT-2 (Conv1D: bias
+    as a row) and BERT (Linear: bias as a column) have biases, whose constant coordinate must be
+    masked like the rest of the activation (it once counted padded positions: scores moved 57%)."""
+    model = tiny_hf(name)
     for projector in ("identity", SJLTProjector(16, seed=1)):
         _, r32 = _rows(model, _padded(32), projector)
         _, r64 = _rows(model, _padded(64), projector)
@@ -108,6 +112,29 @@ def test_padding_statistics_explicit_and_unmasked_control():
          for L in (32, 64)}
     q = "model.layers.0.self_attn.q_proj"
     assert not torch.allclose(a[32].tensors[q]["A"], a[64].tensors[q]["A"], rtol=0.1)
+
+
+@pytest.mark.parametrize("name, module, side", [("bert", "bert.encoder.layer.0.attention.self.query", "A"),
+                                                ("gpt2", "transformer.h.0.attn.c_attn", "S")])
+def test_bias_coordinate_counts_real_tokens_only(name, module, side):
+    """The bias coordinate of a Linear (A's last column) or a Conv1D (S's last row: its input is
+    the row side) is a constant 1 per real position: its second moment is the real-token count
+    / N, and its cross moments are sums of the real inputs only (explicit, from hooked inputs)."""
+    model = tiny_hf(name)
+    data = _padded(32)
+    factors = fit_factors(model, TASK, data, kind="kfac", fisher="empirical", modules=[module], batch_size=4, progress=False)
+    stat = factors.tensors[module][side]
+    inputs = []
+    handle = dict(model.named_modules())[module].register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
+    with torch.no_grad():
+        for ex in data:
+            k = int(ex["attention_mask"].sum())
+            model(input_ids=ex["input_ids"][None, :k], attention_mask=ex["attention_mask"][None, :k])
+    handle.remove()
+    x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])  # real positions only
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    assert float(stat[-1, -1]) == pytest.approx(len(x) / len(data), rel=1e-12)
+    assert torch.allclose(stat, x1.T @ x1 / len(data), atol=1e-10, rtol=1e-8)
 
 
 def test_ekfac_on_every_rule_equals_dense_formula():

@@ -211,12 +211,16 @@ class BatchCapture:
                 for p, s in zip(parts, block.shapes)]
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
-    def _pairs(self, k: int) -> list[tuple[Factor, Factor, bool]]:
-        """Block ``k``'s ``(row, col, this use has the bias)`` per call of each use, padding
-        masked, without bias coordinates."""
+    def _pairs(self, k: int, bias_coordinate: bool = False) -> list[tuple[Factor, Factor, bool]]:
+        """Block ``k``'s ``(row, col, this use has the bias)`` per call of each use, padding masked.
+
+        ``bias_coordinate``: append the block's bias coordinate (1 on a use with the bias, 0 on a
+        use without) *before* masking, so a padded position adds nothing to it either; without
+        it the factors have no bias coordinate."""
         block = self.blocks[k]
         if not isinstance(block.layout, KronLayout):
             raise UnsupportedModuleError(f"block {block.describe()} has no Kronecker factors")
+        side = block.layout.bias if bias_coordinate else None
         out = []
         for use in block.uses:
             has_bias = "bias" in dict(use.touched)
@@ -224,6 +228,10 @@ class BatchCapture:
                 if call.g is None:
                     continue
                 row, col = use.rule.factors(call.saved, call.g)  # type: ignore[union-attr]
+                if side == "col":
+                    col = col.extend(1.0 if has_bias else 0.0)
+                elif side == "row":
+                    row = row.extend(1.0 if has_bias else 0.0)
                 if call.mask is not None:
                     row, col = row.masked(call.mask), col.masked(call.mask)
                 out.append((row, col, has_bias))
@@ -231,15 +239,9 @@ class BatchCapture:
 
     def factors(self, k: int) -> list[tuple[Factor, Factor]]:
         """Block ``k``'s ``(row, col)`` factors per call of each use (bias coordinates appended,
-        padding masked): ``G_i = Σ_calls Σ_t row_t col_tᵀ`` in the block's :class:`KronLayout`."""
-        bias = self.blocks[k].layout.bias  # type: ignore[union-attr]
-        out = []
-        for row, col, has_bias in self._pairs(k):
-            if bias == "col":
-                col = col.extend(1.0 if has_bias else 0.0)
-            elif bias == "row":
-                row = row.extend(1.0 if has_bias else 0.0)
-            out.append((row, col))
+        padding masked in every coordinate): ``G_i = Σ_calls Σ_t row_t col_tᵀ`` in the block's
+        :class:`KronLayout`."""
+        out = [(row, col) for row, col, _ in self._pairs(k, bias_coordinate=True)]
         if not out:  # no use ran with a gradient: an all-zero pair of the right widths
             like = self._like()
             r, c = self.blocks[k].layout.shape
