@@ -11,6 +11,7 @@ parameters all belong to an earlier one (``lm_head``) selects that owner.
 """
 from __future__ import annotations
 
+import abc
 import fnmatch
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -133,8 +134,35 @@ KINDS: dict[str, tuple[str, ...]] = {
 """Kind keywords of ``select_modules`` -> the layer rules they stand for (plus ``"lora"``)."""
 
 
+class Selector(abc.ABC):
+    """A selection that needs the model to resolve (the last blocks, modules of given types):
+    ``resolve(model, available) -> names`` among ``available`` (supported modules by name)."""
+
+    @abc.abstractmethod
+    def resolve(self, model: nn.Module, available: dict[str, nn.Module]) -> list[str]:
+        """The selected names, in registration order unless the selector says otherwise."""
+
+
 @dataclass(frozen=True)
-class LastBlocks:
+class ModuleTypes(Selector):
+    """Every leaf module that is an instance of one of ``types`` and owns trainable parameters
+    (``ModuleTypes((nn.Linear, nn.Conv2d))`` is what Kronfluence tracks by default)."""
+
+    types: tuple[type, ...]
+
+    def __repr__(self) -> str:
+        return f"ModuleTypes({', '.join(t.__name__ for t in self.types)})"
+
+    def resolve(self, model: nn.Module, available: dict[str, nn.Module]) -> list[str]:
+        chosen = [n for n, m in available.items() if isinstance(m, self.types) and not any(True for _ in m.children())]
+        if not chosen:
+            kinds = ", ".join(t.__name__ for t in self.types)
+            raise ValueError(f"the model has no leaf module of type {kinds} with trainable parameters; available: {_short(available)}")
+        return chosen
+
+
+@dataclass(frozen=True)
+class LastBlocks(Selector):
     """The last ``n`` blocks of the model's block list (the ``nn.ModuleList`` holding the most
     parameters: ``model.layers``, ``transformer.h``, ``encoder.layer`` …), optionally only the
     modules inside them whose names match one of ``patterns`` (globs, e.g. ``"*.mlp.*"``)."""
@@ -235,6 +263,7 @@ def select_modules(
       base weights are never selected);
     * a glob pattern over module names, e.g. ``"*.mlp.*"``;
     * :func:`last_blocks` ``(n, *patterns)`` — the modules of the last n transformer blocks;
+      :class:`ModuleTypes` ``(types)`` — the leaf modules of these types (any :class:`Selector`);
     * a module name (names of a DistributedDataParallel-wrapped model, ``module.`` prefix
       included, work too; a module whose parameters are tied to another's selects that owner);
     * a sequence of any of these: their union, in the order given (registration order within a
@@ -254,17 +283,17 @@ def select_modules(
         ordered = forward_order(model, example_input, list(available)) if example_input is not None else list(available)
         names = ordered[-which:]
     else:
-        if isinstance(which, bool) or not isinstance(which, (str, LastBlocks, list, tuple)):
+        if isinstance(which, bool) or not isinstance(which, (str, Selector, list, tuple)):
             raise TypeError(
                 f"modules must be None/'all', an int N (last N), a kind, a glob pattern, a module name, "
                 f"last_blocks(...), or a list/tuple of those; got {type(which).__name__} {which!r}"
             )
-        items = [which] if isinstance(which, (str, LastBlocks)) else list(which)
+        items = [which] if isinstance(which, (str, Selector)) else list(which)
         if not items:
             raise ValueError("modules is an empty list: name at least one module, kind or pattern, or pass None for all")
         names, explicit = [], []
         for item in items:
-            if isinstance(item, LastBlocks):
+            if isinstance(item, Selector):
                 found = item.resolve(model, available)
             elif isinstance(item, str):
                 found = _matches(item, model, available)

@@ -4,8 +4,10 @@ A Task tells sketchattr how to turn a model and a batch into
   * the training loss (summed over the batch) — the gradient of this is a train row, and
   * the measurement f(z_q) (summed over the batch) — the gradient of this is a query row.
 
-``model`` may be an ``nn.Module`` or any callable with the same signature (the featurizer
-passes a functional wrapper), so a Task must only *call* it, never inspect its parameters.
+``model`` is the ``nn.Module`` itself on every hook-engine path (featurizer, curvature fits,
+train-time sketching), so a Task may read it (``model.parameters()``, dtype checks,
+``checkpoint_sequential(model, ...)``); only the ``torch.func.vmap`` fallback, for modules without
+a layer rule, passes a functional wrapper that can only be *called*.
 
 Batches may be tensors, ``(inputs, targets)`` tuples, or dicts in the Hugging Face style
 (``input_ids``, ``attention_mask``, ``labels``, …): :meth:`Task.forward` calls the model with
@@ -96,8 +98,10 @@ class Task(abc.ABC):
 
     def mask(self, batch: Batch) -> torch.Tensor | None:
         """Which positions of a sequence batch count: ``[B, T]``, 1 for a real token and 0 for
-        padding, or None when every position counts. Default: a dict batch's 2-D
-        ``attention_mask`` (Hugging Face), else None.
+        padding, or None when every position counts. Default: a dict batch's ``attention_mask``
+        (Hugging Face), else None. ``[B, C, T]`` says each example is C sequences that the model
+        runs as C rows of its batch (multiple choice: ``[B, C, T]`` ids reshaped to ``[B·C, T]``);
+        a layer's rows ``b·C … b·C + C − 1`` are then example b's.
 
         The hook engine zeroes masked positions in every layer whose output is ``[B, T, …]``, so
         padding never reaches a gradient row or a curvature statistic (the activation covariance
@@ -106,7 +110,7 @@ class Task(abc.ABC):
         (``sample_categorical(logits[mask == 1])``) so the draws do not depend on the padding."""
         if isinstance(batch, dict):
             mask = batch.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
                 return mask
         return None
 

@@ -30,3 +30,43 @@ def dense_influence(q, g, lam):
     n, d = g.shape
     f = g.T @ g / n
     return -(torch.linalg.solve(f + lam * torch.eye(d, dtype=g.dtype), q.T)).T @ g.T
+
+
+def layout_permutation(layout):
+    """Flat (featurizer) position -> row-major index of the layout's matrix, written out: a bias
+    column puts the weight first then the bias, a matrix with the bias as its last column
+    interleaves them."""
+    if getattr(layout, "bias", None) == "col":
+        r, c = layout.rows, layout.cols
+        idx = [o * (c + 1) + i for o in range(r) for i in range(c)] + [o * (c + 1) + c for o in range(r)]
+        return torch.tensor(idx)
+    return torch.arange(layout.dim)  # no bias, or a bias row: the flat block is already row-major
+
+
+def dense_curvature_inverse(factors, blocks, G, damping_ratio=3e4):
+    """Block-diagonal M [d, d] (featurizer order) of the fitted EKFAC/KFAC factors with
+    damping "auto" (λ = max Λ / ``damping_ratio`` per module), built from explicit Kronecker
+    products of the eigenbases. Checks on the way that EKFAC's Λ is mean (Q_Sᵀ G_i Q_A)² of the
+    explicit per-example gradients ``G`` [n, d], and a flat block's Λ mean g²."""
+    offset, mats = 0, []
+    for b in blocks:
+        t, dim = factors.tensors[b.name], b.dim
+        g = G[:, offset : offset + dim]
+        if "LS" in t:
+            perm = layout_permutation(b.layout)
+            qs = t.get("QS", torch.eye(b.layout.shape[0], dtype=torch.float64))
+            qa = t.get("QA", torch.eye(b.layout.shape[1], dtype=torch.float64))
+            if factors.kind == "ekfac":
+                gi = torch.zeros_like(g)
+                gi[:, perm] = g
+                rot = qs.T @ gi.reshape(-1, *b.layout.shape) @ qa
+                assert torch.allclose(t["Lambda"], (rot**2).mean(0), atol=1e-10), b.name
+            lam = t["Lambda"] if factors.kind == "ekfac" else torch.outer(t["LS"], t["LA"])
+            K = torch.kron(qs.contiguous(), qa.contiguous())
+            M = K @ torch.diag(1.0 / (lam.reshape(-1) + float(lam.max()) / damping_ratio)) @ K.T
+            mats.append(M[perm][:, perm])
+        else:  # a flat block: diagonal Λ = mean g²
+            assert torch.allclose(t["Lambda"].reshape(-1), (g**2).mean(0), atol=1e-12), b.name
+            mats.append(torch.diag(1.0 / (t["Lambda"].reshape(-1) + float(t["Lambda"].max()) / damping_ratio)))
+        offset += dim
+    return torch.block_diag(*mats)

@@ -99,11 +99,16 @@ def test_factorized_rows_equal_kronecker_projection_of_autograd_gradients(case):
 
 
 def test_no_parameter_gradient_is_computed(mlp, data):
-    """The hook path asks autograd for output gradients only: the dW = sᵀa products are skipped."""
+    """The hook path asks autograd for output gradients only: the dW = sᵀa products are skipped.
+    (The first pass checks one example against plain autograd on the model itself, once.)"""
     x, y = data
     fired = []
     handles = [p.register_hook(lambda g, n=n: fired.append(n)) for n, p in mlp.named_parameters()]
-    Featurizer(mlp, ClassificationTask(), projector=FactorizedProjector(3, 3), progress=False).train_rows((x, y))
+    feat = Featurizer(mlp, ClassificationTask(), projector=FactorizedProjector(3, 3), batch_size=8, progress=False)
+    feat.train_rows((x, y))
+    assert sorted(fired) == sorted(n for n, _ in mlp.named_parameters())  # the one-example check only
+    fired.clear()
+    feat.train_rows((x, y))
     assert fired == []
     ce_loss(mlp(x[:2]), y[:2]).backward()  # the same hooks do fire on an ordinary backward
     assert len(fired) == len(handles)

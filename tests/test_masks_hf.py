@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from dense_reference import dense_curvature_inverse
 from padded_lm import PaddedLMTask, autograd_rows, padded_tokens, tiny_hf, unpadded
 from sketchattr import EKFACScorer, Featurizer, KFACScorer, SJLTProjector, fit_factors
 from sketchattr.featurize import VmapError
@@ -150,39 +151,9 @@ def test_ekfac_on_every_rule_equals_dense_formula():
     Q = autograd_rows(model, TASK, [unpadded(ex) for ex in data[:3]], kind="query", names=names)
     for kind, cls in (("ekfac", EKFACScorer), ("kfac", KFACScorer)):
         factors = fit_factors(model, TASK, data, kind=kind, modules=modules, fisher="empirical", batch_size=4, progress=False)
-        blocks, offset, mats = feat.engine.blocks, 0, []
-        for b in blocks:
-            t, dim = factors.tensors[b.name], b.dim
-            g = G[:, offset : offset + dim]
-            perm = _perm(b.layout)
-            if "LS" in t:
-                qs = t.get("QS", torch.eye(b.layout.shape[0], dtype=torch.float64))
-                qa = t.get("QA", torch.eye(b.layout.shape[1], dtype=torch.float64))
-                if kind == "ekfac":  # Λ = mean (Q_Sᵀ G_i Q_A)² from autograd gradients
-                    gi = torch.zeros_like(g)
-                    gi[:, perm] = g
-                    rot = qs.T @ gi.reshape(-1, *b.layout.shape) @ qa
-                    assert torch.allclose(t["Lambda"], (rot**2).mean(0), atol=1e-10)
-                lam = t["Lambda"] if kind == "ekfac" else torch.outer(t["LS"], t["LA"])
-                K = torch.kron(qs.contiguous(), qa.contiguous())
-                M = K @ torch.diag(1.0 / (lam.reshape(-1) + float(lam.max()) / 3e4)) @ K.T  # damping "auto"
-                mats.append(M[perm][:, perm])
-            else:  # a flat block: diagonal Λ = mean g²
-                assert torch.allclose(t["Lambda"].reshape(-1), (g**2).mean(0), atol=1e-12)
-                mats.append(torch.diag(1.0 / (t["Lambda"].reshape(-1) + float(t["Lambda"].max()) / 3e4)))
-            offset += dim
-        ref = -Q @ torch.block_diag(*mats) @ G.T
+        ref = -Q @ dense_curvature_inverse(factors, feat.engine.blocks, G) @ G.T
         scores = cls(factors, feat).fit(store).score(data[:3])
         assert torch.allclose(scores, ref, atol=1e-9, rtol=1e-7), kind
-
-
-def _perm(layout):
-    """Flat (featurizer) position -> row-major index of the layout's matrix, written out."""
-    if getattr(layout, "bias", None) == "col":
-        r, c = layout.rows, layout.cols
-        idx = [o * (c + 1) + i for o in range(r) for i in range(c)] + [o * (c + 1) + c for o in range(r)]
-        return torch.tensor(idx)
-    return torch.arange(layout.dim)  # no bias, or a bias row: the flat block is already row-major
 
 
 # ---------------------------------------------------------------------------- vmap fallback error

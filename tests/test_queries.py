@@ -170,11 +170,26 @@ def test_kronfluence_task_adapter_refuses_what_it_cannot_replay():
     with pytest.raises(TypeError, match="compute_measurement"):
         sa.KronfluenceTask(object())
 
-    class PostProcess(KronfluenceStyleTask):
+    class PostProcess(KronfluenceStyleTask):  # multiple choice: sums each example's C rows
         enable_post_process_per_sample_gradient = True
 
-    with pytest.raises(NotImplementedError, match="post-processes"):
-        sa.KronfluenceTask(PostProcess())
+        def post_process_per_sample_gradient(self, module_name, gradient):
+            return gradient.reshape(-1, 4, *gradient.shape[1:]).sum(dim=1)
+
+        def get_attention_mask(self, batch):
+            return batch
+
+    replayed = sa.KronfluenceTask(PostProcess())
+    assert replayed.mask(torch.ones(2, 4, 5)).shape == (2, 4, 5)  # the group sum the engine does: accepted
+    with pytest.raises(NotImplementedError, match=r"post-processes.*\[B, C, T\] mask"):
+        replayed.mask(torch.ones(2, 5))  # no groups declared: refused, not ignored
+
+    class OtherPostProcess(PostProcess):
+        def post_process_per_sample_gradient(self, module_name, gradient):
+            return gradient * 2
+
+    with pytest.raises(NotImplementedError, match="does something else"):
+        sa.KronfluenceTask(OtherPostProcess()).mask(torch.ones(2, 4, 5))
 
     class PerModuleMask(KronfluenceStyleTask):
         def get_attention_mask(self, batch):

@@ -184,7 +184,8 @@ def _kron_layout(locals_: tuple[str, ...], uses: list[Use], owner: str) -> KronL
 class _Call:
     saved: Any
     g: torch.Tensor | None
-    mask: torch.Tensor | None  # [B, T'] over the rule's positions, or None
+    mask: torch.Tensor | None  # [B·group, T'] over the rule's positions, or None
+    group: int = 1  # rows per example: the module ran on [B·group, ...] (choices flattened into the batch)
 
 
 class BatchCapture:
@@ -204,6 +205,8 @@ class BatchCapture:
                 if call.g is None:
                     continue
                 for local, grad in use.rule.grads(call.saved, call.g, frozenset(touched)).items():  # type: ignore[union-attr]
+                    if call.group > 1:  # an example's rows are consecutive: its gradient is their sum
+                        grad = grad.reshape(self.batch, call.group, -1).sum(dim=1)
                     i = touched[local]
                     parts[i] = grad if parts[i] is None else parts[i] + grad
         like = self._like()
@@ -234,6 +237,8 @@ class BatchCapture:
                     row = row.extend(1.0 if has_bias else 0.0)
                 if call.mask is not None:
                     row, col = row.masked(call.mask), col.masked(call.mask)
+                if call.group > 1:  # an example's rows are consecutive: their positions are its positions
+                    row, col = row.grouped(call.group), col.grouped(call.group)
                 out.append((row, col, has_bias))
         return out
 
@@ -283,14 +288,15 @@ class BatchCapture:
 
     def example(self, i: int) -> "BatchCapture":
         """The capture of example ``i`` alone (a batch of one, sharing the tensors)."""
-        def pick(t: Any) -> Any:
+        def pick(t: Any, group: int) -> Any:
             if isinstance(t, torch.Tensor):
-                return t[i : i + 1]
+                return t[i * group : (i + 1) * group]
             if isinstance(t, (tuple, list)):
-                return type(t)(pick(x) for x in t)
-            return {k: pick(v) for k, v in t.items()} if isinstance(t, dict) else t
+                return type(t)(pick(x, group) for x in t)
+            return {k: pick(v, group) for k, v in t.items()} if isinstance(t, dict) else t
 
-        calls = {n: [_Call(pick(c.saved), pick(c.g), pick(c.mask)) for c in cs] for n, cs in self.calls.items()}
+        calls = {n: [_Call(pick(c.saved, c.group), pick(c.g, c.group), pick(c.mask, c.group), c.group) for c in cs]
+                 for n, cs in self.calls.items()}
         return BatchCapture(self.blocks, calls, 1, self.workspace)
 
     def _like(self) -> torch.Tensor:
@@ -339,9 +345,15 @@ def _check_mask(mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | No
     if mask is None:
         return None
     mask = mask.detach()
-    if mask.dim() != 2 or mask.shape[0] != batch_size:
-        raise ValueError(f"a mask must be [B, T] with B = {batch_size}; found shape {tuple(mask.shape)}")
+    if mask.dim() < 2 or mask.shape[0] != batch_size:
+        raise ValueError(f"a mask must be [B, T] (or [B, C, T] for C sequences per example, e.g. multiple choice) "
+                         f"with B = {batch_size}; found shape {tuple(mask.shape)}")
     return mask
+
+
+def _groups(mask: torch.Tensor | None) -> int:
+    """Sequences per example a mask declares: C for ``[B, C, T]`` (product of the middle dims), else 1."""
+    return 1 if mask is None else _numel(tuple(mask.shape[1:-1]))
 
 
 def _set_grad(call: _Call, g: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
@@ -353,7 +365,8 @@ def _set_grad(call: _Call, g: torch.Tensor | None, scale: torch.Tensor | None = 
             m = call.mask.reshape(*g.shape[:-1]) if g.dim() >= 3 else call.mask
             factor = m.unsqueeze(-1).to(g.dtype)
         if scale is not None:
-            s = scale.to(device=g.device, dtype=g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+            s = scale.to(device=g.device, dtype=g.dtype).repeat_interleave(call.group)
+            s = s.reshape(-1, *([1] * (g.dim() - 1)))
             factor = s if factor is None else factor * s
         if factor is not None:
             g = g * factor
@@ -393,6 +406,8 @@ class HookEngine:
         self._kept: dict[tuple[str, int], torch.Tensor] | None = None  # recording: grads kept by tensor hooks
         self._batch = 0
         self._mask: torch.Tensor | None = None
+        self._groups = 1  # sequences per example (a [B, C, T] mask: C)
+        self._without_grad: list[str] = []  # hooked modules that ran while autograd was off
         self._workspace: dict[tuple[torch.dtype, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ plan facts
@@ -454,18 +469,24 @@ class HookEngine:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
             if not self._active:
                 return None
+            if not torch.is_grad_enabled():  # a call without autograd adds nothing to a gradient (a task's
+                self._without_grad.append(name)  # no-grad forward; reentrant checkpointing's first run)
+                return None
             if not isinstance(output, torch.Tensor):
                 raise HookMismatchError(f"module {name!r} returned {type(output).__name__}, not a tensor")
             shared = output.dim() > 0 and output.shape[0] == 1 and self._batch > 1
+            group = self._groups if output.dim() > 0 and output.shape[0] == self._batch * self._groups else 1
             if shared:  # run once for the whole batch and broadcast (HF position embeddings): expand per example
                 output = output.expand(self._batch, *output.shape[1:])
                 inputs = tuple(_expand(i, self._batch) for i in inputs)
-            elif output.dim() == 0 or output.shape[0] != self._batch:
+            elif output.dim() == 0 or output.shape[0] != self._batch * group:
+                grouped = f" (or {self._batch * self._groups}: {self._groups} sequences per example, as the mask says)" if self._groups > 1 else ""
                 raise HookMismatchError(
                     f"module {name!r} ({type(module).__name__}) returned shape {tuple(output.shape)} for a batch of "
-                    f"{self._batch}: it does not run once per example (e.g. inputs flattened over the batch, or "
+                    f"{self._batch}{grouped}: it does not run once per example (e.g. inputs flattened over the batch, or "
                     "position embeddings called without a batch dimension), so per-example gradients cannot be read "
-                    "from its hooks"
+                    "from its hooks. A model that runs C sequences per example as C rows of its batch (multiple "
+                    "choice) needs a Task mask of shape [B, C, T] to say so"
                 )
             self._active = False  # a rule may call its module again (norms): no nested capture
             try:
@@ -473,7 +494,7 @@ class HookEngine:
             finally:
                 self._active = True
             calls = self._calls.setdefault(name, [])
-            calls.append(_Call(saved, None, self._positions_mask(use, output)))
+            calls.append(_Call(saved, None, self._positions_mask(use, output, group), group))
             if output.requires_grad:
                 if self._kept is not None:  # recording: the caller's own backward hands g to a tensor hook, which
                     output.register_hook(self._keeper(name, len(calls) - 1))  # sees the output as the module made it
@@ -484,9 +505,14 @@ class HookEngine:
 
         return hook
 
-    def _positions_mask(self, use: Use, output: torch.Tensor) -> torch.Tensor | None:
+    def _positions_mask(self, use: Use, output: torch.Tensor, group: int) -> torch.Tensor | None:
+        """The mask over this call's positions ``[B·group, T']``, or None (no mask, or not a
+        sequence output ``[B·group, T, …]`` the mask fits)."""
         mask = self._mask
-        if mask is None or not use.rule.sequence or output.dim() < 3 or output.shape[:2] != mask.shape:  # type: ignore[union-attr]
+        if mask is None or (mask.dim() > 2 and group == 1):  # a [B, C, T] mask fits grouped calls only
+            return None
+        mask = mask.reshape(-1, mask.shape[-1])
+        if not use.rule.sequence or output.dim() < 3 or output.shape[:2] != mask.shape:  # type: ignore[union-attr]
             return None
         extra = output.dim() - 3
         m = mask.reshape(*mask.shape, *([1] * extra)).expand(*output.shape[:-1])
@@ -499,12 +525,21 @@ class HookEngine:
             raise RuntimeError("HookEngine.run needs the hooks attached: use `with engine.attached():`")
         mask = _check_mask(mask, batch_size)
         self._calls, self._pending, self._batch, self._mask = {}, [], batch_size, mask
+        self._groups, self._without_grad = _groups(mask), []
         self._active = True
         try:
             loss = loss_fn()
         finally:
             self._active = False
         try:
+            if not self._pending and self._without_grad:
+                raise HookMismatchError(
+                    f"the selected modules ran only without autograd ({', '.join(dict.fromkeys(self._without_grad))}), "
+                    "so no per-example gradient can be read from their hooks: under torch.no_grad(), or inside "
+                    "reentrant activation checkpointing (use_reentrant=True; Hugging Face: "
+                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), "
+                    "or disable checkpointing while attributing)"
+                )
             if self._pending:
                 grads = torch.autograd.grad(loss, [o for _, _, o in self._pending], allow_unused=True)
                 for (name, c, _), g in zip(self._pending, grads):
@@ -526,6 +561,7 @@ class HookEngine:
             raise RuntimeError("HookEngine.record needs the hooks attached: use `with engine.attached():`")
         mask = _check_mask(mask, batch_size)
         self._calls, self._pending, self._kept, self._batch, self._mask = {}, [], {}, batch_size, mask
+        self._groups, self._without_grad = _groups(mask), []
         self._active = True
 
     def stop_forward(self) -> None:

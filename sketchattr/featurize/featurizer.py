@@ -16,6 +16,7 @@ and what to do.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 import warnings
@@ -464,6 +465,9 @@ class Featurizer:
             "which torch.func.vmap cannot batch — Hugging Face attention masks are a common case"
             if data_dependent else "torch.func.vmap could not run it per example"
         )
+        if isinstance(exc, AttributeError) and "'function' object" in str(exc):
+            cause = ("the Task reads its model (model.parameters(), model.config, ...), but the vmap fallback hands it "
+                     "a function of the parameters, not the module (the hook engine hands it the module)")
         uncovered = self.engine.uncovered()
         fix = (
             "Fixes: select only modules that have layer rules so the hook engine runs and no vmap is needed "
@@ -474,18 +478,22 @@ class Featurizer:
 
     def _hook_rows(self, kind: str, sample: bool, sel: ModuleSelection, stack: contextlib.ExitStack) -> Callable[[Any], torch.Tensor]:
         """Hook engine: one forward + backward of the summed loss per batch, exact per-example
-        gradients (or factors) per block, sketched by the projector."""
-        params, frozen = self._split_state(sel, trainable=True)
-        engine = stack.enter_context(self.engine.attached())
-        call = self._functional(params, frozen)
+        gradients (or factors) per block, sketched by the projector. The Task gets the model
+        itself (or its cast copy, :meth:`_compute_model`), with only the selected parameters
+        requiring grad for the pass."""
+        model = self._compute_model()
+        stack.enter_context(grad_only(model, {p for group in sel.param_names for p in group}))
+        params = dict(model.named_parameters())
+        engine = self.engine if model is self.model else HookEngine(model, sel)
+        engine = stack.enter_context(engine.attached())
         task, proj = self.task, self.projector
         scaled = self.preconditioner is not None and self.preconditioner.applies_to(kind)
         fallback: list[Callable[[Any], torch.Tensor]] = []
 
         def loss_of(batch: Any, sampled: bool) -> Callable[[], torch.Tensor]:
             if kind == "train":
-                return lambda: task.train_loss(call, batch, sample=sampled)
-            return lambda: task.measurement(call, batch)
+                return lambda: task.train_loss(model, batch, sample=sampled)
+            return lambda: task.measurement(model, batch)
 
         def rows(batch: Any) -> torch.Tensor:
             if fallback:
@@ -511,14 +519,14 @@ class Featurizer:
 
         return rows
 
-    def _functional(self, params: dict, frozen: dict) -> Callable[..., Any]:
-        """The model as a function of ``params`` and ``frozen`` (its cast parameters and buffers)."""
-        model = self.model
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, (params, frozen), args, kwargs)
-
-        return call
+    def _compute_model(self) -> nn.Module:
+        """The module the hook path runs: the model itself, or (when its parameters or buffers
+        live on another device or in another floating dtype than the featurizer's) a copy cast
+        to the featurizer's device and dtype, made once per pass; the model is never changed."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        if all(_same_device(t.device, self.device) and (not t.is_floating_point() or t.dtype == self.dtype) for t in tensors):
+            return self.model
+        return copy.deepcopy(self.model).to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ helpers
     def _record(self, action: str, items: int) -> contextlib.AbstractContextManager:
@@ -539,12 +547,12 @@ class Featurizer:
 
         return fn
 
-    def _split_state(self, sel: ModuleSelection, trainable: bool = False) -> tuple[dict, dict]:
+    def _split_state(self, sel: ModuleSelection) -> tuple[dict, dict]:
         """(selected parameters, other parameters and buffers), detached and cast to the
-        featurizer's device/dtype; ``trainable``: the selected ones require grad (hook path)."""
+        featurizer's device/dtype: the inputs of the vmap path's ``functional_call``."""
         chosen = set(p for g in sel.param_names for p in g)
         cast = lambda t: t.detach().to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
-        params = {n: cast(p).requires_grad_(trainable) for n, p in self.model.named_parameters() if n in chosen}
+        params = {n: cast(p) for n, p in self.model.named_parameters() if n in chosen}
         frozen = {n: cast(p) for n, p in self.model.named_parameters() if n not in chosen}
         frozen.update({n: cast(b) for n, b in self.model.named_buffers()})
         return params, frozen
@@ -587,6 +595,26 @@ class Featurizer:
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"indices must lie in [0, {n}); found range [{idx.min()}, {idx.max()}]")
         return idx
+
+
+@contextlib.contextmanager
+def grad_only(model: nn.Module, names: set[str]) -> Iterator[None]:
+    """For the duration: the parameters named in ``names`` require grad and no other does (so the
+    forward keeps no graph for the others); each parameter's flag is restored afterwards."""
+    params = dict(model.named_parameters())
+    before = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in names)
+        yield
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(before[n])
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` (the current device) count as the same."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def task_mask(task: Task, batch: Any, device: torch.device) -> torch.Tensor | None:

@@ -52,6 +52,11 @@ class Factor(abc.ABC):
         """Zero the positions where ``mask [B, T]`` is 0."""
 
     @abc.abstractmethod
+    def grouped(self, group: int) -> "Factor":
+        """``[B·group, T, d]`` -> ``[B, group·T, d]``: consecutive rows of one example (C choices run as
+        C rows of the batch) become that example's positions."""
+
+    @abc.abstractmethod
     def project(self, p: torch.Tensor) -> torch.Tensor:
         """``factor @ pᵀ``: ``p [m, width]`` -> ``[B, T, m]``."""
 
@@ -94,6 +99,10 @@ class DenseFactor(Factor):
 
     def masked(self, mask: torch.Tensor) -> "DenseFactor":
         return DenseFactor(self.values * mask.to(self.values.dtype).unsqueeze(-1))
+
+    def grouped(self, group: int) -> "DenseFactor":
+        b, t, d = self.values.shape
+        return DenseFactor(self.values.reshape(b // group, group * t, d))
 
     def project(self, p: torch.Tensor) -> torch.Tensor:
         return self.values @ p.T
@@ -150,6 +159,11 @@ class OneHotFactor(Factor):
 
     def masked(self, mask: torch.Tensor) -> "OneHotFactor":
         return OneHotFactor(self.index, self._width, self._weights() * mask.to(self.dtype), self.dtype)
+
+    def grouped(self, group: int) -> "OneHotFactor":
+        b, t = self.index.shape
+        weight = None if self.weight is None else self.weight.reshape(b // group, group * t)
+        return OneHotFactor(self.index.reshape(b // group, group * t), self._width, weight, self.dtype)
 
     def project(self, p: torch.Tensor) -> torch.Tensor:
         cols = p.T.index_select(0, self.index.reshape(-1)).reshape(*self.index.shape, p.shape[0])
