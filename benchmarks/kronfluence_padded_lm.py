@@ -1,8 +1,10 @@
 """EKFAC with attention masks on padded batches: sketchattr against Kronfluence, padded to 32 and 64 tokens.
 
-A tiny random-init Hugging Face Llama (float64) scores right-padded token sequences (lengths
-5–20, pad id 0, labels −100 on padding). Both libraries fit EKFAC on the Linear layers of the
-decoder blocks with the empirical Fisher (no label sampling, so the two fits see the same
+Tiny random-init Hugging Face models (float64) — Llama (Linear layers without biases), GPT-2
+(transformers' Conv1D replaced by nn.Linear, as Kronfluence's own GPT-2 task does: it tracks
+nn.Linear only; biases) and BERT (biases) — score right-padded token sequences (lengths 5–20, pad
+id 0, labels −100 on padding; the next-token loss, for BERT too). Both libraries fit EKFAC on
+the Linear layers of the blocks with the empirical Fisher (no label sampling, so the two fits see the same
 gradients), Kronfluence with its ``Task.get_attention_mask`` and sketchattr with ``Task.mask``,
 and both use the damping 0.1·mean(Λ) per module (Kronfluence: ``damping_factor=None``). Scores
 are compared by Pearson correlation (all pairs) for each padding length, and each library
@@ -28,6 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 import sketchattr as sa
 from sketchattr.task import Task
@@ -35,13 +38,40 @@ from sketchattr.task import Task
 PAD = 0
 
 
-def build_model(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+MODELS = ("llama", "gpt2", "bert")
+BLOCKS = {"llama": "model.layers.", "gpt2": "transformer.h.", "bert": "bert.encoder.layer."}
+
+
+def build_model(name: str = "llama", seed: int = 0) -> nn.Module:
+    import transformers as tf
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).double().eval()
+    if name == "llama":
+        cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, tie_word_embeddings=False)
+        model = tf.LlamaForCausalLM(cfg)
+    elif name == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_positions=128, n_embd=32, n_layer=2, n_head=4))
+        _conv1d_to_linear(model)
+    elif name == "bert":
+        model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD))
+    else:
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    return model.double().eval()
+
+
+@torch.no_grad()
+def _conv1d_to_linear(module: nn.Module) -> None:
+    """transformers' Conv1D (weight [in, out]) -> nn.Linear with the same function."""
+    for name, child in module.named_children():
+        if type(child).__name__ == "Conv1D":
+            lin = nn.Linear(child.weight.shape[0], child.weight.shape[1]).to(child.weight.dtype)
+            lin.weight.copy_(child.weight.T)
+            lin.bias.copy_(child.bias)
+            setattr(module, name, lin)
+        else:
+            _conv1d_to_linear(child)
 
 
 def sequences(n: int, seed: int) -> list[torch.Tensor]:
@@ -133,13 +163,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 train sequences, 4 queries")
     parser.add_argument("--train", type=int, default=64)
     parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = parser.parse_args()
     n_train, n_query = (16, 4) if args.quick else (args.train, args.queries)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     seqs = sequences(n_train + n_query, seed=123)
-    modules = [n for n, m in build_model().named_modules() if n.startswith("model.layers.") and isinstance(m, nn.Linear)]
-    print(f"tiny Llama, {len(modules)} Linear modules, {n_train} train / {n_query} query sequences of 5-20 tokens")
+    rows = []
+    for name in tqdm(args.models, desc="models"):
+        rows += compare(name, seqs, n_train)
+    print("\n| model | comparison | Pearson | max rel. diff |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def compare(name: str, seqs: list[torch.Tensor], n_train: int) -> list[tuple[str, ...]]:
+    """Both libraries on ``name`` at both paddings, with and without masks: the table's rows."""
+    modules = [n for n, m in build_model(name).named_modules() if n.startswith(BLOCKS[name]) and isinstance(m, nn.Linear)]
+    print(f"tiny {name}, {len(modules)} Linear modules, {n_train} train / {len(seqs) - n_train} query sequences of 5-20 tokens")
     scores: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for length in (32, 64):
@@ -148,26 +190,26 @@ def main() -> None:
             for use_mask in (True, False):
                 for lib in ("sketchattr", "kronfluence"):
                     t0 = time.perf_counter()
-                    model = build_model()
+                    model = build_model(name)
                     if lib == "sketchattr":
                         s = ours(model, modules, train, query, use_mask)
                     else:
                         s = kronfluence(model, modules, train, query, use_mask, f"{tmp}/{length}{use_mask}")
                     scores[lib, length, use_mask] = s
                     print(f"  {lib:<12} padded to {length}, mask {'on ' if use_mask else 'off'}: {time.perf_counter() - t0:5.1f}s")
-    print("\n| comparison | Pearson | max rel. diff |")
-    print("|---|---|---|")
+    rows = []
     for length in (32, 64):
         a, b = scores["sketchattr", length, True], scores["kronfluence", length, True]
-        print(f"| sketchattr vs Kronfluence, masks, padded to {length} | {pearson(a, b):.6f} | {rel(b, a):.2e} |")
+        rows.append((name, f"sketchattr vs Kronfluence, masks, padded to {length}", f"{pearson(a, b):.9f}", f"{rel(b, a):.2e}"))
     for lib in ("sketchattr", "kronfluence"):
         a, b = scores[lib, 32, True], scores[lib, 64, True]
-        print(f"| {lib}: padded to 32 vs 64, masks | {pearson(a, b):.9f} | {rel(a, b):.2e} |")
+        rows.append((name, f"{lib}: padded to 32 vs 64, masks", f"{pearson(a, b):.9f}", f"{rel(a, b):.2e}"))
     for lib in ("sketchattr", "kronfluence"):
         a, b = scores[lib, 32, False], scores[lib, 64, False]
-        print(f"| control, {lib} without mask: 32 vs 64 | {pearson(a, b):.6f} | {rel(a, b):.2e} |")
+        rows.append((name, f"control, {lib} without mask: 32 vs 64", f"{pearson(a, b):.6f}", f"{rel(a, b):.2e}"))
     a, b = scores["sketchattr", 64, False], scores["kronfluence", 64, True]
-    print(f"| control: sketchattr without mask vs Kronfluence with, 64 | {pearson(a, b):.6f} | {rel(b, a):.2e} |")
+    rows.append((name, "control: sketchattr without mask vs Kronfluence with, 64", f"{pearson(a, b):.6f}", f"{rel(b, a):.2e}"))
+    return rows
 
 
 if __name__ == "__main__":

@@ -306,13 +306,18 @@ def _choices_alone(example: dict) -> dict:
     return {key: v[None] for key, v in example.items()}
 
 
+def shared_layer_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return SharedLayerMLP()
+
+
 def _regression(model_fn: Callable[[], nn.Module], task: Any) -> Setup:
     return Setup(model_fn().double().eval(), task, regression_data(12, 1), regression_data(3, 2), _tuple_alone)
 
 
 SETUPS: dict[str, Callable[[], Setup]] = {
     "regression_mlp": lambda: _regression(mlp, RegressionTask()),
-    "shared_layer_mlp": lambda: _regression(SharedLayerMLP, RegressionTask()),
+    "shared_layer_mlp": lambda: _regression(shared_layer_mlp, RegressionTask()),
     "checkpoint_sequential": lambda: _regression(mlp, CheckpointedRegressionTask()),
     "conv_bn_inplace": lambda: Setup(conv_bn_inplace().double().eval(), ClassificationTask(), image_data(10, 1), image_data(3, 2),
                                      _tuple_alone, default_modules=["0", "3", "7"]),
