@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_set = RandomTokens(args.num_train, cfg.seq_len, cfg.vocab, seed=2 * args.seed)
     query_set = RandomTokens(args.num_query, cfg.seq_len, cfg.vocab, seed=2 * args.seed + 1)
     path = store_path(args, cfg, m)
-    store_kwargs = {"path": path, "storage_dtype": args.dtype} if args.offload == "disk" else {}
+    # partial=True: a run stopped early (--stop-after-rows, --max-minutes) is scored on the rows it wrote
+    store_kwargs = {"path": path, "storage_dtype": args.dtype, "partial": True} if args.offload == "disk" else {}
     print(f"model: {args.params} {cfg} = {cfg.num_params:,} params ({args.compute_dtype}); {len(linear)} Linear layers sketched")
     print(f"sketch: {feat.projector.spec()} -> m = {m}; store: {args.offload}" + (f" {path} ({args.dtype})" if args.offload == "disk" else ""))
     print(f"data: {args.num_train:,} train / {args.num_query:,} query random-token sequences of {cfg.seq_len}; batch {args.batch_size}; "

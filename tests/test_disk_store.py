@@ -94,10 +94,12 @@ def test_unflagged_rows_are_never_read(tmp_path, mlp, data):
     with h5py.File(path, "a") as f:
         f["main/written"][[3, 10]] = False
         f["main/rows"][3] = np.nan  # half-written garbage
-    store = DiskStore(path)
+    store = DiskStore(path, partial=True)  # reading a partial store is asked for explicitly
     assert 3 not in store.indices and len(store) == 22
     assert store.missing(np.arange(24)).tolist() == [3, 10]
     assert torch.isfinite(store.rows()).all()
+    with pytest.raises(ValueError, match="22 of its 24 planned rows"):
+        DiskStore(path).rows()
     feat.featurize(data, store=store)  # repairs the two rows
     assert torch.equal(store.rows(), feat.train_rows(data).float())
 
@@ -405,18 +407,22 @@ def test_full_disk_and_write_errors_keep_rows_and_resume(tmp_path, monkeypatch):
     path = tmp_path / "full.h5"
     Usage = namedtuple("Usage", "total used free")
     commits = {"n": 0}
-    real_usage = shutil.disk_usage
+    real_usage, real_write = shutil.disk_usage, DiskStore._write_rows
 
-    def filling_disk(p):
+    def counted_write(self, *args):
+        real_write(self, *args)
         commits["n"] += 1
-        return Usage(1, 1, 0) if commits["n"] > 3 else real_usage(p)
 
+    def filling_disk(p):  # full once 3 commits are on disk (creating the store checks free space too)
+        return Usage(1, 1, 0) if commits["n"] >= 3 else real_usage(p)
+
+    monkeypatch.setattr(DiskStore, "_write_rows", counted_write)
     monkeypatch.setattr(hdf5.shutil, "disk_usage", filling_disk)
     with pytest.raises(StoreWriteError, match=r"full\.h5: the disk is \(nearly\) full .* 12 rows are on disk and kept"):
         feat.featurize((x, y), store=DiskStore(path, buffer_bytes=0))
     monkeypatch.setattr(hdf5.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(DiskStore, "_write_rows", real_write)
 
-    real_write = DiskStore._write_rows
     calls = {"n": 0}
 
     def failing_write(self, *args):
@@ -467,3 +473,161 @@ def test_read_only_store_is_named_read_only_and_still_scores(tmp_path, monkeypat
     assert len(store) == 10 and SketchedInfluence(damping=0.1).fit(store).sigma_max > 0
     with pytest.raises(PermissionError, match=r"ro\.h5 cannot be written.*Read-only file system.*read and scored, not extended"):
         feat.featurize((x, y), store=DiskStore(path))
+
+
+# ---------------------------------------------------------------- issue 25 item 4: reliability leftovers
+def _flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ mask]))
+
+
+def _raw_store(path: Path, n: int, m: int) -> "DiskStore":
+    """A DiskStore of ``n`` random float32 rows of width ``m`` (no model: fast), dataset indices 1000+i."""
+    from sketchattr.store import StoreMetadata
+
+    store = DiskStore(path)
+    meta = StoreMetadata(projector={"type": "gaussian", "m": m, "seed": 0}, modules={}, model_fingerprint="x", task="t", dim=m)
+    idx = 1000 + np.arange(n)
+    store.prepare(meta, planned=idx)
+    store.write(idx, torch.randn(n, m, generator=torch.Generator().manual_seed(0)))
+    return store
+
+
+def test_creating_a_store_on_a_full_disk_leaves_nothing_and_reruns(tmp_path, monkeypatch):
+    """64 KiB free (simulated: the free space the store checks): creating the store and its row index is
+    refused before anything is written — no file at the path, no temporary left — and after 'freeing
+    space' the same command runs through. A new checkpoint in an existing file leaves that file as it was."""
+    import shutil
+    from collections import namedtuple
+
+    import sketchattr.store.hdf5 as hdf5
+    from sketchattr import StoreWriteError
+
+    x, y = tiny_data(n=40)
+    feat = Featurizer(tiny_mlp(), ClassificationTask(), projector="sjlt", m=16, seed=0, batch_size=4, progress=False)
+    path = tmp_path / "new.h5"
+    real_usage = shutil.disk_usage
+    nearly_full = lambda p: namedtuple("Usage", "total used free")(2**30, 2**30 - 2**16, 2**16)
+    monkeypatch.setattr(hdf5.shutil, "disk_usage", nearly_full)
+    with pytest.raises(StoreWriteError, match=r"new\.h5: the disk is \(nearly\) full — 0\.1 MiB free.*free space and rerun"):
+        feat.featurize((x, y), store=DiskStore(path))
+    assert not path.exists() and not list(tmp_path.glob(".new.h5.*.tmp"))
+    monkeypatch.setattr(hdf5.shutil, "disk_usage", real_usage)
+    feat.featurize((x, y), store=DiskStore(path, checkpoint="first"))
+    before = path.read_bytes()
+    monkeypatch.setattr(hdf5.shutil, "disk_usage", nearly_full)
+    with pytest.raises(StoreWriteError, match="full"):
+        feat.featurize((x, y), store=DiskStore(path, checkpoint="second"))
+    assert path.read_bytes() == before  # the existing file untouched
+    monkeypatch.setattr(hdf5.shutil, "disk_usage", real_usage)
+    store = feat.featurize((x, y), store=DiskStore(path))
+    assert torch.equal(store.rows(), feat.train_rows((x, y)).float())
+    assert torch.equal(DiskStore(path, checkpoint="first").rows(), store.rows())
+
+
+def test_flipped_bit_in_metadata_is_caught_by_its_checksum(tmp_path, mlp, data):
+    """One flipped bit turns seed 0 into seed 1 in the metadata attribute: opening the store then raises
+    StoreCorruptedError naming the attribute, and a seed-1 featurize is refused, not accepted."""
+    from sketchattr import StoreCorruptedError
+
+    x, y = data
+    path = tmp_path / "m.h5"
+    _feat(mlp, projector="sjlt").featurize(data, store=DiskStore(path))
+    raw = path.read_bytes()
+    assert raw.count(b'"seed": 0') == 1
+    _flip_byte(path, raw.index(b'"seed": 0') + len(b'"seed": '), 0x01)  # '0' -> '1'
+    with h5py.File(path, "r") as f:
+        assert '"seed": 1' in f["main"].attrs["metadata"]
+    with pytest.raises(StoreCorruptedError, match=r"m\.h5: attribute 'metadata' of checkpoint 'main' does not match its sha256"):
+        DiskStore(path)
+    with pytest.raises(StoreCorruptedError, match="'metadata'"):
+        _feat(mlp, projector="sjlt", seed=1).featurize(data, store=DiskStore(path, checkpoint="main"))
+
+
+def test_store_without_attribute_checksums_is_read_with_a_warning_and_upgraded_on_write(tmp_path, mlp, data):
+    """Stores written before the checksums existed open with a warning; the next write adds them."""
+    path = tmp_path / "old.h5"
+    feat = _feat(mlp, projector="sjlt")
+    rows = feat.featurize(data, store=DiskStore(path)).rows()
+    with h5py.File(path, "a") as f:
+        del f["main"].attrs["attrs_sha256"]
+    with pytest.warns(UserWarning, match="no checksums of its attributes"):
+        assert torch.equal(DiskStore(path).rows(), rows)
+    with pytest.warns(UserWarning, match="added the next time the store is written"):
+        feat.featurize(data, store=DiskStore(path))  # a resume (nothing to compute) adds the checksums
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(DiskStore(path).rows(), rows)
+
+
+def test_reader_refuses_a_half_written_store_and_one_being_written(tmp_path, mlp, data):
+    """A store whose planned rows are not all written is refused by readers (fit, iter_blocks, rows)
+    unless opened with partial=True; a store whose lock another writer holds is refused always — as
+    with HDF5_USE_FILE_LOCKING=FALSE, where HDF5 itself would not notice the writer."""
+    from filelock import FileLock
+
+    from sketchattr.store import StoreIncompleteError, StoreLockedError
+
+    path = tmp_path / "half.h5"
+    feat = _feat(mlp)
+    feat.featurize(data, store=DiskStore(path), max_rows=8)
+    store = DiskStore(path)
+    assert len(store) == 10  # informational reads still work
+    for read in (lambda: SketchedInfluence().fit(store), lambda: store.rows(), lambda: next(store.iter_blocks(4))):
+        with pytest.raises(StoreIncompleteError, match=r"half\.h5 holds 10 of its 24 planned rows.*partial=True"):
+            read()
+    partial = DiskStore(path, partial=True)
+    assert len(partial.rows()) == 10 and SketchedInfluence(damping=0.1).fit(partial).n_train == 10
+    feat.featurize(data, store=DiskStore(path))
+    writer = FileLock(str(path) + ".lock")  # another writer's OS lock (a separate lock: conflicts even in-process)
+    writer.acquire()
+    try:
+        for reader in (DiskStore(path), DiskStore(path, partial=True)):
+            with pytest.raises(StoreLockedError, match=r"half\.h5 is being written by another process"):
+                SketchedInfluence().fit(reader)
+    finally:
+        writer.release()
+    assert torch.equal(DiskStore(path).rows(), feat.train_rows(data).float())
+
+
+def test_damaged_chunk_is_named_by_its_row_range(tmp_path):
+    """fletcher32 checksums are per HDF5 chunk (256 rows at m=1024): a flipped byte is reported as the
+    chunk's rows whatever block size the reader uses (was: 'rows 0..0' from a one-row read)."""
+    from sketchattr import StoreCorruptedError
+
+    path = tmp_path / "c.h5"
+    _raw_store(path, 600, 1024)
+    with h5py.File(path, "r") as f:
+        assert f["main/rows"].chunks == (256, 1024)
+        first = f["main/rows"].id.get_chunk_info_by_coord((0, 0)).byte_offset
+        second = f["main/rows"].id.get_chunk_info_by_coord((256, 0)).byte_offset
+    _flip_byte(path, second + 4097)
+    msg = r"'main/rows', rows 256\.\.511 \(dataset indices 1256\.\.1511\) fail their checksum"
+    for block_rows in (1, 100, None):
+        with pytest.raises(StoreCorruptedError, match=msg):
+            list(DiskStore(path).iter_blocks(block_rows))
+    _flip_byte(path, first + 5)
+    with pytest.raises(StoreCorruptedError, match=r"rows 0\.\.255 \(dataset indices 1000\.\.1255\), rows 256\.\.511"):
+        DiskStore(path).rows()
+    with pytest.raises(StoreCorruptedError, match=r"rows 0\.\.255 \(dataset indices 1000\.\.1255\) fail"):
+        SketchedInfluence(damping=0.1).fit(DiskStore(path))  # reads a 1-row block first
+
+
+def test_flipped_byte_in_weights_is_named_like_the_rows(tmp_path):
+    from sketchattr import StoreCorruptedError
+
+    path = tmp_path / "w.h5"
+    _raw_store(path, 300, 8)
+    with h5py.File(path, "r") as f:
+        info = f["main/weights"].id.get_chunk_info(0)
+    _flip_byte(path, info.byte_offset + 3)
+    msg = r"w\.h5: dataset 'main/weights', rows 0\.\.299 \(dataset indices 1000\.\.1299\) fail their checksum"
+    with pytest.raises(StoreCorruptedError, match=msg):
+        DiskStore(path).weights
+    with pytest.raises(StoreCorruptedError, match=msg):
+        SketchedInfluence(damping=0.1).fit(DiskStore(path))

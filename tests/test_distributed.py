@@ -7,6 +7,7 @@ between ranks; the single-process side is computed here with the same settings.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -243,3 +244,38 @@ def test_a_dead_rank_is_named_and_the_others_stop_promptly(mode):
         assert re.search(r"rank 1 stopped responding [\d.]+ s ago \(last seen doing: featurize: batch 3 of 10\)", logs[0]), logs[0]
     else:
         assert "rank 1 failed with ValueError: out of memory in batch 4 (simulated) (while featurize: batch 3 of 10)" in logs[0], logs[0]
+
+
+def test_plain_featurize_into_a_rank_shard_is_refused(tmp_path):
+    """A rank's shard file belongs to its distributed run: a single-process Featurizer.featurize into it
+    (which would plan every row there and damage the join) is refused at once, saying what to do; the
+    shard and the joined store stay as they were, and the distributed run still resumes."""
+    from conftest import tiny_data, tiny_mlp
+
+    class Rank(sad.LocalCollective):  # the two ranks of a 2-process run, played one after the other
+        def __init__(self, rank: int) -> None:
+            self.rank, self.world_size = rank, 2
+
+    train = tiny_data(n=24)
+    feat = sa.Featurizer(tiny_mlp(), sa.ClassificationTask(), projector="sjlt", m=8, seed=0, batch_size=4, progress=False)
+    path = tmp_path / "store.h5"
+    for rank in (1, 0):  # rank 0 joins once rank 1's shard exists
+        sad.featurize(feat, train, path=path, collective=Rank(rank))
+    joined = sa.DiskStore(path).rows()
+    shard = sad.shard_path(path, 1, 2)
+    before = shard.read_bytes()
+    msg = (r"store\.rank1-of-2\.h5 is rank 1's shard of a 2-process distributed featurization.*"
+           r"sketchattr\.distributed\.featurize with the same collective \(world size 2\).*join")
+    with pytest.raises(StoreMismatchError, match=msg):
+        feat.featurize(train, store=sa.DiskStore(shard))
+    with pytest.raises(StoreMismatchError, match=msg):
+        feat.featurize(train, store=sa.DiskStore(shard), overwrite=True)
+    assert shard.read_bytes() == before
+    assert torch.equal(sa.DiskStore(path).rows(), joined) and torch.equal(joined, feat.train_rows(train).float())
+    with h5py.File(shard, "a") as f:  # kept since the first run (creating the store used to drop it) ...
+        assert json.loads(f.attrs["shard"])["rank"] == 1
+        del f.attrs["shard"]  # ... shards of older runs lack it: the joined store listing them tells
+    with pytest.raises(StoreMismatchError, match=msg):
+        feat.featurize(train, store=sa.DiskStore(shard))
+    for rank in (1, 0):
+        assert len(sad.featurize(feat, train, path=path, collective=Rank(rank))) == 12

@@ -28,8 +28,9 @@ ALLOWED_GLOBALS = frozenset({
 })
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A data pickle names a global outside :data:`ALLOWED_GLOBALS` (it could run code)."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A data pickle names a global outside :data:`ALLOWED_GLOBALS` (it could run code). A
+    ValueError too: a bad input file, which the ``sketchattr`` command reports as one error line."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -73,7 +73,7 @@ def featurize(
     file = shard_path(path, c.rank, c.world_size)
     c.together(lambda: overwrite and c.is_main and remove_shards(path))  # before any rank reopens its file
     c.together(lambda: _open_shard(path, file, info, c.world_size, overwrite))
-    shard = DiskStore(file, **store_kwargs)
+    shard = DiskStore(file, rank_shard=True, **store_kwargs)  # the one writer a rank shard accepts
     with prof.record("featurize shard"):
         try:
             featurizer.featurize_rows(dataset, rows, w, shard, overwrite)

@@ -20,15 +20,11 @@ import h5py
 
 from sketchattr.store import StoreMismatchError
 from sketchattr.store.atomic import carry_over, temporary_beside
-from sketchattr.store.hdf5 import FORMAT, FORMAT_VERSION, JOINED
+from sketchattr.store.hdf5 import FORMAT, FORMAT_VERSION
+from sketchattr.store.shard_files import JOINED, SHARD_NAME, joined_path, rank_shard_info, shard_path
 
-_SHARD = re.compile(r"\.rank(\d+)-of-(\d+)$")
-
-
-def shard_path(path: "str | os.PathLike[str]", rank: int, world_size: int) -> Path:
-    """``dir/store.h5`` -> ``dir/store.rank<rank>-of-<world_size>.h5``."""
-    p = Path(path)
-    return p.with_name(f"{p.stem}.rank{rank}-of-{world_size}{p.suffix}")
+__all__ = ["check_world_size", "concat_virtual", "existing_world_sizes", "join_scores", "join_store", "joined_path",
+           "missing_shards", "rank_shard_info", "remove_shards", "shard_path", "shard_paths"]
 
 
 def shard_paths(path: "str | os.PathLike[str]", world_size: int) -> list[Path]:
@@ -43,7 +39,7 @@ def existing_world_sizes(path: "str | os.PathLike[str]") -> dict[int, list[Path]
     if not p.parent.exists():
         return found
     for f in sorted(p.parent.glob(f"{p.stem}.rank*-of-*{p.suffix}")):
-        match = _SHARD.search(f.name[: len(f.name) - len(p.suffix)] if p.suffix else f.name)
+        match = SHARD_NAME.search(f.name[: len(f.name) - len(p.suffix)] if p.suffix else f.name)
         if match:
             found.setdefault(int(match.group(2)), []).append(f)
     return found

@@ -6,6 +6,7 @@
 from sketchattr.store.base import (
     GradientStore,
     StoreCorruptedError,
+    StoreIncompleteError,
     StoreLockedError,
     StoreWriteError,
     StoreMetadata,
@@ -17,6 +18,6 @@ from sketchattr.store.hdf5 import DiskStore
 from sketchattr.store.memory import CPUStore, MemoryStore
 
 __all__ = [
-    "CPUStore", "DiskStore", "GradientStore", "MemoryStore", "StoreCorruptedError", "StoreLockedError", "StoreWriteError", "StoreMetadata",
+    "CPUStore", "DiskStore", "GradientStore", "MemoryStore", "StoreCorruptedError", "StoreIncompleteError", "StoreLockedError", "StoreWriteError", "StoreMetadata",
     "StoreMismatchError", "aligned_blocks", "make_store",
 ]

@@ -39,6 +39,11 @@ class StoreWriteError(OSError):
     """Rows could not be written (disk full, I/O error); the rows committed before are kept."""
 
 
+class StoreIncompleteError(ValueError):
+    """A reader met a store whose planned rows are not all written (a run cut short or still going);
+    open it with ``partial=True`` to read the written rows anyway."""
+
+
 @dataclass(frozen=True)
 class StoreMetadata:
     """What produced a store's rows. Two stores are compatible iff their metadata are equal.

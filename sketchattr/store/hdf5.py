@@ -4,7 +4,8 @@ Layout (one group per checkpoint / model id, default ``"main"``)::
 
     /                          attrs: format = "sketchattr-store", format_version = 1
     /<checkpoint>/             attrs: metadata (JSON of StoreMetadata), storage_dtype,
-                                      projector_type, m, seed, model_fingerprint, task, modules
+                                      projector_type, m, seed, model_fingerprint, task, modules,
+                                      dataset_fingerprint, attrs_sha256 (JSON {attr: sha256})
     /<checkpoint>/indices      int64   [N]     dataset index of each row (planned rows included)
     /<checkpoint>/rows         f4|f2|u2 [N, m] sketched rows (u2 = bfloat16 bit patterns)
     /<checkpoint>/written      bool    [N]     True once the row's values are on disk
@@ -15,12 +16,24 @@ All datasets are chunked, checksummed (HDF5's fletcher32 filter: a damaged chunk
 :mod:`sketchattr.distributed`, root attr ``layout = "joined"``, they are read-only virtual datasets). A batch's rows are written and flushed
 *before* its ``written`` flags are set and flushed, so a crash at any point leaves only rows
 that are flagged complete or rows that will be recomputed; reads return flagged rows only.
+
+The checkpoint's identity attributes carry sha256 checksums (``attrs_sha256``): a flipped bit in
+them raises :class:`StoreCorruptedError` naming the attribute instead of passing for another seed.
+Stores written before the checksums open with a warning and get them on their next write.
+Readers of rows (:meth:`DiskStore.iter_blocks`, :attr:`DiskStore.weights`, so every scorer's fit)
+refuse a store another writer holds (:class:`StoreLockedError`, even with HDF5 file locking off)
+and one whose planned rows are not all written (:class:`StoreIncompleteError`) unless it was
+opened with ``partial=True``. Creating a file, a checkpoint or a row index first checks free space
+(as every commit does), and a new file is built aside and renamed, so a full disk leaves nothing
+half made.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,10 +43,12 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from sketchattr.store.atomic import temporary_beside
+from sketchattr.store.atomic import carry_over, temporary_beside
+from sketchattr.store.shard_files import JOINED, refuse_plain_write
 from sketchattr.store.base import (
     GradientStore,
     StoreCorruptedError,
+    StoreIncompleteError,
     StoreLockedError,
     StoreMetadata,
     StoreMismatchError,
@@ -42,10 +57,13 @@ from sketchattr.store.base import (
 
 FORMAT = "sketchattr-store"
 FORMAT_VERSION = 1
-JOINED = "joined"  # root attr ``layout`` of a read-only join of per-rank shard files (sketchattr.distributed)
 DEFAULT_PATH = Path("grad_cache") / "store.h5"
 SPACE_MARGIN = 16 * 2**20  # bytes kept free beyond a commit's own (HDF5 metadata, chunk rounding)
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+INDEX_BYTES_PER_ROW = 8 + 1 + 8  # indices int64 + written bool + weights float64 (rows are allocated when written)
+CHECKSUMS = "attrs_sha256"  # checkpoint attr: JSON {attribute: sha256 of its canonical JSON}
+SEALED = ("metadata", "storage_dtype", "dataset_fingerprint", "projector_type", "m", "seed", "model_fingerprint",
+          "task", "modules")  # the checkpoint attributes that identify its rows
 
 
 def _writable(path: Path) -> bool:
@@ -63,6 +81,22 @@ def _complete(g: h5py.Group) -> bool:
     """A checkpoint group has all its datasets and attributes (else a crash cut its creation short)."""
     return all(k in g for k in ("indices", "written", "weights", "rows")) and all(
         k in g.attrs for k in ("metadata", "storage_dtype", "modules"))
+
+
+def _digest(value: Any) -> str:
+    """sha256 (hex) of an attribute value's canonical JSON (numpy scalars as Python numbers)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _seal(g: h5py.Group) -> None:
+    """Write the checksums of the group's identity attributes (:data:`SEALED`) when they changed."""
+    sums = json.dumps({k: _digest(g.attrs[k]) for k in SEALED if k in g.attrs}, sort_keys=True)
+    if g.attrs.get(CHECKSUMS) != sums:
+        g.attrs[CHECKSUMS] = sums
 
 
 def _to_storage(rows: torch.Tensor, storage_dtype: str) -> np.ndarray:
@@ -91,6 +125,11 @@ class DiskStore(GradientStore, name="disk"):
     every write).
     lock_timeout: seconds to wait for another process's write lock (``<path>.lock``) before
     :class:`StoreLockedError` (default 0: refuse at once).
+    partial: let readers (:meth:`iter_blocks`, :attr:`weights`, scorers' ``fit``) use the written
+    rows of a store whose planned rows are not all written (a run cut short); default False:
+    :class:`StoreIncompleteError`.
+    rank_shard: internal — set by :func:`sketchattr.distributed.featurize` for the rank's own shard
+    file; any other writer is refused a rank shard (it would add other ranks' rows to it).
     """
 
     def __init__(
@@ -101,6 +140,8 @@ class DiskStore(GradientStore, name="disk"):
         block_bytes: int = 64 * 2**20,
         buffer_bytes: int = 16 * 2**20,
         lock_timeout: float = 0.0,
+        partial: bool = False,
+        rank_shard: bool = False,
     ) -> None:
         if storage_dtype is not None and storage_dtype not in _STORAGE:
             raise ValueError(f"storage_dtype must be one of {sorted(_STORAGE)}, got {storage_dtype!r}")
@@ -114,6 +155,8 @@ class DiskStore(GradientStore, name="disk"):
         self._handle: h5py.File | None = None
         self.buffer_bytes = int(buffer_bytes)
         self.lock_timeout = float(lock_timeout)
+        self.partial = bool(partial)
+        self.rank_shard = bool(rank_shard)
         self._lock: FileLock | None = None
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_bytes = 0
@@ -212,6 +255,8 @@ class DiskStore(GradientStore, name="disk"):
                     f"{self.path} joins per-rank shard files (torch.distributed featurization) and is "
                     "read-only: featurize with sketchattr.distributed.featurize to add or resume rows"
                 )
+            if write and not self.rank_shard and ("shard" in f.attrs or ".rank" in self.path.name):
+                refuse_plain_write(self.path, f.attrs)
             if write and "format" not in f.attrs:
                 f.attrs["format"] = FORMAT
                 f.attrs["format_version"] = FORMAT_VERSION
@@ -222,7 +267,11 @@ class DiskStore(GradientStore, name="disk"):
             f.close()
 
     def _held_elsewhere(self) -> bool:
-        """Whether another process holds this store's write lock now."""
+        """Whether another process (or store object) holds this store's write lock now."""
+        if self._lock is not None and self._lock.is_locked:
+            return False  # this store's own writing session
+        if not os.path.exists(str(self.path) + ".lock"):
+            return False  # never locked (and no lock file is created by a reader)
         probe = FileLock(str(self.path) + ".lock", timeout=0)
         try:
             probe.acquire()
@@ -233,21 +282,36 @@ class DiskStore(GradientStore, name="disk"):
         probe.release()
         return False
 
-    def _create_atomically(self, metadata: StoreMetadata | None) -> None:
-        """A new file, with its root attributes and (given ``metadata``) this checkpoint's empty group,
-        built under a temporary name and renamed into place: a crash at any instant leaves no file or a
-        complete one. Inside a :meth:`writing` session the open handle moves to the new file."""
+    def _create_atomically(self, metadata: StoreMetadata | None, planned: np.ndarray | None = None) -> None:
+        """A new file — the root attributes of the group-less file it replaces (if any, e.g. a rank
+        shard's), and given ``metadata`` this checkpoint's group with the row index of ``planned`` —
+        built under a temporary name and renamed into place after a free-space check: a crash or a
+        full disk at any instant leaves the old file (or none) or the complete new one. Inside a
+        :meth:`writing` session the open handle moves to the new file."""
+        self._check_space(0, "creating the store")
         tmp = temporary_beside(self.path)
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            if metadata is not None:
-                self._create_group(f, metadata)
-        if self._handle is not None:
-            self._handle.close()
-        os.replace(tmp, self.path)
-        if self._handle is not None:
-            self._handle = h5py.File(self.path, "a")
+        reopen = self._handle is not None
+        if reopen:
+            self._handle.close()  # carry_over reads the file at the path
+        try:
+            with h5py.File(tmp, "w") as f:
+                carry_over(self.path, f, ())
+                f.attrs["format"] = FORMAT
+                f.attrs["format_version"] = FORMAT_VERSION
+                if metadata is not None:
+                    self._create_group(f, metadata)
+                    if planned is not None:
+                        self._set_index(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+                        self._plan(f[self.checkpoint], np.asarray(planned, dtype=np.int64))
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if planned is not None:  # the index planned into the file that was not renamed into place
+                self._all_indices = self._written = self._order = None
+            raise
+        finally:
+            if reopen:
+                self._handle = h5py.File(self.path, "a")
 
     def _fresh(self) -> bool:
         """True when the file does not exist or holds no group yet (nothing to lose by rebuilding it)."""
@@ -265,6 +329,7 @@ class DiskStore(GradientStore, name="disk"):
             if self.checkpoint not in f or not _complete(f[self.checkpoint]):
                 return  # absent, or cut short by a crash before any row: prepare() rebuilds it
             g = f[self.checkpoint]
+            self._verify(g)
             try:
                 self.metadata = StoreMetadata.from_json(g.attrs["metadata"])
                 self.storage_dtype = str(g.attrs["storage_dtype"])
@@ -274,6 +339,33 @@ class DiskStore(GradientStore, name="disk"):
             except (KeyError, ValueError, TypeError) as exc:
                 raise StoreCorruptedError(f"checkpoint {self.checkpoint!r} of {self.path} is incomplete: {exc}") from exc
             self._load_index(g)
+
+    def _verify(self, g: h5py.Group) -> None:
+        """Check the group's identity attributes against their checksums (:data:`CHECKSUMS`)."""
+        where = f"checkpoint {self.checkpoint!r} of {self.path}"
+        if CHECKSUMS not in g.attrs:
+            warnings.warn(f"{where} has no checksums of its attributes (written by an older sketchattr): a damaged "
+                          "bit in its metadata would go unnoticed; they are added the next time the store is written",
+                          UserWarning, stacklevel=4)
+            return
+        try:
+            sums = json.loads(g.attrs[CHECKSUMS])
+            if not isinstance(sums, dict):
+                raise ValueError(f"a JSON object was expected, found {type(sums).__name__}")
+        except (ValueError, TypeError) as exc:
+            raise StoreCorruptedError(f"{self.path}: attribute {CHECKSUMS!r} of checkpoint {self.checkpoint!r} is "
+                                      f"damaged ({exc}); the store's metadata cannot be checked") from exc
+        for name, digest in sums.items():
+            if name not in g.attrs:
+                raise StoreCorruptedError(f"{self.path}: attribute {name!r} of checkpoint {self.checkpoint!r} is "
+                                          f"missing (its checksum is in {CHECKSUMS!r}); the file is damaged")
+            if _digest(g.attrs[name]) != digest:
+                raise StoreCorruptedError(
+                    f"{self.path}: attribute {name!r} of checkpoint {self.checkpoint!r} does not match its sha256 "
+                    f"checksum (kept in attribute {CHECKSUMS!r}): the file is damaged there (e.g. a flipped bit) and "
+                    "its rows cannot be trusted to be what the metadata says. Featurize into a new file (or delete "
+                    "this one)"
+                )
 
     def checkpoints(self) -> list[str]:
         """Names of the checkpoint groups in the file."""
@@ -288,7 +380,7 @@ class DiskStore(GradientStore, name="disk"):
                 dataset_fingerprint: str | None = None) -> None:
         with self._locked():
             if self._fresh():
-                self._create_atomically(metadata)
+                self._create_atomically(metadata, planned)  # the whole row index built aside, then renamed
             self._prepare_open(metadata, planned, overwrite, dataset_fingerprint)
 
     def _prepare_open(self, metadata: StoreMetadata, planned: np.ndarray | None, overwrite: bool,
@@ -300,6 +392,7 @@ class DiskStore(GradientStore, name="disk"):
                 if overwrite:
                     del f[self.checkpoint]
                 else:
+                    self._verify(f[self.checkpoint])
                     StoreMetadata.from_json(f[self.checkpoint].attrs["metadata"]).check_matches(metadata)
             if self.checkpoint not in f:
                 self._create_group(f, metadata)
@@ -311,6 +404,7 @@ class DiskStore(GradientStore, name="disk"):
                     "requested. Use a new path, the file's own storage dtype, or overwrite=True to discard its rows"
                 )
             self._check_dataset(f[self.checkpoint], dataset_fingerprint, overwrite)
+            _seal(f[self.checkpoint])  # also upgrades a store written before the checksums
             self._load_index(f[self.checkpoint])
             if planned is not None:
                 self._plan(f[self.checkpoint], np.asarray(planned, dtype=np.int64))
@@ -328,6 +422,7 @@ class DiskStore(GradientStore, name="disk"):
         g.attrs["dataset_fingerprint"] = fingerprint
 
     def _create_group(self, f: h5py.File, meta: StoreMetadata) -> None:
+        self._check_space(0, f"creating checkpoint {self.checkpoint!r}")
         g = f.create_group(self.checkpoint)
         m = meta.dim
         itemsize = np.dtype(_STORAGE[self.storage_dtype]).itemsize
@@ -346,12 +441,14 @@ class DiskStore(GradientStore, name="disk"):
         g.attrs["model_fingerprint"] = meta.model_fingerprint
         g.attrs["task"] = meta.task
         g.attrs["modules"] = json.dumps(meta.modules)
+        _seal(g)
 
     def _plan(self, g: h5py.Group, planned: np.ndarray) -> None:
         new = planned[~self._contains(planned)]
         new = new[np.sort(np.unique(new, return_index=True)[1])]  # unique, caller's order kept
         if len(new) == 0:
             return
+        self._check_space(INDEX_BYTES_PER_ROW * len(new), f"the row index of {len(new)} new rows")
         n0 = g["indices"].shape[0]
         n1 = n0 + len(new)
         for name in ("indices", "written", "weights", "rows"):
@@ -389,7 +486,7 @@ class DiskStore(GradientStore, name="disk"):
         parts = list(zip(*self._pending))
         indices, data, w = (np.concatenate(p) if len(p) > 1 else p[0] for p in parts)
         self._pending, self._pending_bytes = [], 0
-        self._check_space(data.nbytes + w.nbytes + indices.nbytes)
+        self._check_space(data.nbytes + w.nbytes + indices.nbytes, "this commit")
         try:
             self._write_rows(indices, data, w)
         except OSError as exc:
@@ -400,15 +497,16 @@ class DiskStore(GradientStore, name="disk"):
                 "committed before are kept and a rerun of the same command resumes after them"
             ) from exc
 
-    def _check_space(self, nbytes: int) -> None:
-        """Refuse a commit the disk cannot hold before HDF5 runs out of space mid-write (which can
-        leave its metadata cache unflushable and crash the process)."""
+    def _check_space(self, nbytes: int, what: str) -> None:
+        """Refuse a write of about ``nbytes`` (``what``: a commit, creating the file, a checkpoint or a
+        row index) the disk cannot hold, before HDF5 runs out of space mid-write (which can leave its
+        metadata cache unflushable, crash the process and leave a file that cannot be reopened)."""
         free = shutil.disk_usage(self.path.parent).free
         need = 2 * nbytes + SPACE_MARGIN
         if free < need:
             kept = int(self._written.sum()) if self._written is not None else 0
             raise StoreWriteError(
-                f"{self.path}: the disk is (nearly) full — {free / 2**20:.1f} MiB free, this commit needs about "
+                f"{self.path}: the disk is (nearly) full — {free / 2**20:.1f} MiB free, {what} needs about "
                 f"{need / 2**20:.1f} MiB. {kept} rows are on disk and kept; free space and rerun the same command "
                 "to resume"
             )
@@ -442,11 +540,59 @@ class DiskStore(GradientStore, name="disk"):
     def weights(self) -> np.ndarray:
         if self._all_indices is None:
             return np.zeros(0)
+        self._check_readable()
         with self._open() as f:
-            return f[self.checkpoint]["weights"][:][self._written]
+            return self._read(f[self.checkpoint]["weights"], 0, len(self._all_indices), self._all_indices)[self._written]
+
+    def _check_readable(self) -> None:
+        """Refuse to hand out rows that are not final: another writer holds the store's lock (noticed
+        even with HDF5 file locking off), or (unless ``partial``) planned rows are not written yet."""
+        if self._held_elsewhere():
+            raise StoreLockedError(
+                f"{self.path} is being written by another process (its lock {self.path}.lock is held): its rows are "
+                "not final. Wait for the writer to finish, then open the store again"
+            )
+        if not self.partial and self._written is not None and not self._written.all():
+            with self._open() as f:  # the index read at open may predate the writer's last rows
+                self._load_index(f[self.checkpoint])
+        if not self.partial and self._written is not None and not self._written.all():
+            raise StoreIncompleteError(
+                f"{self.path} holds {int(self._written.sum())} of its {len(self._written)} planned rows (checkpoint "
+                f"{self.checkpoint!r}): a featurize run was cut short (crash, max_rows, max_seconds) or is still "
+                "going. Run the same featurize again to finish it (it resumes), or open the store with "
+                "DiskStore(path, partial=True) to read the written rows only"
+            )
+
+    def _read(self, dset: h5py.Dataset, s: int, e: int, indices: np.ndarray | None) -> np.ndarray:
+        """``dset[s:e]``; a failed read (a chunk failing its fletcher32 checksum) raises
+        StoreCorruptedError naming the dataset and the rows (and, given ``indices``, the dataset
+        indices) of each damaged HDF5 chunk in ``[s, e)``."""
+        try:
+            return dset[s:e]
+        except OSError as exc:
+            step = dset.chunks[0] if dset.chunks else max(1, e - s)  # virtual datasets: the block read
+            bad = []
+            for a in range(s - s % step, e, step):
+                b = min(a + step, dset.shape[0])
+                try:
+                    dset[a:b]
+                except OSError:
+                    bad.append((a, b - 1))
+            bad = bad or [(s, e - 1)]
+            where = ", ".join(f"rows {a}..{b}" + ("" if indices is None else
+                              f" (dataset indices {int(indices[a:b + 1].min())}..{int(indices[a:b + 1].max())})")
+                              for a, b in bad)
+            raise StoreCorruptedError(
+                f"{self.path}: dataset '{dset.name.lstrip('/')}', {where} fail their checksum or cannot be read "
+                f"({exc}; checksums cover HDF5 chunks of {step} rows); the file is damaged there. Featurize into a "
+                "new file (or delete this one) to recompute them"
+            ) from exc
 
     def iter_blocks(self, block_rows: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        if self._all_indices is None or not self._written.any():
+        if self._all_indices is None:
+            return
+        self._check_readable()
+        if not self._written.any():
             return
         if block_rows is None:
             itemsize = np.dtype(_STORAGE[self.storage_dtype]).itemsize
@@ -459,29 +605,19 @@ class DiskStore(GradientStore, name="disk"):
                 ok = self._written[s:e]
                 if not ok.any():
                     continue
-                try:
-                    data = rows[s:e]
-                except OSError as exc:
-                    idx = self._all_indices[s:e]
-                    raise StoreCorruptedError(
-                        f"{self.path}: stored rows {s}..{e - 1} (dataset indices {int(idx.min())}..{int(idx.max())}) fail "
-                        f"their checksum or cannot be read ({exc}); the file is damaged there. Featurize into a new "
-                        "file (or delete this one) to recompute them"
-                    ) from exc
+                data = self._read(rows, s, e, self._all_indices)
                 if not ok.all():
                     data = data[ok]
                 yield self._all_indices[s:e][ok], _from_storage(data, self.storage_dtype)
 
     # ------------------------------------------------------------------ index bookkeeping
     def _load_index(self, g: h5py.Group) -> None:
-        if g["indices"].shape[0] == 0:  # reading an empty chunked dataset is slow in HDF5
+        n = g["indices"].shape[0]
+        if n == 0:  # reading an empty chunked dataset is slow in HDF5
             self._set_index(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
         else:
-            try:
-                self._set_index(g["indices"][:], g["written"][:])
-            except OSError as exc:
-                raise StoreCorruptedError(f"{self.path}: the row index of checkpoint {self.checkpoint!r} fails its "
-                                          f"checksum or cannot be read ({exc}); the file is damaged") from exc
+            indices = self._read(g["indices"], 0, n, None)
+            self._set_index(indices, self._read(g["written"], 0, n, indices))
 
     def _set_index(self, indices: np.ndarray, written: np.ndarray) -> None:
         self._all_indices, self._written = indices, written
