@@ -297,7 +297,7 @@ class CausalLMTask(Task):
             labels = labels.masked_fill(mask == 0, -100)
         return labels.long()
 
-    def _predictions(self, model: Model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def predictions(self, model: Model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B, T−1, V], targets [B, T−1] with −100 where not counted)."""
         tokens = self._tokens(batch)
         logits = self.forward(model, batch)
@@ -307,12 +307,12 @@ class CausalLMTask(Task):
 
     def token_losses(self, model: Model, batch: Batch) -> torch.Tensor:
         """Next-token losses ``[B, T−1]`` (0 where not counted); entry t is the loss of token t + 1."""
-        logits, targets = self._predictions(model, batch)
+        logits, targets = self.predictions(model, batch)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none")
         return loss.reshape(targets.shape)
 
     def train_loss(self, model: Model, batch: Batch, sample: bool = False) -> torch.Tensor:
-        logits, targets = self._predictions(model, batch)
+        logits, targets = self.predictions(model, batch)
         if sample:
             counted = targets != -100
             targets = targets.clone()
@@ -320,7 +320,7 @@ class CausalLMTask(Task):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
 
     def measurement(self, model: Model, batch: Batch) -> torch.Tensor:
-        logits, targets = self._predictions(model, batch)
+        logits, targets = self.predictions(model, batch)
         if self.last_tokens is not None:
             counted = targets != -100
             rank_from_end = counted.flip(1).long().cumsum(1).flip(1)  # 1 for the last counted target

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from sketchattr.commands.model_loading import load_function, read_state_dict
+from sketchattr.data.local_files import read_pt
 
 HELP_EPILOG = __doc__[__doc__.index("Inputs") :]
 
@@ -106,7 +107,7 @@ def load_data(path: str) -> dict[str, torch.Tensor]:
         with np.load(p, allow_pickle=False) as f:
             data = {k: torch.from_numpy(np.asarray(f[k])) for k in f.files}
     else:
-        data = torch.load(p, map_location="cpu", weights_only=True)
+        data = read_pt(p)  # torch.load(weights_only=True); a refused or damaged file is a DataError
         if not isinstance(data, dict):
             raise ValueError(f"{p} must hold a dict of tensors {{'x': ..., 'y': ...}}, found {type(data).__name__}")
         data = {k: torch.as_tensor(v) for k, v in data.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import h5py
 import numpy as np
@@ -14,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 import sketchattr as sa
 from sketchattr.cli import main
+from sketchattr.commands import CommandError
 from sketchattr.models.mlp import make_mlp
 from sketchattr.score.selection import aggregate_scores
 from sketchattr.validate import lds, subset_ground_truth
@@ -134,11 +136,12 @@ def test_build_resumes_only_missing_rows(files, tmp_path, capsys):
     assert np.array_equal(arr(a.indices), np.arange(N)) and torch.equal(a.rows(), b.rows())
 
 
-def test_ekfac_scorer_matches_library(files, tmp_path):
+def test_ekfac_scorer_matches_library(files, tmp_path, capsys):
     store = tmp_path / "s.h5"
     assert main(build_mlp(files, store, "--projector", "identity", "--num_train", "30")) == 0
     assert main(["score", "--store", str(store), "--query_data", str(files["root"] / "query.pt"), "--scorer", "ekfac",
                  "--k", "2", "--report", "none", "--output_dir", str(tmp_path / "r"), *QUIET]) == 0
+    assert "warning" not in capsys.readouterr().err  # EKFAC on exact rows: nothing to warn about
     feat = sa.Featurizer(files["model"], sa.ClassificationTask(), projector="identity", progress=False)
     train = TensorDataset(torch.from_numpy(files["x"][:30]), torch.from_numpy(files["y"][:30]))
     factors = sa.fit_factors(files["model"], sa.ClassificationTask(), train, kind="ekfac", modules=["0", "2"], progress=False)
@@ -183,7 +186,8 @@ def test_records_config_files_and_regression(files, tmp_path):
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({**dict(zip(cols, map(float, row))), "label": "dog"}) + "\n" for row in x[:3]))
     (tmp_path / "reg.yaml").write_text(
         f"model: sketchattr.models.mlp:make_mlp\nmodel_args: {{in_dim: {D}, hidden: 8, out_dim: 1}}\ntask: regression\n"
-        f"train_data: {tmp_path / 'train.csv'}\nlabel_column: target\nstore: {tmp_path / 'reg.h5'}\nm: 16\nno_progress: true\n")
+        f"train_data: {tmp_path / 'train.csv'}\nlabel_column: target\nstore: {tmp_path / 'reg.h5'}\nm: 16\nno_progress: true\n"
+        "random_init: true\n")
     assert main(["build", "--config", str(tmp_path / "reg.yaml"), "--m", "8"]) == 0  # the flag beats the file
     assert sa.DiskStore(tmp_path / "reg.h5").dim == 8
     assert main(["query", "--store", str(tmp_path / "reg.h5"), "--query_data", str(tmp_path / "train.csv"), "--num_query", "2",
@@ -193,7 +197,7 @@ def test_records_config_files_and_regression(files, tmp_path):
     (tmp_path / "pipe.toml").write_text(
         f'model = "sketchattr.models.mlp:make_mlp"\nmodel_args = \'{{"in_dim": {D}, "hidden": 8, "out_dim": 3}}\'\n'
         f'store = "{tmp_path / "cls.h5"}"\nno_progress = true\n'
-        f'[build]\ntask = "classification"\ntrain_data = "{tmp_path / "train.jsonl"}"\nprojector = "gaussian"\nm = 12\n'
+        f'[build]\nrandom_init = true\ntask = "classification"\ntrain_data = "{tmp_path / "train.jsonl"}"\nprojector = "gaussian"\nm = 12\n'
         f'modules = ["2"]\n[score]\nquery_data = "{tmp_path / "q.jsonl"}"\nk = 3\noutput_dir = "{tmp_path / "cls"}"\n')
     assert main(["build", "--config", str(tmp_path / "pipe.toml")]) == 0
     spec = json.loads((tmp_path / "cls.run.json").read_text())
@@ -218,7 +222,7 @@ def test_image_folder_and_model_file(tmp_path):
         "import torch\nfrom torch import nn\n\ndef make_net(size=8):\n    torch.manual_seed(0)\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 2))\n")
     store = tmp_path / "img.h5"
-    assert main(["build", "--model", f"{tmp_path / 'net.py'}:make_net", "--task", "classification", "--image_size", "8",
+    assert main(["build", "--model", f"{tmp_path / 'net.py'}:make_net", "--random_init", "--task", "classification", "--image_size", "8",
                  "--train_data", str(tmp_path / "train"), "--store", str(store), "--m", "16", *QUIET]) == 0
     assert len(sa.DiskStore(store)) == 6
     assert main(["score", "--store", str(store), "--query_data", str(tmp_path / "query"), "--k", "2", "--report", "both",
@@ -297,7 +301,7 @@ def test_user_errors_are_one_clear_line(files, tmp_path, capsys):
     (tmp_path / "hfds" / "state.json").write_text("{}")
     (tmp_path / "bad.yaml").write_text("modell: x\n")
     base = lambda data, *extra: ["build", *MLP, "--task", "classification", "--train_data", str(data),
-                                 "--store", str(tmp_path / "e.h5"), *QUIET, *extra]
+                                 "--store", str(tmp_path / "e.h5"), "--checkpoint", str(r / "ck.pt"), *QUIET, *extra]
     cases = [
         (base(tmp_path / "missing.npz"), "data not found"),
         (base(tmp_path / "data.txt"), "unknown data extension '.txt'"),
@@ -305,10 +309,10 @@ def test_user_errors_are_one_clear_line(files, tmp_path, capsys):
         (base(r / "train.npz", "--label_column", "nope"), "label column 'nope' not found"),
         (base(tmp_path / "text.csv"), "needs a Hugging Face tokenizer"),
         (base(r / "train.npz", "--checkpoint", str(tmp_path / "nock.pt")), "--checkpoint not found"),
-        (["build", "--model", "no_such_pkg.models:net", "--task", "classification", "--train_data", str(r / "train.npz"),
-          "--store", str(tmp_path / "e.h5")], "cannot import 'no_such_pkg.models'"),
-        (["build", "--model", "sketchattr.models.mlp:nope", "--task", "classification", "--train_data", str(r / "train.npz"),
-          "--store", str(tmp_path / "e.h5")], "has no attribute 'nope'"),
+        (["build", "--model", "no_such_pkg.models:net", "--random_init", "--task", "classification", "--train_data",
+          str(r / "train.npz"), "--store", str(tmp_path / "e.h5")], "cannot import 'no_such_pkg.models'"),
+        (["build", "--model", "sketchattr.models.mlp:nope", "--random_init", "--task", "classification", "--train_data",
+          str(r / "train.npz"), "--store", str(tmp_path / "e.h5")], "has no attribute 'nope'"),
         (["build", *MLP, "--task", "classification", "--train_data", str(r / "train.npz")], "needs --store"),
         (["build", "--config", str(tmp_path / "bad.yaml")], "unknown key(s) ['modell']"),
         (["score", "--store", str(tmp_path / "none.h5"), "--query_data", str(r / "query.pt")], "store not found"),
@@ -341,3 +345,202 @@ def test_user_errors_are_one_clear_line(files, tmp_path, capsys):
     torch.save(make_mlp(in_dim=D, hidden=8, out_dim=C, seed=5).state_dict(), ck)
     assert main(["score", "--store", str(store), "--query_data", str(r / "query.pt"), *QUIET]) == 2
     assert "does not match the model of its run spec" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the CLI never answers wrong silently
+NAMES = ["dog", "cat", "bird"]
+"""Class names in the fixture model's id order (dog=0, cat=1, bird=2): not the alphabetical order."""
+
+
+def write_csv(path, x, labels) -> str:
+    """Feature columns f0.. (exact float32 values) and a label column."""
+    cols = [f"f{j}" for j in range(x.shape[1])]
+    path.write_text(",".join(cols + ["label"]) + "\n" + "".join(
+        ",".join(repr(float(v)) for v in row) + f",{lab}\n" for row, lab in zip(x, labels)))
+    return str(path)
+
+
+def score_argv(store, query, out, *extra: str) -> list[str]:
+    return ["score", "--store", str(store), "--query_data", str(query), "--k", "3", "--report", "none",
+            "--output_dir", str(out), *QUIET, *extra]
+
+
+def proponents(out) -> list[list[int]]:
+    return [[p["train_index"] for p in r["proponents"]] for r in json.loads((out / "topk.json").read_text())["results"]]
+
+
+@pytest.fixture(scope="module")
+def label_stores(files, tmp_path_factory):
+    """A store built from the .npz (integer ids) and one from a CSV with string labels and --classes."""
+    root = tmp_path_factory.mktemp("labels")
+    train_csv = write_csv(root / "train.csv", files["x"], [NAMES[c] for c in files["y"]])
+    write_csv(root / "q.csv", files["xq"], [NAMES[c] for c in files["yq"]])
+    write_csv(root / "fish.csv", files["xq"], ["fish"] * len(files["xq"]))
+    assert main(build_mlp(files, root / "npz.h5")) == 0
+    r = files["root"]
+    assert main(["build", *MLP, "--checkpoint", str(r / "ck.pt"), "--task", "classification", "--train_data", train_csv,
+                 "--store", str(root / "csv.h5"), "--m", "32", "--classes", *NAMES, *QUIET]) == 0
+    return root
+
+
+def test_label_mapping_is_printed_stored_and_used(files, label_stores, tmp_path, capsys):
+    """Build prints the mapping (sorted names by default); --classes sets it; query files get the stored one."""
+    root, r = label_stores, files["root"]
+    assert main(["build", *MLP, "--checkpoint", str(r / "ck.pt"), "--task", "classification", "--train_data",
+                 str(root / "train.csv"), "--store", str(tmp_path / "sorted.h5"), "--m", "32", *QUIET]) == 0
+    assert "labels: bird=0, cat=1, dog=2 (from sorted label names of train.csv; override with --classes)" in capsys.readouterr().out
+    assert main(build_mlp(files, tmp_path / "ids.h5")) == 0
+    assert "labels: integer class ids 0..2 as stored in train.npz (3 distinct; name them with --classes)" in capsys.readouterr().out
+    spec = json.loads((root / "csv.run.json").read_text())
+    assert spec["data"]["classes"] == NAMES and spec["data"]["classes_source"] == "--classes"
+    # --classes gave the model's ids: the CSV store's rows are the .npz store's, and so are the query scores
+    assert np.allclose(sa.DiskStore(root / "csv.h5").rows().numpy(), sa.DiskStore(root / "npz.h5").rows().numpy(), atol=1e-6)
+    assert main(score_argv(root / "csv.h5", root / "q.csv", tmp_path / "a")) == 0
+    assert main(score_argv(root / "npz.h5", r / "query.pt", tmp_path / "b")) == 0
+    assert proponents(tmp_path / "a") == proponents(tmp_path / "b")
+    rep = json.loads((tmp_path / "a" / "topk.json").read_text())
+    assert [x["label"] for x in rep["results"]] == [NAMES[c] for c in files["yq"]]
+
+
+def test_label_mismatches_are_refused(files, label_stores, tmp_path, capsys):
+    root = label_stores
+    cases = [
+        (score_argv(root / "csv.h5", root / "fish.csv", tmp_path / "o"), "labels ['fish'] are not among the classes"),
+        (score_argv(root / "csv.h5", root / "q.csv", tmp_path / "o", "--classes", "bird", "cat", "dog"),
+         "--classes bird cat dog differs from the store's label mapping dog=0, cat=1, bird=2 (from --classes)"),
+        (score_argv(root / "npz.h5", root / "q.csv", tmp_path / "o"), "the training labels were integer class ids with no names: "
+         "give the class names in class-id order with --classes"),
+        (["select", "--store", str(root / "npz.h5"), "--target_data", str(root / "q.csv"), "--num_select", "2", *QUIET],
+         "give the class names in class-id order with --classes"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1, (message, err)
+    # naming the ids of an integer-label store makes its string-label queries usable; the stored mapping may be restated
+    assert main(score_argv(root / "npz.h5", root / "q.csv", tmp_path / "c", "--classes", *NAMES)) == 0
+    assert proponents(tmp_path / "c") == proponents_of_query_pt(files, root, tmp_path / "d")
+    assert main(score_argv(root / "csv.h5", root / "q.csv", tmp_path / "e", "--classes", *NAMES)) == 0
+
+
+def proponents_of_query_pt(files, root, out) -> list[list[int]]:
+    assert main(score_argv(root / "npz.h5", files["root"] / "query.pt", out)) == 0
+    return proponents(out)
+
+
+def test_build_needs_weights_or_random_init(files, tmp_path, capsys):
+    (tmp_path / "lin.py").write_text("from torch import nn\n\ndef make_net():\n    return nn.Sequential(nn.Linear(6, 3))\n")
+    argv = ["build", "--model", f"{tmp_path / 'lin.py'}:make_net", "--task", "classification", "--train_data",
+            str(files["root"] / "train.npz"), "--store", str(tmp_path / "s.h5"), "--m", "32", *QUIET]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint" in err and "--random_init" in err and err.count("error:") == 1
+    assert main(argv + ["--random_init", "--checkpoint", str(files["root"] / "ck.pt")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(argv + ["--random_init"]) == 0
+    assert "[random initial weights: --random_init, seed 0]" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.run.json").read_text())["init_seed"] == 0
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    want = featurizer(model).featurize(TensorDataset(torch.from_numpy(files["x"]), torch.from_numpy(files["y"])))
+    assert torch.allclose(sa.DiskStore(tmp_path / "s.h5").rows(), want.rows(), atol=1e-6)
+    # score rebuilds the same seeded weights: the store matches its model
+    assert main(score_argv(tmp_path / "s.h5", files["root"] / "query.pt", tmp_path / "r")) == 0
+
+
+def test_build_prints_model_quality(files, tmp_path, capsys, monkeypatch):
+    x, y = torch.from_numpy(files["x"]), torch.from_numpy(files["y"])
+    with torch.no_grad():
+        logits = files["model"](x)
+    acc, ce = 100 * float((logits.argmax(1) == y).float().mean()), float(torch.nn.functional.cross_entropy(logits, y))
+    assert main(build_mlp(files, tmp_path / "a.h5")) == 0
+    assert (f"model quality: accuracy {acc:.1f}% (chance 33.3%), mean cross-entropy {ce:.4g} on all 40 training rows "
+            "(one pass, no gradients)") in capsys.readouterr().out
+    import sketchattr.commands.fit_checks as fit_checks
+
+    monkeypatch.setattr(fit_checks, "EVAL_ROWS", 25)
+    reg = make_mlp(in_dim=D, hidden=8, out_dim=1, seed=2)
+    torch.save(reg.state_dict(), tmp_path / "reg.pt")
+    with torch.no_grad():
+        mse = float(0.5 * ((reg(x[:25])[:, 0] - y[:25].float()) ** 2).mean())
+    assert main(["build", "--model", "sketchattr.models.mlp:make_mlp", "--model_args", f"in_dim={D},hidden=8,out_dim=1",
+                 "--checkpoint", str(tmp_path / "reg.pt"), "--task", "regression", "--train_data",
+                 str(files["root"] / "train.npz"), "--store", str(tmp_path / "r.h5"), "--m", "8", *QUIET]) == 0
+    assert f"model quality: mean loss {mse:.4g} (1/2 squared error per row) on the first 25 of 40 training rows" in capsys.readouterr().out
+
+
+def test_data_that_does_not_fit_the_model_is_one_clear_line(files, tmp_path, capsys):
+    from PIL import Image
+
+    r = files["root"]
+    assert main(build_mlp(files, tmp_path / "s.h5")) == 0
+    torch.save({"x": torch.randn(3, 5), "y": torch.tensor([0, 1, 2])}, tmp_path / "q5.pt")
+    np.savez(tmp_path / "four.npz", x=files["x"], y=np.arange(N) % 4)
+    for c in ("ants", "bees"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(tmp_path / "img" / c / "0.png")
+    (tmp_path / "img_net.py").write_text("from torch import nn\n\ndef make_net():\n"
+                                         "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))\n")
+    cases = [
+        (score_argv(tmp_path / "s.h5", tmp_path / "q5.pt", tmp_path / "o"),
+         "--query_data q5.pt does not fit the model: layer '0' (Linear) expects 6 input features (last dimension), got 5"),
+        (["select", "--store", str(tmp_path / "s.h5"), "--target_data", str(tmp_path / "q5.pt"), "--num_select", "2", *QUIET],
+         "--target_data q5.pt does not fit the model: layer '0' (Linear) expects 6 input features"),
+        (["build", *MLP, "--checkpoint", str(r / "ck.pt"), "--task", "classification", "--train_data", str(tmp_path / "four.npz"),
+          "--store", str(tmp_path / "f.h5"), *QUIET], "the model outputs 3 classes (ids 0..2) but --train_data four.npz has "
+                                                      "class ids up to 3"),
+        (["build", "--model", f"{tmp_path / 'img_net.py'}:make_net", "--random_init", "--task", "classification",
+          "--image_size", "10", "--train_data", str(tmp_path / "img"), "--store", str(tmp_path / "i.h5"), *QUIET],
+         "layer '1' (Linear) expects 192 input features (last dimension), got 300"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("error:") == 1, (message, err)
+    assert "rows have shape [3, 10, 10] (--image_size sets the image size)" in err
+
+
+def test_score_from_another_working_directory(files, tmp_path, monkeypatch, capsys):
+    """An import-path model found from the build's folder is found again from anywhere (the spec records where)."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "cwd_only_models.py").write_text("from sketchattr.models.mlp import make_mlp\n\ndef net(**kw):\n"
+                                             "    return make_mlp(**kw)\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(code)
+    r = files["root"]
+    assert main(["build", "--model", "cwd_only_models:net", *MLP[2:], "--checkpoint", str(r / "ck.pt"), "--task",
+                 "classification", "--train_data", str(r / "train.npz"), "--store", str(tmp_path / "s.h5"), "--m", "8", *QUIET]) == 0
+    sys.path[:] = [p for p in sys.path if p not in ("", str(code))]
+    monkeypatch.delitem(sys.modules, "cwd_only_models")
+    monkeypatch.chdir(tmp_path)
+    assert main(score_argv(tmp_path / "s.h5", r / "query.pt", tmp_path / "o")) == 0
+    assert main(["select", "--store", str(tmp_path / "s.h5"), "--target_data", str(r / "query.pt"), "--num_select", "2",
+                 "--output", str(tmp_path / "sel.npy"), *QUIET]) == 0
+    spec = json.loads((tmp_path / "s.run.json").read_text())
+    assert spec["model_path"] == str(code) and spec["model_file"] == str(code / "cwd_only_models.py")
+
+
+def test_flags_in_errors_traceback_anywhere_and_suggestions(files, tmp_path, capsys):
+    store = tmp_path / "s.h5"
+    assert main(build_mlp(files, store)) == 0
+    assert main(build_mlp(files, store, "--m", "16")) == 2  # other settings on an existing store
+    err = capsys.readouterr().err
+    assert "pass --overwrite to discard" in err and "overwrite=True" not in err
+    missing = ["score", "--store", str(tmp_path / "none.h5"), "--query_data", str(files["root"] / "query.pt")]
+    for argv in (["--traceback", *missing], [*missing, "--traceback"]):
+        with pytest.raises(CommandError, match="store not found"):
+            main(argv)
+    with pytest.raises(SystemExit) as exit_:
+        main(build_mlp(files, store, "--projecter", "gaussian"))
+    assert exit_.value.code == 2
+    assert "error: unrecognized argument --projecter; did you mean --projector?" in capsys.readouterr().err
+
+
+def test_ekfac_on_a_random_sketch_warns(files, tmp_path, capsys):
+    assert main(build_mlp(files, tmp_path / "s.h5", "--m", "16")) == 0
+    capsys.readouterr()
+    assert main(score_argv(tmp_path / "s.h5", files["root"] / "query.pt", tmp_path / "o", "--scorer", "ekfac")) == 0
+    err = capsys.readouterr().err
+    assert "warning: --scorer ekfac on a store sketched with a random projector (sjlt, m=16) loses most of EKFAC's accuracy" in err
+    assert "--scorer sketched_influence" in err and "--projector identity" in err

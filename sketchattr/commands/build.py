@@ -1,6 +1,12 @@
 """``sketchattr build``: sketch the training gradients of a user's model on a local dataset into
 a resumable HDF5 store, and save the run spec beside it.
 
+The weights come from ``--checkpoint`` (or a Hugging Face folder); a module:function model
+without one is refused unless ``--random_init`` asks for its seeded initial weights. Before any
+gradient it prints the label mapping (``labels: cat=0, dog=1 (...)``; ``--classes`` sets it) and
+the model's accuracy or mean loss on the training file (one pass without gradients, at most
+2,000 rows), and refuses a file that does not fit the model with one line naming both sides.
+
 Writes ``--store`` (``DiskStore``: rows [n_train, m], dataset indices, per-row written flags) and
 ``<store stem>.run.json``. Running the same command again adds only the rows still missing
 (after a crash, or a run cut short by ``--max_rows`` / ``--max_seconds``); other settings on an
@@ -16,6 +22,9 @@ from typing import Any
 import numpy as np
 
 from sketchattr.commands.config import CommandError, add_config_argument, add_runtime_arguments, parse_kwargs, require, resolve_device
+from sketchattr.commands.fit_checks import quality_line
+from sketchattr.commands.labels import add_classes_argument, check_classes, classes_source, label_line
+from sketchattr.commands.model_loading import is_hf_folder, model_origin
 from sketchattr.commands.spec import DTYPES, PROJECTORS, TASKS, RunSpec, absolute, model_reference, open_run, spec_path
 
 REQUIRED = ("model", "task", "train_data", "store")
@@ -28,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model_args", default=None, help="keyword arguments for the function (JSON object or key=value,key=value); "
                    "for a Hugging Face folder, extra from_pretrained arguments")
     g.add_argument("--checkpoint", default=None, help="state dict for module:function models (torch.save(model.state_dict()))")
+    g.add_argument("--random_init", action="store_true", help="no --checkpoint: attribute the function's initial weights, "
+                   "built under torch.manual_seed(--seed) (recorded in the run spec)")
     g.add_argument("--task", choices=TASKS, help="what to differentiate: cross-entropy / squared error / next-token loss")
     g.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer folder for text columns (default: the model folder's)")
     g.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype of the gradients (default: the model's)")
@@ -35,12 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--train_data", help=".pt, .npz, .csv, .jsonl, an image folder (class per sub-folder) or a datasets.save_to_disk folder")
     d.add_argument("--num_train", type=int, default=None, help="use the first N rows only (default: all)")
+    add_classes_argument(d, build=True)
     add_data_arguments(d)
     s = p.add_argument_group("sketch and store")
     s.add_argument("--store", help="HDF5 store to write or extend (e.g. out/store.h5); the run spec goes beside it")
     s.add_argument("--projector", choices=PROJECTORS, default="sjlt")
     s.add_argument("--m", type=int, default=1024, help="sketch size (ignored by the identity projector)")
-    s.add_argument("--seed", type=int, default=0, help="projector seed")
+    s.add_argument("--seed", type=int, default=0, help="projector seed (and the seed of --random_init weights)")
     s.add_argument("--modules", nargs="+", default=None,
                    help="modules to attribute through: all (default), last:N (the last N), kinds (linear conv embedding norm "
                         "lora), glob patterns (*.mlp.*), module names, last_blocks:N[:PATTERN]")
@@ -61,10 +73,28 @@ def add_data_arguments(g: Any) -> None:
     g.add_argument("--split", default=None, help="split of a datasets.save_to_disk DatasetDict")
 
 
+def init_seed(args: argparse.Namespace) -> int | None:
+    """The seed of random initial weights (``--random_init``), None with trained ones; a
+    module:function model with neither ``--checkpoint`` nor ``--random_init`` is refused."""
+    if is_hf_folder(args.model):
+        if args.random_init:
+            raise CommandError(f"--random_init is for module:function models; the Hugging Face folder {args.model} holds its "
+                               "own weights")
+        return None
+    if args.checkpoint and args.random_init:
+        raise CommandError("give --checkpoint (trained weights) or --random_init (initial weights), not both")
+    if not args.checkpoint and not args.random_init:
+        raise CommandError(f"--model {args.model} has no weights given: pass --checkpoint model.pt (a state dict, "
+                           "torch.save(model.state_dict(), path)), or --random_init to attribute its seeded initial weights "
+                           "on purpose")
+    return args.seed if args.random_init else None
+
+
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """The run spec of this build's flags (paths absolute)."""
     data = {"text_column": args.text_column, "label_column": args.label_column, "feature_columns": args.feature_columns,
-            "max_length": args.max_length, "image_size": args.image_size or 224, "split": args.split}
+            "max_length": args.max_length, "image_size": args.image_size or 224, "split": args.split,
+            "classes": check_classes(args.classes)}
     for flag in ("num_train", "max_length", "image_size"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -72,7 +102,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     return RunSpec(
         model=model_reference(args.model), task=args.task, train_data=str(Path(args.train_data).resolve()),
         store=str(Path(args.store).resolve()), model_args=parse_kwargs(args.model_args, "--model_args"),
-        checkpoint=absolute(args.checkpoint), tokenizer=absolute(args.tokenizer), projector=args.projector,
+        checkpoint=absolute(args.checkpoint), init_seed=init_seed(args), tokenizer=absolute(args.tokenizer), projector=args.projector,
         m=None if args.projector == "identity" else args.m, seed=args.seed, modules=args.modules,
         batch_size=args.batch_size or 64, dtype=args.dtype, storage_dtype=args.storage_dtype, num_train=args.num_train,
         optimizer_state=absolute(args.optimizer_state), data=data,
@@ -88,9 +118,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = spec_from_args(args)
     device = resolve_device(args.device)
     r = open_run(spec, device, progress=not args.no_progress)
+    spec.model_file, spec.model_path = model_origin(spec.model)
     train = r.load_train()
     n = len(train) if spec.num_train is None else min(spec.num_train, len(train))
-    spec.data["classes"] = train.classes
+    spec.data["classes"], spec.data["classes_source"] = train.classes, classes_source(args.classes, train)
+    if spec.label_kind() == "class":
+        print(label_line(train.classes, spec.data["classes_source"], train.labels, Path(spec.train_data).name))
+    weights = "" if spec.init_seed is None else f" [random initial weights: --random_init, seed {spec.init_seed}]"
+    print(quality_line(r, train, n, "--train_data") + weights)
     r.resolve_modules(train)
     store_path = Path(spec.store)
     store_path.parent.mkdir(parents=True, exist_ok=True)

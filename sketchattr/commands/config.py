@@ -8,6 +8,7 @@ command only, so one file can drive a whole pipeline; other commands' tables are
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -105,20 +106,28 @@ def apply_config(parser: argparse.ArgumentParser, command: str, argv: list[str],
     key another subcommand takes (a pipeline file shared by build and score) is skipped; a key no
     subcommand takes, or one in this command's own table that it does not take, is an error."""
     config, own = _section(load_config(config_path), command)
-    subs = _subparsers(parser)
+    subs = subparsers(parser)
     dests = lambda p: {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("config", "help")}
     actions = dests(subs[command])
     others = {d for name, p in subs.items() if name in COMMANDS for d in dests(p)}
     unknown = sorted(k for k in config if k not in actions and (k in own or k not in others))
     if unknown:
-        raise CommandError(f"config file {config_path}: unknown key(s) {unknown} for `sketchattr {command}` "
-                           f"(flags: {', '.join(sorted(actions))})")
+        near = [f"{k} -> {n}" for k in unknown if (n := nearest(k, actions)) is not None]
+        raise CommandError(f"config file {config_path}: unknown key(s) {unknown} for `sketchattr {command}`"
+                           + (f"; did you mean {', '.join(near)}?" if near else f" (flags: {', '.join(sorted(actions))})"))
     defaults = {k: _convert(actions[k], v, f"config file {config_path}") for k, v in config.items() if k in actions}
     subs[command].set_defaults(**defaults)
     return parser.parse_args(argv)
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+def nearest(name: str, options: Iterable[str]) -> str | None:
+    """The option closest to a mistyped ``name`` (difflib), or None when none is close."""
+    found = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """{subcommand name or alias: its parser}."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)

@@ -1,8 +1,9 @@
 """The user's model from ``--model``: ``module:function`` (plus ``--model_args``, ``--checkpoint``)
 or a local Hugging Face folder (``AutoModelFor...`` by ``--task``; never downloads).
 
-``module`` is an import path (the current folder is importable) or a ``.py`` file
-(``models/net.py:make_net``); the function returns an ``nn.Module``. A checkpoint is a state
+``module`` is an import path (the current folder is importable; a run spec records the folder
+it was imported from, :func:`model_origin`, so later commands import it from anywhere) or a
+``.py`` file (``models/net.py:make_net``); the function returns an ``nn.Module``. A checkpoint is a state
 dict saved with ``torch.save(model.state_dict(), path)`` (or a dict holding one under
 ``state_dict`` / ``model_state_dict`` / ``model``), read with ``torch.load(weights_only=True)``.
 """
@@ -33,9 +34,10 @@ def is_hf_folder(model: str) -> bool:
     return Path(model).is_dir()
 
 
-def load_function(spec: str, flag: str = "--model") -> Callable[..., Any]:
+def load_function(spec: str, flag: str = "--model", search_path: str | None = None) -> Callable[..., Any]:
     """The callable named by ``module:function`` or ``path/file.py:function`` (``flag`` names the
-    option in error messages)."""
+    option in error messages); ``search_path``: the folder an import path is looked up in first
+    (the one recorded at build)."""
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise CommandError(f"{flag} {spec!r} is neither 'module:function' nor an existing Hugging Face model folder")
@@ -56,11 +58,14 @@ def load_function(spec: str, flag: str = "--model") -> Callable[..., Any]:
         else:
             if os.getcwd() not in sys.path and "" not in sys.path:
                 sys.path.insert(0, os.getcwd())  # as `python -m` would: models next to the user's files import
+            if search_path and search_path not in sys.path:
+                sys.path.insert(0, search_path)
             module = importlib.import_module(mod_name)
     except CommandError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's module failed to import: name it and why
-        raise CommandError(f"{flag} {spec}: cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from exc
+        where = f" (looked in {search_path}, recorded at build, and on sys.path)" if search_path else ""
+        raise CommandError(f"{flag} {spec}: cannot import {mod_name!r}{where}: {type(exc).__name__}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -71,15 +76,35 @@ def load_function(spec: str, flag: str = "--model") -> Callable[..., Any]:
     return obj
 
 
-def load_model(model: str, model_args: dict[str, Any], checkpoint: str | None, task: str) -> nn.Module:
-    """The model in eval mode on the CPU (moved to the device by the caller)."""
+def model_origin(model: str) -> tuple[str | None, str | None]:
+    """(the file holding ``--model``'s code, the sys.path folder its import path resolves from)
+    of a model already loaded: ``(None, None)`` for a Hugging Face folder; a ``.py`` file has no
+    import folder."""
+    mod_name = model.partition(":")[0]
+    if is_hf_folder(model) or not mod_name:
+        return None, None
+    if mod_name.endswith(".py"):
+        return str(Path(mod_name).resolve()), None
+    module = sys.modules.get(mod_name)
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None, None
+    path = Path(file).resolve()
+    package = path.parent if path.name == "__init__.py" else path  # a.b -> .../a/b(.py): the folder above a
+    return str(path), str(package.parents[len(mod_name.split(".")) - 1])
+
+
+def load_model(model: str, model_args: dict[str, Any], checkpoint: str | None, task: str,
+               init_seed: int | None = None, search_path: str | None = None) -> nn.Module:
+    """The model in eval mode on the CPU (moved to the device by the caller). ``init_seed``: the
+    torch seed the function builds its (random) weights under; ``search_path``: see :func:`load_function`."""
     if is_hf_folder(model):
         if checkpoint:
             raise CommandError("--checkpoint is for module:function models; a Hugging Face folder holds its own weights")
         return load_hf_model(model, model_args, task)
-    fn = load_function(model)
+    fn = load_function(model, search_path=search_path)
     try:
-        net = fn(**model_args)
+        net = _call_seeded(fn, model_args, init_seed)
     except TypeError as exc:
         raise CommandError(f"--model {model} with --model_args {model_args}: {exc}") from exc
     if not isinstance(net, nn.Module):
@@ -87,6 +112,15 @@ def load_model(model: str, model_args: dict[str, Any], checkpoint: str | None, t
     if checkpoint:
         net.load_state_dict(read_state_dict(checkpoint, net))
     return net.eval()
+
+
+def _call_seeded(fn: Callable[..., Any], kwargs: dict[str, Any], seed: int | None) -> Any:
+    """``fn(**kwargs)``, under ``torch.manual_seed(seed)`` (global RNG state restored after) when seeded."""
+    if seed is None:
+        return fn(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(**kwargs)
 
 
 def read_state_dict(path: str, model: nn.Module, flag: str = "--checkpoint") -> dict[str, torch.Tensor]:

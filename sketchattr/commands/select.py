@@ -27,6 +27,8 @@ from torch.utils.data import Subset
 
 from sketchattr.commands.build import add_data_arguments
 from sketchattr.commands.config import CommandError, add_config_argument, add_runtime_arguments, require, resolve_device
+from sketchattr.commands.fit_checks import check_fits
+from sketchattr.commands.labels import add_classes_argument
 from sketchattr.commands.score import data_overrides, query_positions
 from sketchattr.commands.spec import add_store_arguments, open_store
 
@@ -45,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damping", default="auto", help="sketched_influence only: 'auto' or λ > 0")
     p.add_argument("--output", default=None, help="index file (.npy; .txt and .csv beside it)")
     d = p.add_argument_group("target data options (default: the build's)")
+    add_classes_argument(d, build=False)
     add_data_arguments(d)
     add_runtime_arguments(p)
 
@@ -71,11 +74,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         selection_size(1, args.fraction, None)  # a bad fraction fails before the model is loaded
     if not Path(args.target_data).exists():
         raise CommandError(f"--target_data not found: {args.target_data}")
-    r, store = open_store(args.store, args.run_spec, resolve_device(args.device), args.batch_size, not args.no_progress)
+    r, store = open_store(args.store, args.run_spec, resolve_device(args.device), args.batch_size, not args.no_progress,
+                          args.classes)
     n = len(store)
     k = selection_size(n, args.fraction, args.num_select)
-    target = r.load(args.target_data, "--target_data", **data_overrides(args))
+    target = r.load_query(args.target_data, "--target_data", **data_overrides(args))
     tidx = query_positions(len(target), args.target_indices, None, "--target_indices")
+    check_fits(r, target, tidx, "--target_data")
     r.use_collate(target)
     if args.scorer == "sketched_influence":
         from sketchattr.commands.score import parse_damping

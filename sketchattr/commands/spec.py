@@ -1,6 +1,7 @@
-"""The run spec: what ``sketchattr build`` used (model, task, data options, projector, modules),
-saved as JSON beside the store (``store.h5`` -> ``store.run.json``), so ``score`` and
-``select`` rebuild the same model and featurizer from the store path alone.
+"""The run spec: what ``sketchattr build`` used (model and where its code lives, weights or the
+seed of random ones, task, data options with the label mapping, projector, modules), saved as
+JSON beside the store (``store.h5`` -> ``store.run.json``), so ``score`` and ``select`` rebuild
+the same model and featurizer from the store path alone, from any working directory.
 
 :func:`open_run` turns a spec into the live objects (:class:`Run`: model on the device, task,
 tokenizer, featurizer) and reads data files with the spec's data options.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 
 from sketchattr.commands.config import CommandError
-from sketchattr.commands.model_loading import is_hf_folder, load_model, load_tokenizer
+from sketchattr.commands.labels import resolve_classes
+from sketchattr.commands.model_loading import is_hf_folder, load_model, load_tokenizer, model_origin
 from sketchattr.data.local_files import DataError, DataOptions, LocalData, load_local_data
 
 TASKS = ("classification", "regression", "causal_lm", "sequence_classification")
@@ -30,7 +33,13 @@ SPEC_FORMAT = "sketchattr-run-spec"
 
 @dataclass
 class RunSpec:
-    """Everything needed to rebuild the featurizer of a store. Paths are absolute."""
+    """Everything needed to rebuild the featurizer of a store. Paths are absolute.
+
+    ``model_file`` / ``model_path``: the file of ``model``'s code and the sys.path folder its
+    import path resolved from at build; ``init_seed``: the torch seed of ``--random_init``
+    weights (None: weights from ``checkpoint`` or a Hugging Face folder). ``data``: the data
+    options, with ``classes`` (label names in class-id order, or None for integer labels) and
+    ``classes_source``."""
 
     model: str
     task: str
@@ -38,6 +47,9 @@ class RunSpec:
     store: str
     model_args: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    model_file: str | None = None
+    model_path: str | None = None
+    init_seed: int | None = None
     tokenizer: str | None = None
     projector: str = "sjlt"
     m: int | None = 1024
@@ -169,6 +181,11 @@ class Run:
         except DataError as exc:
             raise CommandError(f"{what}: {exc}") from exc
 
+    def load_query(self, path: str, what: str, **override: Any) -> LocalData:
+        """A later file (query, target) read with the store's label mapping; string labels the
+        mapping lacks are refused instead of being numbered anew."""
+        return self.load(path, what, new_classes=False, **override)
+
     def load_train(self) -> LocalData:
         """The training file of the build (read once per run)."""
         if self._train is None:
@@ -193,7 +210,8 @@ def open_run(spec: RunSpec, device: torch.device, batch_size: int | None = None,
     from sketchattr.featurize import Featurizer
 
     task = make_task(spec.task)
-    model = load_model(spec.model, spec.model_args, spec.checkpoint, spec.task)
+    model = load_model(spec.model, spec.model_args, spec.checkpoint, spec.task, spec.init_seed, spec.model_path)
+    _note_moved_code(spec)
     dtype = getattr(torch, spec.dtype) if spec.dtype else None
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     tokenizer = load_tokenizer(spec.tokenizer, spec.model)
@@ -211,6 +229,14 @@ def open_run(spec: RunSpec, device: torch.device, batch_size: int | None = None,
     featurizer = Featurizer(model, task, modules=parse_modules(spec.modules), projector=spec.projector, m=m, seed=spec.seed,
                             batch_size=bs, device=device, dtype=dtype, progress=progress, preconditioner=preconditioner)
     return Run(spec, model, task, tokenizer, featurizer, device)
+
+
+def _note_moved_code(spec: RunSpec) -> None:
+    """Warn when ``--model``'s code now comes from another file than at build."""
+    now = model_origin(spec.model)[0]
+    if spec.model_file and now and Path(now) != Path(spec.model_file):
+        print(f"warning: --model {spec.model} was imported from {now}, but the store was built with {spec.model_file}",
+              file=sys.stderr)
 
 
 def _adam_preconditioner(path: str, model: nn.Module) -> Any:
@@ -233,6 +259,13 @@ def _adam_preconditioner(path: str, model: nn.Module) -> Any:
         raise CommandError(f"--optimizer_state {p}: {exc}") from exc
 
 
+def _weights_hint(spec: RunSpec) -> str:
+    """Why a rebuilt model may differ from the build's."""
+    if spec.checkpoint is None and spec.init_seed is None and not is_hf_folder(spec.model):
+        return "its build had no --checkpoint: random weights differ on every load; rebuild with --checkpoint or --random_init"
+    return "was the checkpoint or model code changed since build?"
+
+
 def add_store_arguments(p: Any) -> None:
     """``--store`` and ``--run_spec`` (score, select)."""
     p.add_argument("--store", help="the store written by `sketchattr build` (its run spec is read from beside it)")
@@ -240,8 +273,9 @@ def add_store_arguments(p: Any) -> None:
 
 
 def open_store(store: str, run_spec: str | None, device: torch.device, batch_size: int | None,
-               progress: bool) -> tuple[Run, Any]:
-    """The run of a built store and the store itself (read-only use), checked against each other."""
+               progress: bool, classes: list[str] | None = None) -> tuple[Run, Any]:
+    """The run of a built store and the store itself (read-only use), checked against each other.
+    ``classes``: ``--classes`` of this command (see :func:`~sketchattr.commands.labels.resolve_classes`)."""
     from sketchattr.store import DiskStore, StoreMismatchError
 
     path = Path(store)
@@ -249,6 +283,7 @@ def open_store(store: str, run_spec: str | None, device: torch.device, batch_siz
         raise CommandError(f"store not found: {path} (write it with `sketchattr build`)")
     spec = RunSpec.load(run_spec or spec_path(path))
     spec.store = str(path.resolve())  # where the store is now (its folder may have moved since build)
+    spec.data["classes"] = resolve_classes(spec.data, classes)
     r = open_run(spec, device, batch_size, progress)
     disk = DiskStore(path)
     if disk.metadata is None or len(disk) == 0:
@@ -258,7 +293,7 @@ def open_store(store: str, run_spec: str | None, device: torch.device, batch_siz
         disk.metadata.check_matches(r.featurizer.metadata("train"))
     except StoreMismatchError as exc:
         raise CommandError(f"the store {path} does not match the model of its run spec {run_spec or spec_path(path)} "
-                           f"(was the checkpoint or model code changed since build?): {exc}") from exc
+                           f"({_weights_hint(spec)}): {exc}") from exc
     if not spec.complete:
         print(f"note: the store holds {len(disk)} rows and its build did not finish: scores cover those rows only "
               "(run `sketchattr build` again to complete it)")

@@ -15,9 +15,12 @@ Sources (by extension / folder layout):
 * a ``datasets.save_to_disk`` folder (needs the ``datasets`` package; ``--split`` for a
   DatasetDict), read as records.
 
-Classification labels may be integers or strings; string labels (and image folders) are mapped
-to class ids by ``classes`` (the train file's sorted names, kept in the run spec so query files
-get the same ids). Every source gives :class:`Preview` s (text, image, label) for reports.
+Classification labels may be integers or strings. String labels (and image folders) are mapped
+to class ids by ``DataOptions.classes`` (the order gives the id), or, when none is given and the
+file may define the mapping (``new_classes``: the training file of a build), by their sorted
+names; a file that may not (a query file against a store built from integer ids) is refused.
+Integer labels are class ids (named by ``classes`` when given). Every source gives
+:class:`Preview` s (text, image, label) for reports.
 """
 from __future__ import annotations
 
@@ -57,6 +60,9 @@ class DataOptions:
     image_size: int = 224
     split: str | None = None
     classes: list[str] | None = None
+    new_classes: bool = True
+    """Whether string labels without ``classes`` may be numbered in sorted order (a build's training
+    file); False refuses them (a query file whose store knows no class names)."""
 
 
 @dataclass
@@ -119,7 +125,7 @@ def load_local_data(path: "str | Path", label_kind: str | None, options: DataOpt
         return _image_folder(p, label_kind, options)
     ext = p.suffix.lower()
     if ext == ".pt":
-        return _arrays(p, "pt", _read_pt(p), label_kind, options, tokenizer)
+        return _arrays(p, "pt", read_pt(p), label_kind, options, tokenizer)
     if ext == ".npz":
         return _arrays(p, "npz", _read_npz(p), label_kind, options, tokenizer)
     if ext == ".csv":
@@ -131,7 +137,8 @@ def load_local_data(path: "str | Path", label_kind: str | None, options: DataOpt
 
 
 # ---------------------------------------------------------------------------- readers
-def _read_pt(p: Path) -> Any:
+def read_pt(p: Path) -> Any:
+    """A .pt file by torch.load(weights_only=True): nothing in it runs; a refused or damaged file is a DataError."""
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling refused or a damaged file: say which and why
@@ -233,6 +240,8 @@ def _tensor_data(p: Path, source: str, x: torch.Tensor, y: torch.Tensor | None, 
                             "classification and regression need labels")
         y = _label_tensor(y, label_kind, where)
         labels = y.numpy()
+        if label_kind == "class" and options.classes is not None:
+            _check_id_range(labels, options.classes, where)
     tensors = [x] + ([y] if y is not None else []) + rest
     tokens = label_kind is None and not x.is_floating_point() and x.dim() == 2
     return LocalData(p, TensorDataset(*tensors), source, labels=labels, classes=options.classes,
@@ -316,7 +325,7 @@ def _records(p: Path, source: str, rows: Sequence[dict[str, Any]], label_kind: s
                         f"columns: {columns}")
     labels, classes = (None, options.classes)
     if label_kind is not None:
-        labels, classes = _record_labels(p, [r.get(label_key) for r in rows], label_kind, options.classes, label_key)
+        labels, classes = _record_labels(p, [r.get(label_key) for r in rows], label_kind, options, label_key)
     if "input_ids" in columns and not options.text_column:
         cols = {k: [torch.as_tensor(r[k]) for r in rows] for k in TOKEN_KEYS if k in columns and k != "labels"}
         return LocalData(p, _TokenRecords(cols, labels), source, collate_fn=_pad_collator(tokenizer), labels=labels,
@@ -350,7 +359,7 @@ def _records(p: Path, source: str, rows: Sequence[dict[str, Any]], label_kind: s
                      previewer=lambda i: _tensor_preview(xt[i], None, False))
 
 
-def _record_labels(p: Path, values: list[Any], label_kind: str, classes: list[str] | None,
+def _record_labels(p: Path, values: list[Any], label_kind: str, options: DataOptions,
                    key: str) -> tuple[np.ndarray, list[str] | None]:
     """Labels [n] (int64 class ids or float32 targets) and the class names used."""
     if any(v is None or v == "" for v in values):
@@ -358,22 +367,54 @@ def _record_labels(p: Path, values: list[Any], label_kind: str, classes: list[st
         raise DataError(f"{p} row {row + 1}: label column {key!r} is empty")
     if label_kind == "float":
         try:
-            return np.asarray([float(v) for v in values], dtype=np.float32), classes
+            return np.asarray([float(v) for v in values], dtype=np.float32), options.classes
         except (TypeError, ValueError):
             raise DataError(f"{p}: regression labels in column {key!r} must be numbers") from None
-    if classes is None:
-        try:
-            nums = np.asarray([float(v) for v in values])
-            if np.all(nums == np.round(nums)):
-                return nums.astype(np.int64), None
-        except (TypeError, ValueError):
-            pass
-        classes = sorted({str(v) for v in values})
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({str(v) for v in values if str(v) not in index})
-    if unknown:
-        raise DataError(f"{p}: labels {unknown[:10]} are not among the training classes {classes[:20]}")
-    return np.asarray([index[str(v)] for v in values], dtype=np.int64), list(classes)
+    return _class_ids(values, options, f"{p}, label column {key!r}")
+
+
+def _class_ids(values: list[Any], options: DataOptions, where: str) -> tuple[np.ndarray, list[str] | None]:
+    """Class ids [n] of label values and the class names: names mapped by ``options.classes``
+    (their order gives the id), integer values kept as ids, other names numbered in sorted order
+    when ``options.new_classes`` allows it (else refused)."""
+    names = [str(v) for v in values]
+    ids = _integer_ids(values)
+    classes = options.classes
+    if classes is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        if all(n in index for n in names):
+            return np.asarray([index[n] for n in names], dtype=np.int64), list(classes)
+        if ids is not None:
+            _check_id_range(ids, classes, where)
+            return ids, list(classes)
+        unknown = sorted({n for n in names if n not in index})
+        raise DataError(f"{where}: labels {unknown[:10]} are not among the classes {list(classes)[:20]}")
+    if ids is not None:
+        return ids, None
+    found = sorted(set(names))
+    if not options.new_classes:
+        raise DataError(f"{where}: string labels {found[:10]}, but the training labels were integer class ids with no "
+                        "names: give the class names in class-id order with --classes (e.g. --classes "
+                        + " ".join(found[:3]) + (" ...)" if len(found) > 3 else ")"))
+    index = {c: i for i, c in enumerate(found)}
+    return np.asarray([index[n] for n in names], dtype=np.int64), found
+
+
+def _integer_ids(values: Sequence[Any]) -> np.ndarray | None:
+    """The values as int64 ids when every one is an integer number (``3``, ``"3"``, ``3.0``), else None."""
+    try:
+        nums = np.asarray([float(v) for v in values])
+    except (TypeError, ValueError):
+        return None
+    return nums.astype(np.int64) if np.all(np.isfinite(nums)) and np.all(nums == np.round(nums)) else None
+
+
+def _check_id_range(ids: np.ndarray, classes: Sequence[str], where: str) -> None:
+    """Integer class ids must name one of ``classes`` (0 .. len - 1)."""
+    bad = sorted({int(v) for v in np.asarray(ids).reshape(-1) if not 0 <= int(v) < len(classes)})
+    if bad:
+        raise DataError(f"{where}: class ids {bad[:10]} outside 0..{len(classes) - 1}, the ids of the {len(classes)} "
+                        f"classes {list(classes)[:20]}")
 
 
 def _pad_collator(tokenizer: Any) -> Any:
@@ -444,6 +485,9 @@ def _image_folder(p: Path, label_kind: str | None, options: DataOptions) -> Loca
     if label_kind == "float":
         raise DataError(f"{p}: an image folder gives class labels; use --task classification")
     size = int(options.image_size)
+    if options.classes is None and not options.new_classes:
+        raise DataError(f"{p}: class folders name the labels, but the training labels were integer class ids with no "
+                        "names: give the class names in class-id order with --classes")
     try:
         ds = ImageFolderDataset(p, transform=CenterCropTransform(resize=size, crop=size), classes=options.classes)
     except (FileNotFoundError, ValueError) as exc:

@@ -68,13 +68,14 @@ class FeaturizeRun:
         return self.remaining == 0
 
 
-def _tree_map(fn: Callable[[Any], Any], obj: Any) -> Any:
+def tree_map(fn: Callable[[Any], Any], obj: Any) -> Any:
+    """``fn`` applied to every tensor of a batch (tensors, lists, tuples, dicts nested)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_tree_map(fn, o) for o in obj)
+        return type(obj)(tree_map(fn, o) for o in obj)
     if isinstance(obj, dict):
-        return {k: _tree_map(fn, v) for k, v in obj.items()}
+        return {k: tree_map(fn, v) for k, v in obj.items()}
     return obj
 
 
@@ -366,12 +367,12 @@ class Featurizer:
         dataset = self._dataset_of(dataset)
         idx = self._resolve_indices(dataset, [index])
         self.selection(self._example_input(dataset, idx))
-        batch = _tree_map(self._to_device, next(iter(self._loader(Subset(dataset, idx.tolist()), 1))))
+        batch = tree_map(self._to_device, next(iter(self._loader(Subset(dataset, idx.tolist()), 1))))
         copies, positions = split(batch)
         n = len(positions)
         if n == 0:
             return np.zeros(0, dtype=np.int64), torch.zeros(0, self.projector.output_dim(self.selection().dims))
-        chunks = [_tree_map(lambda t, a=a: t[a : a + self.batch_size], copies) for a in range(0, n, self.batch_size)]
+        chunks = [tree_map(lambda t, a=a: t[a : a + self.batch_size], copies) for a in range(0, n, self.batch_size)]
         rows = torch.cat([r for _, r in self._iter_batches(chunks, np.arange(n), "train", False, progress=False)])
         return positions.cpu().numpy(), rows
 
@@ -389,7 +390,7 @@ class Featurizer:
                 show = self.progress if progress is None else progress
                 bar = stack.enter_context(tqdm(total=len(indices), desc=f"featurize {kind}", unit="ex", disable=not show))
                 for batch in batches:
-                    batch = _tree_map(self._to_device, batch)
+                    batch = tree_map(self._to_device, batch)
                     with self._record(f"featurize {kind}: gradients + sketch", _batch_len(batch)):
                         rows = rows_of(batch)
                     b = indices[start : start + _batch_len(batch)]
@@ -536,7 +537,7 @@ class Featurizer:
         model, task = self.model, self.task
 
         def fn(params: dict, frozen: dict, example: Any) -> torch.Tensor:
-            batch = _tree_map(lambda t: t.unsqueeze(0), example)
+            batch = tree_map(lambda t: t.unsqueeze(0), example)
 
             def call(*args: Any, **kwargs: Any) -> torch.Tensor:
                 return functional_call(model, (params, frozen), args, kwargs)
@@ -568,7 +569,7 @@ class Featurizer:
         """``run(model)`` on the first planned row (last-N selection traces the forward order)."""
         if not (isinstance(self.module_spec, int) and not isinstance(self.module_spec, bool)):
             return None
-        first = _tree_map(self._to_device, next(iter(self._loader(Subset(dataset, idx[:1].tolist()), 1))))
+        first = tree_map(self._to_device, next(iter(self._loader(Subset(dataset, idx[:1].tolist()), 1))))
         return example_runner(self.task, first)
 
     def _dataset_of(self, data: Any) -> Dataset:
@@ -654,7 +655,7 @@ def dataset_length(dataset: Any, what: str = "dataset") -> int:
 
 def _first(batch: Any) -> Any:
     """The batch's first example, as a batch of one."""
-    return _tree_map(lambda t: t[:1], batch)
+    return tree_map(lambda t: t[:1], batch)
 
 
 def _batch_len(batch: Any) -> int:
