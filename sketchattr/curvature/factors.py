@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from sketchattr.curvature.profiler import Profiler
 from sketchattr.featurize.engine import BatchCapture, Block, HookEngine
 from sketchattr.featurize.featurizer import (
-    _as_dataset, _batch_len, _first, _tree_map, dataset_length, example_runner, main_process, task_mask,
+    _as_dataset, _batch_len, _first, tree_map, dataset_length, example_runner, main_process, task_mask,
 )
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.featurize.rules import BlockLayout, layout_from
@@ -283,7 +283,7 @@ def _resolve_engine(model: nn.Module, task: Task, modules: Any, dataset: Dataset
     example = None
     if isinstance(spec, int) and not isinstance(spec, bool):
         first = next(iter(DataLoader(Subset(dataset, [0]), batch_size=1, generator=torch.Generator(), collate_fn=collate_fn)))
-        example = example_runner(task, _tree_map(_caster(model), first))
+        example = example_runner(task, tree_map(_caster(model), first))
     engine = HookEngine(model, select_modules(model, spec, example))
     engine.require(CURVATURE, CURVATURE_REMEDY)
     return engine
@@ -353,7 +353,7 @@ def _data_pass(run: _Run, desc: str, consume: Callable[[BatchCapture], None], pa
             with run.engine.attached() as engine:
                 for b, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not run.progress)):
                     torch.manual_seed(batch_seed(run.seed, pass_index, first_batch + b))
-                    batch = _tree_map(cast, batch)
+                    batch = tree_map(cast, batch)
                     n, mask = _batch_len(batch), task_mask(task, batch, device)
                     with prof.record("forward + backward"):
                         cap = engine.run(lambda: task.train_loss(model, batch, sample=run.sample), n, mask)
