@@ -114,8 +114,8 @@ def auto_damping(sigma: torch.Tensor, m: int, n: int, reproducible: float | None
       transformer bench: d_λ 170 → ~50) and nowhere on the classifiers.
 
     Measured against the best λ of a fine grid (``experiments/damping_rule.py``: digits MLP, digits
-    CNN, MNIST MLP, transformer; exact and SJLT/Gaussian sketches; model seeds 0–3): see the README
-    table. The transformer's sketched stores want far more damping (sketch noise dominates their
+    CNN, MNIST MLP, transformer; exact and SJLT/Gaussian sketches; model seeds 0–3): see the tables
+    in docs/damping.md. The transformer's sketched stores want far more damping (sketch noise dominates their
     inner products): :func:`sketch_noise_damping` (``SketchedInfluence.calibrate_damping(queries)``)
     corrects for that noise.
     """
