@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 import sketchattr as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from kronfluence_padded_lm import pearson, rel  # noqa: E402  (this folder: the script's own)
 from kronfluence_shaped_tasks import SETUPS, Setup  # noqa: E402  (the test suite's set-ups)
 
 SHARED = {"shared_layer_mlp"}
@@ -84,14 +85,6 @@ def kronfluence(setup: Setup, strategy: str, out: str, shared: bool, accumulate:
                                      per_device_query_batch_size=len(setup.queries), per_device_train_batch_size=4,
                                      score_args=sargs, overwrite_output_dir=True)
     return analyzer.load_pairwise_scores("s")["all_modules"]
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / a.double().abs().max())
 
 
 def main() -> None:
