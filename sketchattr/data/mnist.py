@@ -109,7 +109,7 @@ def find_mnist_pickle(data_dir: str | Path | None) -> Path | None:
 def read_mnist_pickle(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The deeplearning.net ``mnist.pkl.gz`` as uint8 arrays (train = its 50,000 train rows, test = its
     10,000 test rows), read without running code (:func:`sketchattr.data.safe_pickle.safe_load`)."""
-    from .safe_pickle import safe_load
+    from sketchattr.data.safe_pickle import safe_load
 
     path = Path(path)
     with gzip.open(path, "rb") as f:

@@ -1,11 +1,11 @@
 """Model constructors (see :mod:`sketchattr.models.registry` for ``make_model``)."""
-from .gpt import GPTConfig, make_gpt
-from .logistic import make_logistic
-from .mlp import make_mlp
-from .music_transformer import MusicTransformer, make_music_transformer
-from .registry import available_models, make_model, model_name_of
-from .resnet import ResNet, load_weights, resnet50, tiny_resnet
-from .resnet9 import ResNet9, make_resnet9
+from sketchattr.models.gpt import GPTConfig, make_gpt
+from sketchattr.models.logistic import make_logistic
+from sketchattr.models.mlp import make_mlp
+from sketchattr.models.music_transformer import MusicTransformer, make_music_transformer
+from sketchattr.models.registry import available_models, make_model, model_name_of
+from sketchattr.models.resnet import ResNet, load_weights, resnet50, tiny_resnet
+from sketchattr.models.resnet9 import ResNet9, make_resnet9
 
 __all__ = [
     "GPTConfig", "MusicTransformer", "ResNet", "ResNet9", "available_models", "load_weights", "make_gpt", "make_logistic",

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .music_transformer import MusicTransformer
+from sketchattr.models.music_transformer import MusicTransformer
 
 
 @dataclass(frozen=True)

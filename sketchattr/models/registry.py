@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from .gpt import make_gpt
-from .logistic import make_logistic
-from .mlp import make_mlp
-from .music_transformer import MusicTransformer, make_music_transformer
-from .resnet9 import ResNet9, make_resnet9
+from sketchattr.models.gpt import make_gpt
+from sketchattr.models.logistic import make_logistic
+from sketchattr.models.mlp import make_mlp
+from sketchattr.models.music_transformer import MusicTransformer, make_music_transformer
+from sketchattr.models.resnet9 import ResNet9, make_resnet9
 
 if TYPE_CHECKING:
     from sketchattr.data.registry import DatasetSplit

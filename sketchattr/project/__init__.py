@@ -10,7 +10,7 @@ Types: ``identity``, ``gaussian`` (alias ``normal``), ``rademacher``, ``sjlt`` (
 (masked Kronecker factors mixed by an SJLT into ``m``), ``tensorsketch`` (a count sketch of every
 block with a Kronecker-split hash, computed from the layer factors by FFT).  ``spec()`` is the JSON-able identity of a sketch (store metadata).
 """
-from .base import (
+from sketchattr.project.base import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CACHE_BYTES,
     ChunkedProjector,
@@ -18,13 +18,13 @@ from .base import (
     block_seed,
     make_projector,
 )
-from .dense import DenseProjector, GaussianProjector, RademacherProjector
-from .eigenbasis import EigenbasisProjector, SparseEigenbasisProjector
-from .factgrass import FactGraSSProjector
-from .factorized import FactorizedProjector
-from .identity import IdentityProjector
-from .sjlt import SJLTProjector, sjlt_cuda_available
-from .tensorsketch import TensorSketchProjector
+from sketchattr.project.dense import DenseProjector, GaussianProjector, RademacherProjector
+from sketchattr.project.eigenbasis import EigenbasisProjector, SparseEigenbasisProjector
+from sketchattr.project.factgrass import FactGraSSProjector
+from sketchattr.project.factorized import FactorizedProjector
+from sketchattr.project.identity import IdentityProjector
+from sketchattr.project.sjlt import SJLTProjector, sjlt_cuda_available
+from sketchattr.project.tensorsketch import TensorSketchProjector
 
 __all__ = [
     "Projector",

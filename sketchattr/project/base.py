@@ -411,7 +411,7 @@ def make_projector(
         if m is not None and ("m_out" in kwargs or "m_in" in kwargs):
             raise ValueError("projector 'factorized': give either m (per module, split near-square) or m_out= and m_in=")
         if m is not None:
-            from .factorized import square_split
+            from sketchattr.project.factorized import square_split
 
             kwargs["m_out"], kwargs["m_in"] = square_split(m)
         if "m_out" not in kwargs or "m_in" not in kwargs:

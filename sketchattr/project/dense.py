@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .base import Block, ChunkedProjector
+from sketchattr.project.base import Block, ChunkedProjector
 
 __all__ = ["DenseProjector", "GaussianProjector", "RademacherProjector"]
 

@@ -32,7 +32,7 @@ import torch
 
 from sketchattr.featurize.rules.factor import DenseFactor
 
-from .base import Projector, _check_dims, _check_grads, _check_int
+from sketchattr.project.base import Projector, _check_dims, _check_grads, _check_int
 
 if TYPE_CHECKING:
     from sketchattr.curvature.factors import Factors

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import DEFAULT_BLOCK_SIZE, _check_dims, _check_int, block_seed, cpu_generator
-from .factorized import FLAT_STREAM, FactorizedProjector, square_split
-from .sjlt import SJLTProjector
+from sketchattr.project.base import DEFAULT_BLOCK_SIZE, _check_dims, _check_int, block_seed, cpu_generator
+from sketchattr.project.factorized import FLAT_STREAM, FactorizedProjector, square_split
+from sketchattr.project.sjlt import SJLTProjector
 
 if TYPE_CHECKING:
     from sketchattr.featurize.engine import BatchCapture

@@ -50,7 +50,7 @@ import torch
 
 from sketchattr.featurize.rules.layout import BlockLayout, FlatLayout, KronLayout
 
-from .base import DEFAULT_BLOCK_SIZE, Projector, _check_dims, _check_grads, _check_int, block_seed, cpu_generator
+from sketchattr.project.base import DEFAULT_BLOCK_SIZE, Projector, _check_dims, _check_grads, _check_int, block_seed, cpu_generator
 
 if TYPE_CHECKING:
     from sketchattr.featurize.engine import BatchCapture

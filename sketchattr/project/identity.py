@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import DEFAULT_BLOCK_SIZE, Projector, _check_dims, _check_grads, _check_int
+from sketchattr.project.base import DEFAULT_BLOCK_SIZE, Projector, _check_dims, _check_grads, _check_int
 
 __all__ = ["IdentityProjector"]
 

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from .base import DEFAULT_CACHE_BYTES, Block, ChunkedProjector, _check_int
+from sketchattr.project.base import DEFAULT_CACHE_BYTES, Block, ChunkedProjector, _check_int
 
 __all__ = ["SJLTProjector", "sjlt_cuda_available", "load_sjlt_kernel"]
 

@@ -27,8 +27,8 @@ import torch
 
 from sketchattr.featurize.rules.layout import KronLayout
 
-from .base import DEFAULT_BLOCK_SIZE, _check_dims, _check_grads, _check_int, block_seed, cpu_generator
-from .factorized import FLAT_STREAM, FactorizedProjector
+from sketchattr.project.base import DEFAULT_BLOCK_SIZE, _check_dims, _check_grads, _check_int, block_seed, cpu_generator
+from sketchattr.project.factorized import FLAT_STREAM, FactorizedProjector
 
 __all__ = ["TensorSketchProjector"]
 

@@ -10,8 +10,8 @@ Types: ``all`` (aliases ``none``, ``full``; ``kind=None``), ``uniform`` (``rando
 ``sum_j weights[j] * x[indices[j]]`` is an unbiased estimate of ``sum_i x[i]`` over the
 train set.  Same seed -> same sample.
 """
-from .base import Sample, Sampler, dataset_labels, make_sampler, sample_from_spec
-from .samplers import (
+from sketchattr.sample.base import Sample, Sampler, dataset_labels, make_sampler, sample_from_spec
+from sketchattr.sample.samplers import (
     AllSampler,
     StratifiedSampler,
     UniformSampler,

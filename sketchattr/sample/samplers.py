@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import (
+from sketchattr.sample.base import (
     Sampler,
     _check_int,
     _check_keys,

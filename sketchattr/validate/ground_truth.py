@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.digits import N_TRAIN, load_digits_split
-from ..recipes import query_margins, torch_threads, train_digits_cnn, train_digits_mlp, train_mnist_mlp
+from sketchattr.data.digits import N_TRAIN, load_digits_split
+from sketchattr.recipes import query_margins, torch_threads, train_digits_cnn, train_digits_mlp, train_mnist_mlp
 
 TrainFn = Callable[[np.ndarray, int], Any]  # (subset positions [m], seed) -> model
 MeasureFn = Callable[[Any], torch.Tensor | np.ndarray]  # model -> [n_query]
@@ -225,7 +225,7 @@ def mnist_mlp_ground_truth(
     """MNIST-MLP bench ground truth (:func:`sketchattr.recipes.load_mnist_bench`): query margins [K, 100]
     of ``train_mnist_mlp`` on half-size subsets of the 3,000 train rows. Cached at
     ``cache_dir/mnist_mlp_lds_K{K}_a{alpha}_R{n_seeds}_s{seed}.h5`` (~2 min on 2 cores the first time)."""
-    from ..recipes import MNIST_BENCH_TRAIN, load_mnist_bench
+    from sketchattr.recipes import MNIST_BENCH_TRAIN, load_mnist_bench
 
     split = load_mnist_bench(data_dir)
     return _bench_ground_truth(
@@ -247,8 +247,8 @@ def markov_lm_ground_truth(
     """Transformer bench ground truth: the 50 query log-likelihoods [K, 50] of
     ``train_markov_lm`` retrained on half-size subsets of the 400 Markov-text sequences.
     Cached at ``cache_dir/markov_lm_lds_K{K}_a{alpha}_R{n_seeds}_s{seed}_e{epochs}.h5``."""
-    from ..data.markov import markov_text
-    from ..recipes import sequence_log_likelihoods, train_markov_lm
+    from sketchattr.data.markov import markov_text
+    from sketchattr.recipes import sequence_log_likelihoods, train_markov_lm
 
     text = markov_text()
 
