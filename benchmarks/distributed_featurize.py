@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
 
     import sketchattr.distributed as sad
     from sketchattr import ClassificationTask, Featurizer
-    from sketchattr.curvature.profiler import Profiler
+    from sketchattr.core.profiler import Profiler
     from sketchattr.store import DiskStore
     from store_throughput import synthetic_mlp
 

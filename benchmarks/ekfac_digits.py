@@ -18,10 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 import sketchattr as sa
-from sketchattr.data.digits import load_digits_split
-from sketchattr.recipes import train_digits_mlp
+from sketchattr.bench.data.digits import load_digits_split
+from sketchattr.bench.recipes import train_digits_mlp
 from sketchattr.score import query_rank_agreement
-from sketchattr.validate.ground_truth import digits_ground_truth
+from sketchattr.bench.ground_truth import digits_ground_truth
 from sketchattr.validate.lds import lds
 
 SCORERS = {"ekfac": sa.EKFACScorer, "kfac": sa.KFACScorer, "diagonal": sa.DiagonalScorer}

@@ -54,8 +54,8 @@ def digits_28(n: int) -> torch.utils.data.TensorDataset:
 
 def case(name: str, rows: int):
     import sketchattr as sa
-    from sketchattr.data.synthetic import RandomTokens
-    from sketchattr.models.gpt import PRESETS, make_gpt
+    from sketchattr.bench.data.synthetic import RandomTokens
+    from sketchattr.bench.models.gpt import PRESETS, make_gpt
     from sketchattr.task import CausalLMTask
 
     if name == "gpt":

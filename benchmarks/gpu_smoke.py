@@ -16,10 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from sketchattr import ClassificationTask, Featurizer, SketchedInfluence
-from sketchattr.data.digits import load_digits_split
-from sketchattr.recipes import train_digits_mlp
+from sketchattr.bench.data.digits import load_digits_split
+from sketchattr.bench.recipes import train_digits_mlp
 from sketchattr.store import CPUStore, DiskStore, MemoryStore
-from sketchattr.validate.ground_truth import digits_ground_truth
+from sketchattr.bench.ground_truth import digits_ground_truth
 from sketchattr.validate.lds import lds
 
 

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import sketchattr as sa
-from sketchattr.data.digits import load_digits_split
-from sketchattr.recipes import train_digits_mlp
+from sketchattr.bench.data.digits import load_digits_split
+from sketchattr.bench.recipes import train_digits_mlp
 from sketchattr.task import margin
-from sketchattr.validate.ground_truth import digits_ground_truth
+from sketchattr.bench.ground_truth import digits_ground_truth
 from sketchattr.validate.lds import lds
 
 DAMPING = 1e-8  # Kronfluence 1.0.1's ScoreArguments.damping_factor default

@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sketchattr import ClassificationTask, Featurizer, SketchedInfluence
-from sketchattr.data.digits import load_digits_split
-from sketchattr.recipes import train_digits_mlp
-from sketchattr.validate.ground_truth import digits_ground_truth
+from sketchattr.bench.data.digits import load_digits_split
+from sketchattr.bench.recipes import train_digits_mlp
+from sketchattr.bench.ground_truth import digits_ground_truth
 from sketchattr.validate.lds import lds
 
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)

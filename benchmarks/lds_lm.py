@@ -1,6 +1,6 @@
 """Transformer LDS bench: which sketched attribution keeps EKFAC's quality on a language model?
 
-Bench (`sketchattr.data.markov`, `sketchattr.recipes.train_markov_lm`): a 2-layer Hugging Face
+Bench (`sketchattr.bench.data.markov`, `sketchattr.bench.recipes.train_markov_lm`): a 2-layer Hugging Face
 GPT-2 (106K parameters) trained with AdamW on 400 generated sequences of 16–24 tokens from a
 mixture of four sparse Markov chains (padded batches, attention masks); 50 query sequences,
 measurement = the query's log-likelihood. Ground truth: 100 half-data subsets × 2 training seeds
@@ -16,7 +16,7 @@ Rows, one per method (the columns a training example costs in the store):
 * LoGra-style: per-layer k × k projections of layer inputs and output gradients, EKFAC fitted in
   the projected space (token-level projected covariances, Λ from the projected train rows);
 * EigenbasisProjector + EKFACScorer: the m EKFAC eigen-coordinates with the largest Λ/λ, exact
-  EKFAC on them (see sketchattr/project/eigenbasis.py);
+  EKFAC on them (see sketchattr/curvature/eigenbasis.py);
 * SparseEigenbasisProjector + EKFACScorer: per example, its own m/2 largest whitened
   eigen-coordinates (values + indices: m columns).
 
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 import sketchattr as sa
-from sketchattr.data.markov import markov_text
+from sketchattr.bench.data.markov import markov_text
 from sketchattr.featurize.engine import HookEngine
-from sketchattr.recipes import train_markov_lm
-from sketchattr.validate.ground_truth import markov_lm_ground_truth
+from sketchattr.bench.recipes import train_markov_lm
+from sketchattr.bench.ground_truth import markov_lm_ground_truth
 from sketchattr.validate.lds import lds
 
 GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # λ / σ_max

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from sketchattr import ClassificationTask, Featurizer, SketchedInfluence
-from sketchattr.data.digits import N_TRAIN, load_digits_split
-from sketchattr.recipes import query_margins, train_digits_mlp
+from sketchattr.bench.data.digits import N_TRAIN, load_digits_split
+from sketchattr.bench.recipes import query_margins, train_digits_mlp
 from sketchattr.validate import loo_correlation, loo_ground_truth
 
 

@@ -59,7 +59,7 @@ def dattri_child(workdir: str) -> None:
 
     from dattri.algorithm import LoGraAttributor
     from dattri.task import AttributionTask
-    from sketchattr.recipes import make_mnist_mlp
+    from sketchattr.bench.recipes import make_mnist_mlp
 
     work = Path(workdir)
     d = torch.load(work / "inputs.pt", weights_only=True)
@@ -105,8 +105,8 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     import sketchattr as sa
-    from sketchattr.recipes import load_mnist_bench, train_mnist_mlp
-    from sketchattr.validate.ground_truth import mnist_mlp_ground_truth
+    from sketchattr.bench.recipes import load_mnist_bench, train_mnist_mlp
+    from sketchattr.bench.ground_truth import mnist_mlp_ground_truth
     from sketchattr.validate.lds import lds
 
     split = load_mnist_bench(args.data_dir)

@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 import sketchattr as sa
-from sketchattr.data.digits import load_digits_split
-from sketchattr.recipes import train_digits_mlp
+from sketchattr.bench.data.digits import load_digits_split
+from sketchattr.bench.recipes import train_digits_mlp
 
 
 def tiled(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> torch.utils.data.TensorDataset:

@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 import sketchattr as sa
-from sketchattr.data.digits import load_digits_split
-from sketchattr.recipes import train_digits_mlp
-from sketchattr.validate.ground_truth import digits_ground_truth
+from sketchattr.bench.data.digits import load_digits_split
+from sketchattr.bench.recipes import train_digits_mlp
+from sketchattr.bench.ground_truth import digits_ground_truth
 from sketchattr.validate.lds import lds
 from sketchattr.validate.spectrum import spectrum_check
 

@@ -22,8 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sketchattr import ClassificationTask, Featurizer
-from sketchattr.data.digits import load_digits_split
-from sketchattr.recipes import train_digits_mlp
+from sketchattr.bench.data.digits import load_digits_split
+from sketchattr.bench.recipes import train_digits_mlp
 from sketchattr.store import DiskStore, MemoryStore
 
 

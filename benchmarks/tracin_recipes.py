@@ -29,11 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sketchattr as sa
-from sketchattr.data.digits import load_digits_split
-from sketchattr.models.mlp import make_mlp
-from sketchattr.recipes import train_classifier
+from sketchattr.bench.data.digits import load_digits_split
+from sketchattr.bench.models.mlp import make_mlp
+from sketchattr.bench.recipes import train_classifier
 from sketchattr.sample import make_sampler
-from sketchattr.validate.ground_truth import digits_ground_truth
+from sketchattr.bench.ground_truth import digits_ground_truth
 from sketchattr.validate.lds import lds
 
 

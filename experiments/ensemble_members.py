@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 import sketchattr as sa
 from sketchattr import recipes
-from sketchattr.data.digits import load_digits_split
+from sketchattr.bench.data.digits import load_digits_split
 from sketchattr.score.ensemble import EnsembleInfluence, featurize_members
-from sketchattr.validate import ground_truth
+from sketchattr.bench import ground_truth
 from sketchattr.validate.lds import lds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def checkpoint_models(bench: Bench, split: Any, epochs: list[int], cache_dir: st
 
 def _maker(bench: Bench) -> Callable[[], torch.nn.Module]:
     """An untrained model of the bench's architecture (weights are loaded over it)."""
-    from sketchattr.models.mlp import make_mlp
+    from sketchattr.bench.models.mlp import make_mlp
 
     return recipes.make_mnist_mlp if bench.name == "mnist-mlp" else make_mlp
 

@@ -24,10 +24,11 @@ import torch
 
 import _common as C
 from sketchattr import SketchedInfluence
-from sketchattr.models.registry import make_model
+from sketchattr.bench.models.registry import make_model
 from sketchattr.score.damping import auto_damping, effective_dimension
-from sketchattr.train import train_model
-from sketchattr.validate.ground_truth import digits_ground_truth, subset_ground_truth
+from sketchattr.bench.train import train_model
+from sketchattr.validate.ground_truth import subset_ground_truth
+from sketchattr.bench.ground_truth import digits_ground_truth
 from sketchattr.validate.lds import lds
 from sketchattr.validate.spectrum import recommend_sketch_size
 

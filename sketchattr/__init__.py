@@ -4,11 +4,9 @@ Quick path: ``Featurizer(model, task, projector="sjlt", m=1024).featurize(train_
 ``SketchedInfluence().fit(store).top_k(featurizer.query_rows(query_set), k=5)``.
 """
 from sketchattr.featurize import Featurizer, IndexedDataset, NonFiniteGradientError, TrainTimeSketcher, model_fingerprint
-from sketchattr.modules import ModuleSelection, select_modules
+from sketchattr.featurize.selection import ModuleSelection, select_modules
 from sketchattr.project import (
-    EigenbasisProjector,
     FactGraSSProjector,
-    SparseEigenbasisProjector,
     FactorizedProjector,
     GaussianProjector,
     IdentityProjector,
@@ -33,7 +31,7 @@ from sketchattr.store import (
     make_store,
 )
 from sketchattr.task import CausalLMTask, ClassificationTask, LossTask, RegressionTask, SequenceClassificationTask, Task
-from sketchattr.modules import last_blocks
+from sketchattr.featurize.selection import last_blocks
 from sketchattr.data.collate import PadCollator
 from sketchattr.featurize.preconditioner import AdamPreconditioner
 
@@ -48,7 +46,7 @@ __all__ = [
     "StoreMismatchError", "Task", "TopK", "make_projector", "model_fingerprint", "select_modules", "top_k",
 ]
 
-from sketchattr.curvature import Factors, FactorsMismatchError, fit_factors  # noqa: E402
+from sketchattr.curvature import EigenbasisProjector, Factors, FactorsMismatchError, SparseEigenbasisProjector, fit_factors  # noqa: E402
 from sketchattr.score import DiagonalScorer, EKFACScorer, IdentityScorer, KFACScorer  # noqa: E402
 
 __all__ += ["DiagonalScorer", "EKFACScorer", "Factors", "FactorsMismatchError", "IdentityScorer", "KFACScorer", "fit_factors"]
@@ -62,7 +60,7 @@ from sketchattr.score import Selection, TokenScores, aggregate_scores, per_token
 __all__ += ["Selection", "TokenScores", "aggregate_scores", "per_token_scores", "select_training_data"]
 
 from sketchattr.score import InfluenceIndex, QueryMismatchError, QueryRows  # noqa: E402
-from sketchattr.kronfluence_task import KronfluenceTask  # noqa: E402
+from sketchattr.integrations.kronfluence import KronfluenceTask  # noqa: E402
 
 __all__ += ["InfluenceIndex", "KronfluenceTask", "QueryMismatchError", "QueryRows"]
 

@@ -49,7 +49,7 @@ class Task(abc.ABC):
     """Base class of tasks. Subclasses implement :meth:`train_loss` and :meth:`measurement`.
 
     ``modules`` (optional) names the modules to attribute through; ``None`` means every
-    module with parameters (see :func:`sketchattr.modules.select_modules`).
+    module with parameters (see :func:`sketchattr.featurize.selection.select_modules`).
     """
 
     modules: Sequence[str] | int | None = None

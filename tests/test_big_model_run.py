@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import sketchattr as sa
-from sketchattr.curvature.profiler import Profiler
-from sketchattr.data import DatasetSplit
-from sketchattr.data.synthetic import RandomTokens
-from sketchattr.models import make_model
-from sketchattr.models.gpt import PRESETS, GPTConfig, gpt_config, make_gpt
+from sketchattr.core.profiler import Profiler
+from sketchattr.bench.data import DatasetSplit
+from sketchattr.bench.data.synthetic import RandomTokens
+from sketchattr.bench.models import make_model
+from sketchattr.bench.models.gpt import PRESETS, GPTConfig, gpt_config, make_gpt
 from sketchattr.task import CausalLMTask
 
 ROOT = Path(__file__).resolve().parents[1]

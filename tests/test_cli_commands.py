@@ -14,14 +14,14 @@ import torch
 from torch.utils.data import TensorDataset
 
 import sketchattr as sa
-from sketchattr.cli import main
-from sketchattr.commands import CommandError
-from sketchattr.models.mlp import make_mlp
+from sketchattr.cli.main import main
+from sketchattr.cli.config import CommandError
+from sketchattr.bench.models.mlp import make_mlp
 from sketchattr.score.selection import aggregate_scores
 from sketchattr.validate import lds, subset_ground_truth
 
 D, C, N = 6, 3, 40
-MLP = ["--model", "sketchattr.models.mlp:make_mlp", "--model_args", json.dumps({"in_dim": D, "hidden": 8, "out_dim": C})]
+MLP = ["--model", "sketchattr.bench.models.mlp:make_mlp", "--model_args", json.dumps({"in_dim": D, "hidden": 8, "out_dim": C})]
 QUIET = ["--no_progress", "--device", "cpu"]
 
 
@@ -185,7 +185,7 @@ def test_records_config_files_and_regression(files, tmp_path):
                                                    for row, c in zip(x, y)))
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({**dict(zip(cols, map(float, row))), "label": "dog"}) + "\n" for row in x[:3]))
     (tmp_path / "reg.yaml").write_text(
-        f"model: sketchattr.models.mlp:make_mlp\nmodel_args: {{in_dim: {D}, hidden: 8, out_dim: 1}}\ntask: regression\n"
+        f"model: sketchattr.bench.models.mlp:make_mlp\nmodel_args: {{in_dim: {D}, hidden: 8, out_dim: 1}}\ntask: regression\n"
         f"train_data: {tmp_path / 'train.csv'}\nlabel_column: target\nstore: {tmp_path / 'reg.h5'}\nm: 16\nno_progress: true\n"
         "random_init: true\n")
     assert main(["build", "--config", str(tmp_path / "reg.yaml"), "--m", "8"]) == 0  # the flag beats the file
@@ -195,7 +195,7 @@ def test_records_config_files_and_regression(files, tmp_path):
     assert len(json.loads((tmp_path / "reg" / "topk.json").read_text())["results"]) == 2
 
     (tmp_path / "pipe.toml").write_text(
-        f'model = "sketchattr.models.mlp:make_mlp"\nmodel_args = \'{{"in_dim": {D}, "hidden": 8, "out_dim": 3}}\'\n'
+        f'model = "sketchattr.bench.models.mlp:make_mlp"\nmodel_args = \'{{"in_dim": {D}, "hidden": 8, "out_dim": 3}}\'\n'
         f'store = "{tmp_path / "cls.h5"}"\nno_progress = true\n'
         f'[build]\nrandom_init = true\ntask = "classification"\ntrain_data = "{tmp_path / "train.jsonl"}"\nprojector = "gaussian"\nm = 12\n'
         f'modules = ["2"]\n[score]\nquery_data = "{tmp_path / "q.jsonl"}"\nk = 3\noutput_dir = "{tmp_path / "cls"}"\n')
@@ -311,7 +311,7 @@ def test_user_errors_are_one_clear_line(files, tmp_path, capsys):
         (base(r / "train.npz", "--checkpoint", str(tmp_path / "nock.pt")), "--checkpoint not found"),
         (["build", "--model", "no_such_pkg.models:net", "--random_init", "--task", "classification", "--train_data",
           str(r / "train.npz"), "--store", str(tmp_path / "e.h5")], "cannot import 'no_such_pkg.models'"),
-        (["build", "--model", "sketchattr.models.mlp:nope", "--random_init", "--task", "classification", "--train_data",
+        (["build", "--model", "sketchattr.bench.models.mlp:nope", "--random_init", "--task", "classification", "--train_data",
           str(r / "train.npz"), "--store", str(tmp_path / "e.h5")], "has no attribute 'nope'"),
         (["build", *MLP, "--task", "classification", "--train_data", str(r / "train.npz")], "needs --store"),
         (["build", "--config", str(tmp_path / "bad.yaml")], "unknown key(s) ['modell']"),
@@ -456,14 +456,14 @@ def test_build_prints_model_quality(files, tmp_path, capsys, monkeypatch):
     assert main(build_mlp(files, tmp_path / "a.h5")) == 0
     assert (f"model quality: accuracy {acc:.1f}% (chance 33.3%), mean cross-entropy {ce:.4g} on all 40 training rows "
             "(one pass, no gradients)") in capsys.readouterr().out
-    import sketchattr.commands.fit_checks as fit_checks
+    import sketchattr.cli.fit_checks as fit_checks
 
     monkeypatch.setattr(fit_checks, "EVAL_ROWS", 25)
     reg = make_mlp(in_dim=D, hidden=8, out_dim=1, seed=2)
     torch.save(reg.state_dict(), tmp_path / "reg.pt")
     with torch.no_grad():
         mse = float(0.5 * ((reg(x[:25])[:, 0] - y[:25].float()) ** 2).mean())
-    assert main(["build", "--model", "sketchattr.models.mlp:make_mlp", "--model_args", f"in_dim={D},hidden=8,out_dim=1",
+    assert main(["build", "--model", "sketchattr.bench.models.mlp:make_mlp", "--model_args", f"in_dim={D},hidden=8,out_dim=1",
                  "--checkpoint", str(tmp_path / "reg.pt"), "--task", "regression", "--train_data",
                  str(files["root"] / "train.npz"), "--store", str(tmp_path / "r.h5"), "--m", "8", *QUIET]) == 0
     assert f"model quality: mean loss {mse:.4g} (1/2 squared error per row) on the first 25 of 40 training rows" in capsys.readouterr().out
@@ -504,7 +504,7 @@ def test_score_from_another_working_directory(files, tmp_path, monkeypatch, caps
     """An import-path model found from the build's folder is found again from anywhere (the spec records where)."""
     code = tmp_path / "code"
     code.mkdir()
-    (code / "cwd_only_models.py").write_text("from sketchattr.models.mlp import make_mlp\n\ndef net(**kw):\n"
+    (code / "cwd_only_models.py").write_text("from sketchattr.bench.models.mlp import make_mlp\n\ndef net(**kw):\n"
                                              "    return make_mlp(**kw)\n")
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(code)

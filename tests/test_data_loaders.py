@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sketchattr.data import available_datasets, load_dataset
-from sketchattr.data.cifar import CIFAR_MEAN, CIFAR_STD
-from sketchattr.data.mnist import IdxFormatError
+from sketchattr.bench.data import available_datasets, load_dataset
+from sketchattr.bench.data.cifar import CIFAR_MEAN, CIFAR_STD
+from sketchattr.bench.data.mnist import IdxFormatError
 
 MNIST_NAMES = {
     "train-images-idx3-ubyte": ("img", 30), "train-labels-idx1-ubyte": ("lab", 30),
@@ -209,7 +209,7 @@ def test_digits_split_and_names():
     assert available_datasets() == ["digits", "mnist", "cifar2", "maestro"]
     s = load_dataset("digits")
     assert len(s.train) == 1000 and len(s.test) == 100 and s.input_shape == (64,) and s.num_classes == 10
-    from sketchattr.data.digits import load_digits_split
+    from sketchattr.bench.data.digits import load_digits_split
 
     ref = load_digits_split()
     assert torch.equal(s.train.tensors[0], ref.x_train) and torch.equal(s.test.tensors[1], ref.y_query)
@@ -236,7 +236,7 @@ def test_mnist_pickle_read_without_running_code(tmp_path):
     import gzip
     import pickle
 
-    from sketchattr.data.mnist import read_mnist
+    from sketchattr.bench.data.mnist import read_mnist
     from sketchattr.data.safe_pickle import UnsafePickleError
 
     parts = _mnist_pickle(tmp_path / "mnist.pkl.gz")
@@ -265,7 +265,7 @@ def test_mnist_pickle_read_without_running_code(tmp_path):
 def test_cifar_batch_with_code_is_refused(tmp_path):
     import pickle
 
-    from sketchattr.data.cifar import read_cifar_batch
+    from sketchattr.bench.data.cifar import read_cifar_batch
     from sketchattr.data.safe_pickle import UnsafePickleError
 
     class Payload:

@@ -2,9 +2,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from sketchattr.data import load_digits_split
-from sketchattr.models import make_mlp
-from sketchattr.recipes import margin, train_classifier, train_digits_mlp
+from sketchattr.bench.data import load_digits_split
+from sketchattr.bench.models import make_mlp
+from sketchattr.bench.recipes import margin, train_classifier, train_digits_mlp
 
 
 def test_split_shapes_dtypes_and_rule():

@@ -11,7 +11,7 @@ from collections import namedtuple
 
 from sketchattr.curvature import Factors, FactorsMismatchError, UnsupportedModuleError, fit_factors
 from sketchattr.featurize.engine import HookEngine
-from sketchattr.modules import select_modules
+from sketchattr.featurize.selection import select_modules
 from sketchattr.score.ekfac import DiagonalScorer, EKFACScorer, IdentityScorer, KFACScorer, query_rank_agreement
 from sketchattr.task import sample_categorical
 
@@ -449,7 +449,7 @@ def test_correction_pass_draws_fresh_labels():
 
 
 def test_profiler_merge_and_detail_table():
-    from sketchattr.curvature.profiler import Profiler
+    from sketchattr.core.profiler import Profiler
 
     outer, inner = Profiler(), Profiler()
     with outer.record("stage"):

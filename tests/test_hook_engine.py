@@ -9,7 +9,7 @@ from dense_reference import ce_loss, per_example_grads
 from sketchattr import ClassificationTask, FactGraSSProjector, FactorizedProjector, Featurizer, SJLTProjector
 from sketchattr.featurize import HookMismatchError
 from sketchattr.featurize.rules import FlatLayout, KronLayout, LayerRule, rule_for
-from sketchattr.modules import select_modules
+from sketchattr.featurize.selection import select_modules
 
 TASK = ClassificationTask()
 

@@ -15,7 +15,7 @@ import scipy.stats
 import torch
 
 from sketchattr.data.image_folder import CenterCropTransform, ImageFolderDataset
-from sketchattr.models.resnet import CheckpointError, ResNet, load_weights, resnet50, tiny_resnet
+from sketchattr.bench.models.resnet import CheckpointError, ResNet, load_weights, resnet50, tiny_resnet
 
 Image = pytest.importorskip("PIL.Image")
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,11 +5,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from sketchattr import ClassificationTask, Featurizer
-from sketchattr.data import DatasetSplit, load_dataset
-from sketchattr.models import available_models, make_mlp, make_model, model_name_of
-from sketchattr.recipes import train_digits_mlp
+from sketchattr.bench.data import DatasetSplit, load_dataset
+from sketchattr.bench.models import available_models, make_mlp, make_model, model_name_of
+from sketchattr.bench.recipes import train_digits_mlp
 from sketchattr.task import CausalLMTask
-from sketchattr.train import default_recipe, evaluate_model, train_model
+from sketchattr.bench.train import default_recipe, evaluate_model, train_model
 
 SMALL = {"resnet9": {"width": 2}, "musictransformer": {"d_model": 16, "n_heads": 4}}
 

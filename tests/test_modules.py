@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from sketchattr.modules import select_modules
+from sketchattr.featurize.selection import select_modules
 
 
 class Reordered(nn.Module):

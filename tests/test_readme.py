@@ -8,7 +8,7 @@ How the blocks run
   ``grad_cache/`` and ``results/`` paths land there). Nothing is imported or defined for a
   block: it sees exactly what it and the visible blocks before it in its section define.
 * A block is self-contained (its own imports and a few lines of setup, e.g. the package's own
-  ``sketchattr.recipes`` / ``sketchattr.data.digits``) or it continues the blocks above it in its
+  ``sketchattr.bench.recipes`` / ``sketchattr.bench.data.digits``) or it continues the blocks above it in its
   section. Then the prose just before it must say so ("continuing from the block above"), and
   every name it uses but does not define must be defined by an earlier block of its section.
   :func:`test_blocks_say_where_their_names_come_from` checks this from each block's syntax tree

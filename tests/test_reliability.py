@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from sketchattr.cli import main
+from sketchattr.cli.main import main
 
 
 class _Runs:
@@ -43,7 +43,7 @@ def test_safe_pickle_refusal_is_a_user_error(tmp_path):
     """sketchattr.data.safe_pickle's refusal is a ValueError too (the CLI's user errors) and names the file."""
     import io
 
-    from sketchattr.cli import _user_errors
+    from sketchattr.cli.main import _user_errors
     from sketchattr.data.safe_pickle import UnsafePickleError, safe_load
 
     marker = tmp_path / "ran"

@@ -164,7 +164,7 @@ def test_fit_checks(ckpts, data, tmp_path):
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    from sketchattr.models.mlp import make_mlp
+    from sketchattr.bench.models.mlp import make_mlp
 
     x, y = tiny_data(n=30)
     torch.save({"x": x.float(), "y": y}, tmp_path / "train.pt")
@@ -175,14 +175,14 @@ def test_cli_end_to_end(tmp_path, capsys):
         torch.save(make_mlp(in_dim=5, hidden=7, out_dim=3, seed=s).state_dict(), p)
         cks.append(str(p))
     argv = [
-        "tracin", "--model-def", "sketchattr.models.mlp:make_mlp",
+        "tracin", "--model-def", "sketchattr.bench.models.mlp:make_mlp",
         "--model-kwargs", '{"in_dim": 5, "hidden": 7, "out_dim": 3}',
         "--checkpoints", *cks, "--learning-rates", "0.1", "0.05",
         "--train-data", str(tmp_path / "train.pt"), "--test-data", str(tmp_path / "test.npz"),
         "--top-k", "3", "--test-indices", "0", "2", "--output", str(tmp_path / "out.json"),
         "--device", "cpu", "--no-progress",
     ]
-    from sketchattr.cli import main
+    from sketchattr.cli.main import main
 
     assert main(argv + ["--mode", "batch", "--show", "1"]) == 0
     text = capsys.readouterr().out  # says what it wrote: path, shape, seconds, the shown top-k

@@ -39,12 +39,12 @@ from torch.utils.data import Subset
 
 import sketchattr as sa
 import sketchattr.distributed as sad
-from sketchattr.curvature.profiler import Profiler
+from sketchattr.core.profiler import Profiler
 from sketchattr.data.image_folder import CenterCropTransform, ImageFolderDataset
-from sketchattr.data.registry import subsample_index
+from sketchattr.bench.data.registry import subsample_index
 from sketchattr.distributed.featurize import check_enough_batches
 from sketchattr.featurize.featurizer import physical_memory_bytes
-from sketchattr.models.resnet import checkpoint_num_classes, load_weights, resnet50, tiny_resnet
+from sketchattr.bench.models.resnet import checkpoint_num_classes, load_weights, resnet50, tiny_resnet
 from sketchattr.score.ekfac import CurvatureScorer, PreparedQueries
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity", "sketched")

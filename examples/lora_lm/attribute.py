@@ -2,7 +2,7 @@
 scores and LESS-style data selection, with real padding and the default attention.
 
 The corpus is generated so the example runs anywhere without downloads
-(:func:`sketchattr.data.markov.markov_text`): four "languages", each a sparse bigram chain over a
+(:func:`sketchattr.bench.data.markov.markov_text`): four "languages", each a sparse bigram chain over a
 64-token vocabulary (every token has three likely successors, different per language), sequences
 of 8–24 tokens padded in batches by ``sa.PadCollator``. A tiny random-init
 model (``--arch gpt2 | llama``, built from a config) gets LoRA adapters (rank 8) trained with AdamW;
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import sketchattr as sa
-from sketchattr.data.markov import markov_text
+from sketchattr.bench.data.markov import markov_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 64

@@ -57,14 +57,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from sketchattr.curvature.profiler import Profiler
+from sketchattr.core.profiler import Profiler
 from sketchattr.featurize.engine import BatchCapture, Block, HookEngine
-from sketchattr.featurize.featurizer import (
-    _as_dataset, _batch_len, _first, tree_map, dataset_length, example_runner, main_process, task_mask,
-)
+from sketchattr.core.batches import as_dataset, batch_len, dataset_length, first_example, main_process, tree_map
+from sketchattr.featurize.featurizer import example_runner, task_mask
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.featurize.rules import BlockLayout, layout_from
-from sketchattr.modules import select_modules, unwrap_model
+from sketchattr.featurize.selection import select_modules, unwrap_model
 from sketchattr.task import Task, validate_task
 
 if TYPE_CHECKING:
@@ -227,7 +226,7 @@ def fit_factors(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     task = validate_task(task)
     model = unwrap_model(model)
-    dataset = _as_dataset(train_dataset)
+    dataset = as_dataset(train_dataset)
     n = _n_examples(dataset, max_examples)
     engine = _resolve_engine(model, task, modules, dataset, collate_fn)
     meta = _metadata(model, task, engine.blocks, kind, fisher, n, len(dataset), max_examples, seed, dtype)
@@ -354,12 +353,12 @@ def _data_pass(run: _Run, desc: str, consume: Callable[[BatchCapture], None], pa
                 for b, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not run.progress)):
                     torch.manual_seed(batch_seed(run.seed, pass_index, first_batch + b))
                     batch = tree_map(cast, batch)
-                    n, mask = _batch_len(batch), task_mask(task, batch, device)
+                    n, mask = batch_len(batch), task_mask(task, batch, device)
                     with prof.record("forward + backward"):
                         cap = engine.run(lambda: task.train_loss(model, batch, sample=run.sample), n, mask)
                     if b == 0:
                         check = engine.run(lambda: task.train_loss(model, batch), n, mask) if run.sample else cap
-                        engine.verify(check, lambda: task.train_loss(model, _first(batch)), params)
+                        engine.verify(check, lambda: task.train_loss(model, first_example(batch)), params)
                     with prof.record(f"accumulate ({desc})"):
                         consume(cap)
     finally:

@@ -19,7 +19,7 @@ from sketchattr.distributed.collective import (
 )
 from sketchattr.distributed.featurize import featurize
 from sketchattr.distributed.shards import join_scores, join_store, shard_path
-from sketchattr.modules import unwrap_model
+from sketchattr.featurize.selection import unwrap_model
 
 __all__ = [
     "Collective", "LocalCollective", "RankFailedError", "TorchCollective", "featurize", "get_collective",

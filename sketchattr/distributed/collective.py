@@ -14,12 +14,10 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from sketchattr.distributed.heartbeat import Heartbeat, RankFailedError
+
 
 T = TypeVar("T")
-
-
-class RankFailedError(RuntimeError):
-    """Another rank raised inside :meth:`Collective.together`."""
 
 
 class Collective:
@@ -163,7 +161,6 @@ _HEARTS: dict[Any, Any] = {}
 
 def _heartbeat(rank: int, world_size: int, group: Any, stale_after: float, on_failure: str) -> Any:
     """One heartbeat per (process, group), shared by every collective made on it."""
-    from sketchattr.distributed.heartbeat import Heartbeat
 
     key = (id(group), world_size)
     if key not in _HEARTS:

@@ -16,10 +16,11 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from sketchattr.curvature.profiler import Profiler
+from sketchattr.core.profiler import Profiler
 from sketchattr.distributed.collective import Collective, get_collective
 from sketchattr.distributed.shards import check_world_size, join_store, remove_shards, shard_path
-from sketchattr.featurize.featurizer import Featurizer, _as_dataset
+from sketchattr.core.batches import as_dataset
+from sketchattr.featurize.featurizer import Featurizer
 from sketchattr.sample import Sampler
 from sketchattr.store import DiskStore, GradientStore, StoreMetadata, StoreMismatchError, make_store
 from sketchattr.store.hdf5 import FORMAT, FORMAT_VERSION
@@ -55,7 +56,7 @@ def featurize(
     """
     c = collective or get_collective()
     prof = profiler or Profiler(enabled=False)
-    dataset = _as_dataset(dataset)
+    dataset = as_dataset(dataset)
     idx, weights = featurizer.plan_rows(dataset, indices, sampler)
     meta = featurizer.metadata("train")
     c.together(lambda: _check_same_plan(c, meta, idx, weights))

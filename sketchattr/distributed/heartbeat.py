@@ -34,7 +34,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from sketchattr.distributed.collective import RankFailedError
+
+class RankFailedError(RuntimeError):
+    """Another rank failed (raised, or died) while this one was in a collective or between them."""
+
 
 #: exit status of a rank that stops because another rank died
 EXIT_CODE = 75

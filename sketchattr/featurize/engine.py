@@ -5,7 +5,7 @@ the factorized sketches and the EKFAC/KFAC/diagonal statistics of
 :func:`~sketchattr.curvature.fit_factors`.
 
 **Plan.** Each selected module is a *block*: its own trainable parameters (a tied parameter
-belongs to its first module, see :mod:`sketchattr.modules`). A block's *uses* are every module
+belongs to its first module, see :mod:`sketchattr.featurize.selection`). A block's *uses* are every module
 holding one of its parameters directly (GPT-2's ``wte`` block is used by ``wte`` and
 ``lm_head``); each use has a :class:`~sketchattr.featurize.rules.LayerRule`. A block is
 *covered* when every use has a rule; it is *Kronecker* when every use is a Kronecker rule on the
@@ -53,7 +53,7 @@ from sketchattr.featurize.rules import (
     UnsupportedModuleError,
     rule_for,
 )
-from sketchattr.modules import ModuleSelection, parameter_users
+from sketchattr.featurize.selection import ModuleSelection, parameter_users
 
 __all__ = ["Block", "BatchCapture", "HookEngine", "HookMismatchError", "Use", "plan_blocks"]
 

@@ -30,19 +30,20 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from sketchattr.core.batches import as_dataset, batch_len, dataset_length, first_example, main_process, tree_map
 from sketchattr.featurize.engine import HookEngine, HookMismatchError, PreconditionedCapture
 from sketchattr.featurize.rules import UnsupportedModuleError
 from sketchattr.featurize.fingerprint import dataset_fingerprint, model_fingerprint
-from sketchattr.modules import ModuleSelection, select_modules, unwrap_model
+from sketchattr.featurize.selection import ModuleSelection, select_modules, unwrap_model
 from sketchattr.project import FactorizedProjector, Projector, make_projector
 from sketchattr.sample import Sampler, dataset_labels, make_sampler
 from sketchattr.store import GradientStore, StoreMetadata, make_store
+from sketchattr.store.query_rows import QueryRows
 from sketchattr.task import Task, validate_task
 
 if TYPE_CHECKING:
-    from sketchattr.curvature.profiler import Profiler
+    from sketchattr.core.profiler import Profiler
     from sketchattr.featurize.preconditioner import AdamPreconditioner
-    from sketchattr.score.queries import QueryRows
 
 
 class NonFiniteGradientError(ValueError):
@@ -68,34 +69,12 @@ class FeaturizeRun:
         return self.remaining == 0
 
 
-def tree_map(fn: Callable[[Any], Any], obj: Any) -> Any:
-    """``fn`` applied to every tensor of a batch (tensors, lists, tuples, dicts nested)."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(tree_map(fn, o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: tree_map(fn, v) for k, v in obj.items()}
-    return obj
-
-
 def physical_memory_bytes() -> float:
     """The machine's physical memory (inf where the OS does not say)."""
     try:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return float("inf")
-
-
-def _as_dataset(data: Any) -> Dataset:
-    """A tuple/list of tensors as a TensorDataset (their first dimensions must agree); else ``data``."""
-    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
-        lengths = [t.shape[0] if t.dim() else None for t in data]
-        if None in lengths or len(set(lengths)) != 1:
-            raise ValueError(f"a tuple of tensors is read as (inputs, labels, ...) with one row per example; their "
-                             f"first dimensions must agree, found shapes {[tuple(t.shape) for t in data]}")
-        return torch.utils.data.TensorDataset(*data)
-    return data
 
 
 class Featurizer:
@@ -122,7 +101,7 @@ class Featurizer:
     preconditioner: an :class:`~sketchattr.featurize.preconditioner.AdamPreconditioner` that
         scales each exact per-example gradient by ``1/(sqrt(v) + eps)`` before the projection
         (train rows; query rows too with ``queries=True``); recorded in the store metadata.
-    profiler: optional :class:`~sketchattr.curvature.profiler.Profiler`; records per batch
+    profiler: optional :class:`~sketchattr.core.profiler.Profiler`; records per batch
         ``"featurize <kind>: gradients + sketch"`` and ``"featurize train: store write"`` with
         their row counts.
     memory_budget_gib: the sketch's working memory per batch (rows ``[batch_size, m]`` plus the
@@ -330,8 +309,6 @@ class Featurizer:
         """Sketched measurement gradients of query examples (a Dataset, a DataLoader or a tuple of
         tensors) as :class:`~sketchattr.score.queries.QueryRows`: ``.rows`` [n_query, m] with this
         featurizer's metadata, so a scorer refuses them against a store sketched otherwise."""
-        from sketchattr.score.queries import QueryRows  # lazy: the scorers import the featurizer
-
         dataset = self._dataset_of(dataset)
         idx = self._resolve_indices(dataset, indices)
         self.selection(self._example_input(dataset, idx))
@@ -391,9 +368,9 @@ class Featurizer:
                 bar = stack.enter_context(tqdm(total=len(indices), desc=f"featurize {kind}", unit="ex", disable=not show))
                 for batch in batches:
                     batch = tree_map(self._to_device, batch)
-                    with self._record(f"featurize {kind}: gradients + sketch", _batch_len(batch)):
+                    with self._record(f"featurize {kind}: gradients + sketch", batch_len(batch)):
                         rows = rows_of(batch)
-                    b = indices[start : start + _batch_len(batch)]
+                    b = indices[start : start + batch_len(batch)]
                     _check_finite(rows, b, kind)  # every projector maps a NaN/inf coordinate into its row
                     yield b, rows
                     start += len(b)
@@ -427,7 +404,7 @@ class Featurizer:
                 grads = vmap(grad(per_example), in_dims=(None, None, 0), randomness="different")(params, frozen, batch)
             except Exception as exc:  # noqa: BLE001 - re-raised with the module and the fix named
                 raise self._vmap_error(exc, per_example, params, frozen, batch) from exc
-            n = _batch_len(batch)
+            n = batch_len(batch)
             blocks = [torch.cat([grads[p].reshape(n, -1) for p in group], dim=1) for group in sel.param_names]
             if scaled:
                 blocks = [g * self.preconditioner.scale(group, g.dtype, g.device) for g, group in zip(blocks, sel.param_names)]
@@ -499,13 +476,13 @@ class Featurizer:
         def rows(batch: Any) -> torch.Tensor:
             if fallback:
                 return fallback[0](batch)
-            n, mask = _batch_len(batch), task_mask(self.task, batch, self.device)
+            n, mask = batch_len(batch), task_mask(self.task, batch, self.device)
             try:
                 with torch.enable_grad():
                     cap = engine.run(loss_of(batch, sample), n, mask)
                     if not self._verified:
                         check = cap if not sample else engine.run(loss_of(batch, False), n, mask)
-                        engine.verify(check, loss_of(_first(batch), False), params)
+                        engine.verify(check, loss_of(first_example(batch), False), params)
                         self._verified = True
             except (HookMismatchError, UnsupportedModuleError) as exc:
                 if self.engine_choice == "hooks":
@@ -583,7 +560,7 @@ class Featurizer:
                     "collate_fn=<the same function> to the Featurizer (its batches are built from loader.dataset)"
                 )
             data = data.dataset
-        return _as_dataset(data)
+        return as_dataset(data)
 
     @staticmethod
     def _resolve_indices(dataset: Dataset, indices: Sequence[int] | None) -> np.ndarray:
@@ -634,36 +611,6 @@ def example_runner(task: Task, batch: Any) -> Callable[[nn.Module], Any]:
         return lambda model: forward(model, batch)
     x = task.inputs(batch)
     return lambda model: model(**x) if isinstance(x, dict) else model(x)
-
-
-def main_process() -> bool:
-    """False on the ranks > 0 of an initialised torch.distributed job (they show no progress bars)."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def dataset_length(dataset: Any, what: str = "dataset") -> int:
-    """len(dataset), with clear errors for an unsized or empty dataset."""
-    try:
-        n = len(dataset)
-    except TypeError as exc:
-        raise TypeError(f"{what} must be a map-style torch Dataset (with __len__) or a tuple of tensors") from exc
-    if n == 0:
-        raise ValueError(f"the {what} is empty")
-    return n
-
-
-def _first(batch: Any) -> Any:
-    """The batch's first example, as a batch of one."""
-    return tree_map(lambda t: t[:1], batch)
-
-
-def _batch_len(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return _batch_len(next(iter(batch.values())))
-    return _batch_len(batch[0])
 
 
 def _check_finite(rows: torch.Tensor, indices: np.ndarray, kind: str) -> None:

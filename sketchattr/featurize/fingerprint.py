@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sketchattr.modules import unwrap_model
+from sketchattr.featurize.selection import unwrap_model
 
 
 def model_fingerprint(model: nn.Module) -> str:

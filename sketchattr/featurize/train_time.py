@@ -63,7 +63,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sketchattr.featurize.featurizer import Featurizer, NonFiniteGradientError, _as_dataset, example_runner, task_mask
+from sketchattr.core.batches import as_dataset
+from sketchattr.featurize.featurizer import Featurizer, NonFiniteGradientError, example_runner, task_mask
 from sketchattr.featurize.fingerprint import dataset_fingerprint
 from sketchattr.project import Projector
 from sketchattr.store import GradientStore, StoreMetadata, make_store
@@ -190,13 +191,13 @@ def _batch_tensors(batch: Any, n: int) -> Any:
     return batch
 
 
-def _first(batch: Any) -> Any:
+def first_example(batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch[:1]
     if isinstance(batch, dict):
-        return {k: _first(v) for k, v in batch.items()}
+        return {k: first_example(v) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_first(v) for v in batch)
+        return type(batch)(first_example(v) for v in batch)
     return batch
 
 
@@ -476,7 +477,7 @@ class TrainTimeSketcher:
         stack.callback(handle.remove)
         self._stack = stack
         if self.dataset is not None:
-            self._dataset_fp = dataset_fingerprint(_as_dataset(self.dataset))
+            self._dataset_fp = dataset_fingerprint(as_dataset(self.dataset))
 
     def _new_featurizer(self) -> Featurizer:
         return Featurizer(self.model, self.task, engine="hooks", progress=False, **self.featurizer_args)
@@ -529,7 +530,7 @@ class TrainTimeSketcher:
         self._busy = True
         try:
             with torch.enable_grad():
-                self._feat.engine.verify(capture, lambda: self.task.train_loss(self.model, _first(pending.batch)), params)
+                self._feat.engine.verify(capture, lambda: self.task.train_loss(self.model, first_example(pending.batch)), params)
         finally:
             self._busy = False
         self._verified = True

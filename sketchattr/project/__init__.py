@@ -19,7 +19,6 @@ from sketchattr.project.base import (
     make_projector,
 )
 from sketchattr.project.dense import DenseProjector, GaussianProjector, RademacherProjector
-from sketchattr.project.eigenbasis import EigenbasisProjector, SparseEigenbasisProjector
 from sketchattr.project.factgrass import FactGraSSProjector
 from sketchattr.project.factorized import FactorizedProjector
 from sketchattr.project.identity import IdentityProjector
@@ -30,8 +29,6 @@ __all__ = [
     "Projector",
     "ChunkedProjector",
     "DenseProjector",
-    "EigenbasisProjector",
-    "SparseEigenbasisProjector",
     "FactGraSSProjector",
     "FactorizedProjector",
     "IdentityProjector",

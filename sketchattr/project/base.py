@@ -20,6 +20,7 @@ temporary memory and never changes the sketch (beyond floating-point summation o
 from __future__ import annotations
 
 import abc
+import math
 import collections
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -27,8 +28,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from sketchattr.checks import check_int as _check_int
-from sketchattr.registry import Registered
+from sketchattr.core.checks import check_int as _check_int
+from sketchattr.core.capture import Capture
+from sketchattr.core.registry import Registered
 
 __all__ = [
     "Projector",
@@ -203,11 +205,11 @@ class Projector(Registered, abc.ABC):
         projectors that need them (factorized, eigenbasis) override this. Returns ``self``."""
         return self
 
-    def project_captured(self, capture: Any) -> torch.Tensor:
+    def project_captured(self, capture: Capture) -> torch.Tensor:
         """Sketch a batch straight from the hook engine
-        (:class:`~sketchattr.featurize.engine.BatchCapture`): each block's exact per-example
+        (a :class:`~sketchattr.core.capture.Capture`): each block's exact per-example
         gradient arrives in column pieces computed into a reused workspace
-        (:meth:`~sketchattr.featurize.engine.BatchCapture.grad_pieces`), so no ``[B, d]``
+        (:meth:`~sketchattr.core.capture.Capture.grad_pieces`), so no ``[B, d]``
         matrix is ever allocated. ``[B, m]``."""
         out = None
         for k, block in enumerate(capture.blocks):
@@ -411,8 +413,6 @@ def make_projector(
         if m is not None and ("m_out" in kwargs or "m_in" in kwargs):
             raise ValueError("projector 'factorized': give either m (per module, split near-square) or m_out= and m_in=")
         if m is not None:
-            from sketchattr.project.factorized import square_split
-
             kwargs["m_out"], kwargs["m_in"] = square_split(m)
         if "m_out" not in kwargs or "m_in" not in kwargs:
             raise ValueError("projector 'factorized' needs m (per module) or m_out= and m_in=")
@@ -420,3 +420,10 @@ def make_projector(
     if m is None and key != "identity":
         raise ValueError(f"projector {key!r} needs a sketch dimension m")
     return cls(m, seed=seed, **kwargs)
+
+
+def square_split(m: int) -> tuple[int, int]:
+    """``(m_out, m_in)`` with ``m_out * m_in == m`` and ``m_in`` the largest divisor <= sqrt(m)."""
+    m = _check_int("m", m, minimum=1)
+    m_in = max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
+    return m // m_in, m_in

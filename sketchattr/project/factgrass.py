@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from sketchattr.project.base import DEFAULT_BLOCK_SIZE, _check_dims, _check_int, block_seed, cpu_generator
 from sketchattr.project.factorized import FLAT_STREAM, FactorizedProjector, square_split
+from sketchattr.core.capture import Capture
 from sketchattr.project.sjlt import SJLTProjector
-
-if TYPE_CHECKING:
-    from sketchattr.featurize.engine import BatchCapture
 
 __all__ = ["FactGraSSProjector"]
 
@@ -96,7 +94,7 @@ class FactGraSSProjector(FactorizedProjector, name="factgrass"):
         return x.index_select(-1, keep) * math.sqrt(d / len(keep))
 
     # ------------------------------------------------------------------ stage 2: SJLT
-    def project_captured(self, capture: "BatchCapture") -> torch.Tensor:
+    def project_captured(self, capture: Capture) -> torch.Tensor:
         """Hook engine capture -> ``[B, m]`` (masked block sketches, SJLT-mixed)."""
         parts = []
         for k, block in enumerate(capture.blocks):

@@ -44,16 +44,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from sketchattr.featurize.rules.layout import BlockLayout, FlatLayout, KronLayout
+from sketchattr.core.layout import BlockLayout, FlatLayout, KronLayout
 
-from sketchattr.project.base import DEFAULT_BLOCK_SIZE, Projector, _check_dims, _check_grads, _check_int, block_seed, cpu_generator
-
-if TYPE_CHECKING:
-    from sketchattr.featurize.engine import BatchCapture
+from sketchattr.core.capture import Capture
+from sketchattr.project.base import (
+    DEFAULT_BLOCK_SIZE, Projector, _check_dims, _check_grads, _check_int, block_seed, cpu_generator, square_split,
+)
 
 __all__ = ["FactorizedProjector", "square_split"]
 
@@ -149,7 +149,7 @@ class FactorizedProjector(Projector, name="factorized"):
             raise ValueError(f"a and s must be [B, T, d] with the same B and T, got {tuple(a.shape)} and {tuple(s.shape)}")
         if a.dtype != s.dtype or not a.is_floating_point():
             raise ValueError(f"a and s must share a floating dtype, got {a.dtype} and {s.dtype}")
-        from sketchattr.featurize.rules.factor import DenseFactor
+        from sketchattr.core.kronecker import DenseFactor
 
         k = _check_int("module_index", module_index, minimum=0)
         return self._kron_sketch([(DenseFactor(s), DenseFactor(a))], k)
@@ -175,7 +175,7 @@ class FactorizedProjector(Projector, name="factorized"):
         """A block without Kronecker structure: ``g [B, d] @ P_flatᵀ``."""
         return g @ self.factor(k, FLAT_STREAM, g.shape[1], g.dtype, g.device).T
 
-    def project_captured(self, capture: "BatchCapture") -> torch.Tensor:
+    def project_captured(self, capture: Capture) -> torch.Tensor:
         """Rows of a batch from the hook engine's capture: the concatenated block sketches
         ``[B, K * m_out * m_in]`` (Kronecker blocks from their factors, others from their gradients)."""
         parts = []
@@ -227,10 +227,3 @@ class FactorizedProjector(Projector, name="factorized"):
 
     def _module_matrix(self, d: int, k: int, dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError("FactorizedProjector overrides matrix() directly")
-
-
-def square_split(m: int) -> tuple[int, int]:
-    """``(m_out, m_in)`` with ``m_out * m_in == m`` and ``m_in`` the largest divisor <= sqrt(m)."""
-    m = _check_int("m", m, minimum=1)
-    m_in = max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
-    return m // m_in, m_in

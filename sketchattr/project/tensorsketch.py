@@ -2,7 +2,7 @@
 
 A count sketch (one ±1 per column) of ``vec(G)`` whose hash splits over the two sides of a
 Kronecker block: coordinate ``(p, q)`` of block ``k`` (row p, column q of ``G_k``, see
-:mod:`sketchattr.featurize.rules.factor`) goes to bucket ``(h_out(p) + h_in(q)) mod m`` with sign
+:mod:`sketchattr.core.kronecker`) goes to bucket ``(h_out(p) + h_in(q)) mod m`` with sign
 ``s_out(p)·s_in(q)``. Then ``P vec(Σ_t row_t col_tᵀ) = Σ_t CS_out(row_t) ⊛ CS_in(col_t)`` — a
 circular convolution of the two sides' count sketches — computed with FFTs (Pham & Pagh 2013):
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sketchattr.featurize.rules.layout import KronLayout
+from sketchattr.core.layout import KronLayout
 
 from sketchattr.project.base import DEFAULT_BLOCK_SIZE, _check_dims, _check_grads, _check_int, block_seed, cpu_generator
 from sketchattr.project.factorized import FLAT_STREAM, FactorizedProjector

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from sketchattr.checks import check_int as _check_int
-from sketchattr.registry import Registered
+from sketchattr.core.checks import check_int as _check_int
+from sketchattr.core.registry import Registered
 
 __all__ = [
     "Sample",

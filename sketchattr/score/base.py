@@ -12,7 +12,7 @@ import torch
 from sketchattr.score.topk import TopK, TopKMerger
 from sketchattr.store import GradientStore, MemoryStore, StoreMetadata, StoreMismatchError
 from sketchattr.store.atomic import carry_over, temporary_beside
-from sketchattr.registry import Registered
+from sketchattr.core.registry import Registered
 
 if TYPE_CHECKING:
     from sketchattr.distributed.collective import Collective

@@ -11,7 +11,7 @@ the stored train rows: ``scores[q, i] = −(P u_q)ᵀ ĝ_i`` (positive = example
 Kronfluence reports the opposite sign). Train gradients come from the store only; the model is
 differentiated for the queries alone. With the identity projector the scores equal the
 unsketched formulas. Damping λ per module: ``"auto"`` (default) = max(Λ)/3·10⁴, a condition-number
-cap (:func:`~sketchattr.score.damping.module_damping`: within 0.010 LDS of the best c·mean(Λ) on the
+cap (:func:`~sketchattr.curvature.damping.module_damping`: within 0.010 LDS of the best c·mean(Λ) on the
 digits MLP, CNN, transformer bench, MNIST MLP and an Adam-trained MLP, seeds 0–3); ``None`` = 0.1·mean(Λ) (Kronfluence's heuristic);
 a float; or {module: λ}.
 
@@ -38,11 +38,11 @@ import scipy.stats
 import torch
 
 from sketchattr.curvature.factors import CURVATURE, CURVATURE_REMEDY, Factors, FactorsMismatchError, rotate
-from sketchattr.curvature.profiler import Profiler
+from sketchattr.core.profiler import Profiler
 from sketchattr.featurize.featurizer import Featurizer
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.score.base import Scorer
-from sketchattr.score.damping import module_damping
+from sketchattr.curvature.damping import module_damping
 from sketchattr.score.topk import TopK
 from sketchattr.score.queries import QueryRows, is_dataset_like, sketch_differences
 from sketchattr.store import GradientStore, StoreMetadata, StoreMismatchError

@@ -43,7 +43,7 @@ from sketchattr.store.base import require_dense_rows
 from sketchattr.store import GradientStore, StoreMetadata
 
 if TYPE_CHECKING:
-    from sketchattr.curvature.profiler import Profiler
+    from sketchattr.core.profiler import Profiler
     from sketchattr.distributed.collective import Collective
     from sketchattr.featurize.featurizer import Featurizer
 
@@ -69,7 +69,7 @@ class SketchedInfluence(Scorer, name="sketched_influence"):
     default); streamed score products run in the store rows' precision (float32 for fp32, fp16
     and bf16 stores, float64 for float64 rows). device: where blocks are scored
     (default: where the store's rows are). block_rows: rows per streamed block (default: the
-    store's choice). profiler: optional :class:`~sketchattr.curvature.profiler.Profiler`;
+    store's choice). profiler: optional :class:`~sketchattr.core.profiler.Profiler`;
     ``fit`` records ``"fit: accumulate Fhat"`` (or ``"fit: Gram matrix"``, with the rows read) and
     ``"fit: eigendecomposition"``.
 

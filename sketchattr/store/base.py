@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import numpy as np
 import torch
 
-from sketchattr.registry import Registered
+from sketchattr.core.registry import Registered
 
 
 class StoreMismatchError(ValueError):

@@ -1,12 +1,17 @@
-"""Validation: linear datamodeling score and counterfactual ground truth."""
-from sketchattr.recipes import margin
-from sketchattr.validate.ground_truth import GroundTruth, digits_ground_truth, subset_ground_truth, subset_positions
+"""Validation: is the attribution right, and is the sketch big enough?
+
+LDS against retraining ground truth (:func:`subset_ground_truth`, a cached, resumable harness
+for any ``train_fn`` / ``measure_fn``), leave-one-out, and the (1 ± ε) spectrum bound of a sketch
+with d_λ and a recommended m. May import :mod:`sketchattr.score` and below; the bench models and
+their ground truth are in :mod:`sketchattr.bench`."""
+from sketchattr.task import margin
+from sketchattr.validate.ground_truth import GroundTruth, subset_ground_truth, subset_positions
 from sketchattr.validate.lds import LDSResult, lds, subsets_to_mask
 from sketchattr.validate.loo import LOOGroundTruth, loo_correlation, loo_ground_truth
 from sketchattr.validate.spectrum import SpectrumCheck, exact_effective_dimension, recommend_sketch_size, spectrum_check
 
 __all__ = [
-    "GroundTruth", "LDSResult", "digits_ground_truth", "lds", "margin", "subset_ground_truth",
+    "GroundTruth", "LDSResult", "lds", "margin", "subset_ground_truth",
     "subset_positions", "subsets_to_mask", "LOOGroundTruth", "loo_correlation", "loo_ground_truth",
     "SpectrumCheck", "exact_effective_dimension", "recommend_sketch_size", "spectrum_check",
 ]

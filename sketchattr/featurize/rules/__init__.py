@@ -9,8 +9,8 @@ from sketchattr.featurize.rules.base import KroneckerRule, LayerRule, Unsupporte
 from sketchattr.featurize.rules.conv import ConvRule
 from sketchattr.featurize.rules.conv1d_hf import HFConv1DRule
 from sketchattr.featurize.rules.embedding import EmbeddingRule
-from sketchattr.featurize.rules.factor import DenseFactor, Factor, OneHotFactor, outer_sum
-from sketchattr.featurize.rules.layout import BlockLayout, FlatLayout, KronLayout, layout_from
+from sketchattr.core.kronecker import DenseFactor, Factor, OneHotFactor, outer_sum
+from sketchattr.core.layout import BlockLayout, FlatLayout, KronLayout, layout_from
 from sketchattr.featurize.rules.linear import LinearRule
 from sketchattr.featurize.rules.norm import ChannelNormRule, ElementwiseNormRule
 

@@ -8,7 +8,7 @@ slices are exact: example i's loss reaches only row i). From ``(saved, g)`` the 
 * :meth:`LayerRule.grads` — the exact per-example gradient of each of its parameters,
   ``{local name: [B, numel]}``;
 * :meth:`KroneckerRule.factors` — for Kronecker-structured layers, row and column
-  :class:`~sketchattr.featurize.rules.factor.Factor` s with ``G_i = Σ_t row_t col_tᵀ`` for the
+  :class:`~sketchattr.core.kronecker.Factor` s with ``G_i = Σ_t row_t col_tᵀ`` for the
   weight as stored (:meth:`KroneckerRule.layout`). Factorized sketches and EKFAC/KFAC statistics
   use these; rules without them get diagonal curvature and a dense sketch of their gradient.
 
@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sketchattr.featurize.rules.factor import DenseFactor, Factor, outer_sum
-from sketchattr.featurize.rules.layout import KronLayout
-from sketchattr.registry import Registered
+from sketchattr.core.kronecker import DenseFactor, Factor, outer_sum
+from sketchattr.core.layout import KronLayout
+from sketchattr.core.registry import Registered
 
 __all__ = ["KroneckerRule", "LayerRule", "UnsupportedModuleError", "rule_for"]
 

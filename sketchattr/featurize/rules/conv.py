@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sketchattr.featurize.rules.base import KroneckerRule
-from sketchattr.featurize.rules.factor import DenseFactor
-from sketchattr.featurize.rules.layout import KronLayout
+from sketchattr.core.kronecker import DenseFactor
+from sketchattr.core.layout import KronLayout
 
 
 class ConvRule(KroneckerRule, name="conv"):

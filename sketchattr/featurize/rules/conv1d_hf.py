@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from sketchattr.featurize.rules.base import KroneckerRule, positions
-from sketchattr.featurize.rules.factor import DenseFactor
-from sketchattr.featurize.rules.layout import KronLayout
+from sketchattr.core.kronecker import DenseFactor
+from sketchattr.core.layout import KronLayout
 
 
 class HFConv1DRule(KroneckerRule, name="hf_conv1d"):

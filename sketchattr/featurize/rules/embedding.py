@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from sketchattr.featurize.rules.base import KroneckerRule, positions
-from sketchattr.featurize.rules.factor import DenseFactor, OneHotFactor
-from sketchattr.featurize.rules.layout import KronLayout
+from sketchattr.core.kronecker import DenseFactor, OneHotFactor
+from sketchattr.core.layout import KronLayout
 
 
 class EmbeddingRule(KroneckerRule, name="embedding"):

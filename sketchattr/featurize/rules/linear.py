@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from sketchattr.featurize.rules.base import KroneckerRule, positions
-from sketchattr.featurize.rules.factor import DenseFactor
-from sketchattr.featurize.rules.layout import KronLayout
+from sketchattr.core.kronecker import DenseFactor
+from sketchattr.core.layout import KronLayout
 
 
 class LinearRule(KroneckerRule, name="linear"):

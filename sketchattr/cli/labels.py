@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sketchattr.commands.config import CommandError
+from sketchattr.cli.config import CommandError
 
 SHOWN = 20
 """Classes printed in a mapping before it is cut short."""

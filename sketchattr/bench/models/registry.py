@@ -4,12 +4,12 @@
 | --- | --- | --- |
 | ``lr`` | Flatten + Linear(prod(input_shape), num_classes) | classification |
 | ``mlp`` | ``make_mlp(prod(input_shape), hidden=128, num_classes)``, preceded by Flatten for non-flat inputs (digits: exactly the bench MLP, 9,610 params, same init as ``make_mlp(seed=seed)``) | classification |
-| ``resnet9`` | :class:`~sketchattr.models.resnet9.ResNet9` (``width=16``) | images [C, H, W] |
-| ``musictransformer`` | :class:`~sketchattr.models.music_transformer.MusicTransformer` (2 layers, d_model 64, 4 heads, max_len = T) | token LM |
-| ``gpt`` | :func:`~sketchattr.models.gpt.make_gpt` (a preset, default ``gpt-14m``: 6 layers, d_model 384, 6 heads; vocab and seq_len from the split) | token LM |
+| ``resnet9`` | :class:`~sketchattr.bench.models.resnet9.ResNet9` (``width=16``) | images [C, H, W] |
+| ``musictransformer`` | :class:`~sketchattr.bench.models.music_transformer.MusicTransformer` (2 layers, d_model 64, 4 heads, max_len = T) | token LM |
+| ``gpt`` | :func:`~sketchattr.bench.models.gpt.make_gpt` (a preset, default ``gpt-14m``: 6 layers, d_model 384, 6 heads; vocab and seq_len from the split) | token LM |
 
 The returned module carries ``sketchattr_model_name`` (the registry name), which
-:func:`sketchattr.train.train_model` uses to pick its default recipe.
+:func:`sketchattr.bench.train.train_model` uses to pick its default recipe.
 """
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from sketchattr.models.gpt import make_gpt
-from sketchattr.models.logistic import make_logistic
-from sketchattr.models.mlp import make_mlp
-from sketchattr.models.music_transformer import MusicTransformer, make_music_transformer
-from sketchattr.models.resnet9 import ResNet9, make_resnet9
+from sketchattr.bench.models.gpt import make_gpt
+from sketchattr.bench.models.logistic import make_logistic
+from sketchattr.bench.models.mlp import make_mlp
+from sketchattr.bench.models.music_transformer import MusicTransformer, make_music_transformer
+from sketchattr.bench.models.resnet9 import ResNet9, make_resnet9
 
 if TYPE_CHECKING:
-    from sketchattr.data.registry import DatasetSplit
+    from sketchattr.bench.data.registry import DatasetSplit
 
 
 def _need_classes(name: str, split: "DatasetSplit") -> int:

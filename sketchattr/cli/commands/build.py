@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from sketchattr.commands.config import CommandError, add_config_argument, add_runtime_arguments, parse_kwargs, require, resolve_device
-from sketchattr.commands.fit_checks import quality_line
-from sketchattr.commands.labels import add_classes_argument, check_classes, classes_source, label_line
-from sketchattr.commands.model_loading import is_hf_folder, model_origin
-from sketchattr.commands.spec import DTYPES, PROJECTORS, TASKS, RunSpec, absolute, model_reference, open_run, spec_path
+from sketchattr.cli.config import CommandError, add_config_argument, add_runtime_arguments, parse_kwargs, require, resolve_device
+from sketchattr.cli.fit_checks import quality_line
+from sketchattr.cli.labels import add_classes_argument, check_classes, classes_source, label_line
+from sketchattr.cli.model_loading import is_hf_folder, model_origin
+from sketchattr.cli.spec import DTYPES, PROJECTORS, TASKS, RunSpec, absolute, model_reference, open_run, spec_path
+
+HELP = "sketch the training gradients of your model into a resumable HDF5 store"
 
 REQUIRED = ("model", "task", "train_data", "store")
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sketchattr.commands.config import CommandError
-from sketchattr.commands.labels import resolve_classes
-from sketchattr.commands.model_loading import is_hf_folder, load_model, load_tokenizer, model_origin
+from sketchattr.cli.config import CommandError
+from sketchattr.cli.labels import resolve_classes
+from sketchattr.cli.model_loading import is_hf_folder, load_model, load_tokenizer, model_origin
 from sketchattr.data.local_files import DataError, DataOptions, LocalData, load_local_data
 
 TASKS = ("classification", "regression", "causal_lm", "sequence_classification")
@@ -137,7 +137,7 @@ def parse_modules(items: "list[str] | str | None") -> Any:
     """``--modules``: nothing / ``all`` (every module), ``last:N`` (the last N in forward order),
     kinds (``linear``, ``conv``, ``embedding``, ``norm``, ``lora``), glob patterns, module names
     (``2`` is the module named "2"), ``last_blocks:N`` or ``last_blocks:N:PATTERN``."""
-    from sketchattr.modules import last_blocks
+    from sketchattr.featurize.selection import last_blocks
 
     if items is None:
         return None
@@ -275,7 +275,7 @@ def add_store_arguments(p: Any) -> None:
 def open_store(store: str, run_spec: str | None, device: torch.device, batch_size: int | None,
                progress: bool, classes: list[str] | None = None) -> tuple[Run, Any]:
     """The run of a built store and the store itself (read-only use), checked against each other.
-    ``classes``: ``--classes`` of this command (see :func:`~sketchattr.commands.labels.resolve_classes`)."""
+    ``classes``: ``--classes`` of this command (see :func:`~sketchattr.cli.labels.resolve_classes`)."""
     from sketchattr.store import DiskStore, StoreMismatchError
 
     path = Path(store)

@@ -1,6 +1,6 @@
 """Generic training for the experiment models: ``train_model(model, split, ...)``.
 
-Classification uses :func:`sketchattr.recipes.train_classifier` (SGD momentum 0.9, weight decay 1e-3,
+Classification uses :func:`sketchattr.bench.recipes.train_classifier` (SGD momentum 0.9, weight decay 1e-3,
 mean cross-entropy, batch 64, reshuffled by a ``torch.Generator`` seeded with ``seed``, torch pinned to
 1 intra-op thread). Language models use AdamW (weight decay 0.01) on the mean next-token
 cross-entropy with the same shuffling and threading. Defaults by (dataset, model), with the wall time on
@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sketchattr.models.registry import model_name_of
-from sketchattr.recipes import epoch_batches, torch_threads, train_classifier
+from sketchattr.bench.models.registry import model_name_of
+from sketchattr.bench.recipes import epoch_batches, torch_threads, train_classifier
 
 if TYPE_CHECKING:
-    from sketchattr.data.registry import DatasetSplit
+    from sketchattr.bench.data.registry import DatasetSplit
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def train_model(
     """Train ``model`` in place on ``split.train`` (rows ``subset`` only, when given); return it in eval mode.
 
     epochs / lr: default from :func:`default_recipe` (``split.name``, ``model_name`` or the name
-    :func:`~sketchattr.models.model_name_of` finds). subset: positions into ``split.train`` (int array
+    :func:`~sketchattr.bench.models.model_name_of` finds). subset: positions into ``split.train`` (int array
     or bool mask [N]) — e.g. the half-subsets of an LDS ground truth. ``seed`` drives shuffling only;
     the initialisation comes from ``make_model(..., seed=...)``. Deterministic for fixed seeds and
     ``num_threads`` (torch intra-op threads during training; None = leave the global setting).

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from sketchattr.commands.config import CommandError
-from sketchattr.commands.labels import mapping_text
-from sketchattr.featurize.featurizer import tree_map
+from sketchattr.cli.config import CommandError
+from sketchattr.cli.labels import mapping_text
+from sketchattr.core.batches import tree_map
 
 EVAL_ROWS = 2000
 """Rows of the training file ``build`` measures the model on."""

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from sketchattr.modules import ModuleTypes
+from sketchattr.featurize.selection import ModuleTypes
 from sketchattr.task import Task
 
 KRONFLUENCE_METHODS = ("compute_train_loss", "compute_measurement")
@@ -36,7 +36,7 @@ class KronfluenceTask(Task):
     ``measurement = −compute_measurement`` (see the module docstring): scores equal Kronfluence's.
     ``modules`` comes from ``get_influence_tracked_modules``; when it returns None (or is absent)
     it is Kronfluence's own default, every leaf ``nn.Linear`` and ``nn.Conv2d``
-    (:class:`~sketchattr.modules.ModuleTypes`), so the same modules are attributed. A
+    (:class:`~sketchattr.featurize.selection.ModuleTypes`), so the same modules are attributed. A
     ``[B, C, T]`` attention mask (multiple choice: C sequences per example, run as C rows of the
     model's batch) groups each example's rows; ``post_process_per_sample_gradient`` is replayed
     when it is that group sum (checked on the first batch), and refused otherwise, as are

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sketchattr.featurize.rules.factor import DenseFactor
+from sketchattr.core.kronecker import DenseFactor
+from sketchattr.curvature.damping import module_damping
 
+from sketchattr.core.capture import Capture
 from sketchattr.project.base import Projector, _check_dims, _check_grads, _check_int
 
 if TYPE_CHECKING:
     from sketchattr.curvature.factors import Factors
-    from sketchattr.featurize.engine import BatchCapture
 
 __all__ = ["EigenbasisProjector", "SparseEigenbasisProjector"]
 
@@ -63,7 +64,6 @@ class EigenbasisProjector(Projector, name="eigenbasis"):
         layouts = factors.layouts
         self.layouts = [layouts[n] for n in self.names]
         ratios, self._bases, self._offsets = [], [], []
-        from sketchattr.score.damping import module_damping  # here: sketchattr.score imports the projectors
 
         for name in self.names:
             qs, qa, lam = factors.curvature(name, factors.kind)
@@ -126,12 +126,12 @@ class EigenbasisProjector(Projector, name="eigenbasis"):
         return torch.cat([self._keep_rotated(self._rotate(lay.from_flat(g), b), b)
                           for b, (g, lay) in enumerate(zip(grads, self.layouts))], dim=1)
 
-    def project_captured(self, capture: "BatchCapture") -> torch.Tensor:
+    def project_captured(self, capture: Capture) -> torch.Tensor:
         """From the hook engine: dense Kronecker factors are rotated first (``Σ_t (Q_Sᵀ row_t)(Q_Aᵀ col_t)ᵀ``),
         other blocks rotate their exact gradient."""
         return torch.cat(list(self._captured_parts(capture)), dim=1)
 
-    def _captured_parts(self, capture: "BatchCapture") -> Iterator[torch.Tensor]:
+    def _captured_parts(self, capture: Capture) -> Iterator[torch.Tensor]:
         """Each block's kept coordinates ``[B, m_b]``, block by block."""
         for b, block in enumerate(capture.blocks):
             pairs = capture.factors(b) if block.kronecker else []
@@ -215,7 +215,6 @@ class SparseEigenbasisProjector(EigenbasisProjector, name="eigen_topk"):
         self.k, self.m = m // 2, m
         if self.k > total:
             raise ValueError(f"k = m/2 = {self.k} is more than the {total} coordinates of the selected blocks")
-        from sketchattr.score.damping import module_damping  # here: sketchattr.score imports the projectors
 
         scales = []
         for name in self.names:
@@ -247,7 +246,7 @@ class SparseEigenbasisProjector(EigenbasisProjector, name="eigen_topk"):
         parts = (self._keep_rotated(self._rotate(lay.from_flat(g), b), b) for b, (g, lay) in enumerate(zip(grads, self.layouts)))
         return self._encode(*self._whitened(parts))
 
-    def project_captured(self, capture: "BatchCapture") -> torch.Tensor:
+    def project_captured(self, capture: Capture) -> torch.Tensor:
         return self._encode(*self._whitened(self._captured_parts(capture)))
 
     def project_module(self, g: torch.Tensor, module_index: int) -> torch.Tensor:  # pragma: no cover

@@ -1,16 +1,35 @@
-"""The main job on bundled data: which digits-training images made the model call each query so?"""
+"""``sketchattr demo``: the main job on bundled data — which digits-training images made the model
+call each query so? Trains the digits-mlp bench model, sketches its 1,000 training gradients,
+scores the 100 queries and prints the top proponents and opponents of a few."""
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
 import torch
 
-from sketchattr.data.digits import load_digits_split
+from sketchattr.bench.data.digits import load_digits_split
 from sketchattr.featurize import Featurizer
-from sketchattr.recipes import train_digits_mlp
+from sketchattr.bench.recipes import train_digits_mlp
 from sketchattr.score import SketchedInfluence
 from sketchattr.task import ClassificationTask
+
+
+HELP = "train digits-mlp on bundled data and print top proponents/opponents"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``demo`` subcommand's options."""
+    p.add_argument("--m", type=int, default=1024, help="sketch size (default 1024)")
+    p.add_argument("--projector", default="sjlt", choices=["sjlt", "gaussian", "rademacher", "identity"])
+    p.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2], help="query positions to print")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="projector seed")
+
+
+def run(args: argparse.Namespace) -> None:
+    run_demo(m=args.m, projector=args.projector, queries=tuple(args.queries), k=args.k, seed=args.seed)
 
 
 def run_demo(m: int = 1024, projector: str = "sjlt", queries: tuple[int, ...] = (0, 1, 2), k: int = 5, seed: int = 0) -> None:

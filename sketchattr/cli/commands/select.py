@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from sketchattr.commands.build import add_data_arguments
-from sketchattr.commands.config import CommandError, add_config_argument, add_runtime_arguments, require, resolve_device
-from sketchattr.commands.fit_checks import check_fits
-from sketchattr.commands.labels import add_classes_argument
-from sketchattr.commands.score import data_overrides, query_positions
-from sketchattr.commands.spec import add_store_arguments, open_store
+from sketchattr.cli.commands.build import add_data_arguments
+from sketchattr.cli.config import CommandError, add_config_argument, add_runtime_arguments, require, resolve_device
+from sketchattr.cli.fit_checks import check_fits
+from sketchattr.cli.labels import add_classes_argument
+from sketchattr.cli.commands.score import data_overrides, query_positions
+from sketchattr.cli.spec import add_store_arguments, open_store
+
+HELP = "LESS-style selection of the top training rows for a target set -> index file"
 
 SCORERS = ("cos", "dot", "sketched_influence")
 
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_fits(r, target, tidx, "--target_data")
     r.use_collate(target)
     if args.scorer == "sketched_influence":
-        from sketchattr.commands.score import parse_damping
+        from sketchattr.cli.commands.score import parse_damping
         from sketchattr.score import SketchedInfluence
 
         scorer = SketchedInfluence(damping=parse_damping(args.damping, "sketched_influence"), device=r.device).fit(store)

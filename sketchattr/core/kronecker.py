@@ -4,7 +4,7 @@ A layer rule that sees Kronecker structure (Linear, Conv, transformers' Conv1D, 
 hands the hook engine two factors per call of its module, each ``[B, T, width]`` (T =
 positions: sequence tokens, output pixels, or 1). Their contraction over t is the exact
 per-example gradient of the weight as it is stored (bias as an extra column or row, see
-:class:`~sketchattr.featurize.rules.layout.KronLayout`).
+:class:`~sketchattr.core.layout.KronLayout`).
 
 Two kinds:
 

@@ -26,11 +26,14 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Subset
 
-from sketchattr.commands.build import add_data_arguments
-from sketchattr.commands.config import CommandError, add_config_argument, add_runtime_arguments, require, resolve_device
-from sketchattr.commands.fit_checks import check_fits
-from sketchattr.commands.labels import add_classes_argument
-from sketchattr.commands.spec import Run, add_store_arguments, open_store
+from sketchattr.cli.commands.build import add_data_arguments
+from sketchattr.cli.config import CommandError, add_config_argument, add_runtime_arguments, require, resolve_device
+from sketchattr.cli.fit_checks import check_fits
+from sketchattr.cli.labels import add_classes_argument
+from sketchattr.cli.spec import Run, add_store_arguments, open_store
+
+HELP = "top-k proponents/opponents of query rows -> JSON, CSV, HTML/PNG report"
+ALIASES = ["query"]
 
 REPORTS = ("html", "png", "both", "none")
 SCORERS = ("sketched_influence", "ekfac")
@@ -199,7 +202,7 @@ def _reports(args: argparse.Namespace, out: Path, results: list[dict[str, Any]],
              settings: dict[str, Any]) -> list[Path]:
     if args.report == "none":
         return []
-    from sketchattr.report import Cell, QueryReport, write_html, write_png
+    from sketchattr.cli.report import Cell, QueryReport, write_html, write_png
 
     shown = results[: max(0, args.report_queries)]
     reports = [QueryReport(Cell(res["query_index"], query.preview(res["query_index"])),

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from sketchattr.commands.config import CommandError, add_config_argument, require
+from sketchattr.cli.config import CommandError, add_config_argument, require
+
+HELP = "LDS of a score file against retraining ground truth"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

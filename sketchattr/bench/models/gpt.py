@@ -1,6 +1,6 @@
 """GPT-style decoder-only LM configs and presets (the architecture is :class:`MusicTransformer`).
 
-:class:`~sketchattr.models.music_transformer.MusicTransformer` already is a GPT block stack
+:class:`~sketchattr.bench.models.music_transformer.MusicTransformer` already is a GPT block stack
 (token + learned position embeddings, pre-LN causal self-attention + GELU MLP, final LayerNorm,
 linear head), vmap- and hook-friendly; this module only names its sizes:
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sketchattr.models.music_transformer import MusicTransformer
+from sketchattr.bench.models.music_transformer import MusicTransformer
 
 
 @dataclass(frozen=True)

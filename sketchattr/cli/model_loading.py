@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sketchattr.commands.config import CommandError
+from sketchattr.cli.config import CommandError
 
 HF_AUTO = {
     "classification": "AutoModelForSequenceClassification",

@@ -3,9 +3,9 @@
 | name | source (local files only, never downloaded) | train / test TensorDataset | input_shape |
 | --- | --- | --- | --- |
 | ``digits`` | bundled sklearn digits bench split (``data_dir`` ignored) | (x float32 [N, 64], y int64) — 1000 train rows, the 100 queries as test | (64,) |
-| ``mnist`` | idx files, see :mod:`sketchattr.data.mnist` | (x float32 [N, 1, 28, 28] in [0, 1], y int64) | (1, 28, 28) |
-| ``cifar2`` | CIFAR-10 python batches, see :mod:`sketchattr.data.cifar` | (x float32 [N, 3, 32, 32] normalised, y int64 in {0, 1}) | (3, 32, 32) |
-| ``maestro`` | token arrays, see :mod:`sketchattr.data.maestro` | (tokens int64 [N, T],) — one tensor, no labels | (T,) |
+| ``mnist`` | idx files, see :mod:`sketchattr.bench.data.mnist` | (x float32 [N, 1, 28, 28] in [0, 1], y int64) | (1, 28, 28) |
+| ``cifar2`` | CIFAR-10 python batches, see :mod:`sketchattr.bench.data.cifar` | (x float32 [N, 3, 32, 32] normalised, y int64 in {0, 1}) | (3, 32, 32) |
+| ``maestro`` | token arrays, see :mod:`sketchattr.bench.data.maestro` | (tokens int64 [N, T],) — one tensor, no labels | (T,) |
 
 Subsampling: with ``n_train`` (``n_test``) the rows are ``sort(RandomState(seed).permutation(N)[:n])``
 (a fresh ``RandomState(seed)`` for each of train and test), kept in file order; ``train_index`` /
@@ -56,7 +56,7 @@ def subsample_index(n_total: int, n: int | None, seed: int, what: str = "rows") 
 
 
 def _digits(data_dir: str | None, n_train: int | None, n_test: int | None, seed: int) -> DatasetSplit:
-    from sketchattr.data.digits import load_digits_split
+    from sketchattr.bench.data.digits import load_digits_split
 
     s = load_digits_split()
     tr = subsample_index(len(s.x_train), n_train, seed, "digits train")
@@ -68,7 +68,7 @@ def _digits(data_dir: str | None, n_train: int | None, n_test: int | None, seed:
 
 
 def _mnist(data_dir: str | None, n_train: int | None, n_test: int | None, seed: int) -> DatasetSplit:
-    from sketchattr.data.mnist import mnist_tensors, read_mnist
+    from sketchattr.bench.data.mnist import mnist_tensors, read_mnist
 
     xi, yi, xt, yt = read_mnist(data_dir)
     tr = subsample_index(len(xi), n_train, seed, "mnist train")
@@ -82,7 +82,7 @@ def _mnist(data_dir: str | None, n_train: int | None, n_test: int | None, seed: 
 def _cifar2(data_dir: str | None, n_train: int | None, n_test: int | None, seed: int,
             classes: tuple[int, int] = (3, 5)) -> DatasetSplit:
     """CIFAR-10 classes ``classes`` relabelled 0/1; ``train_index`` counts rows within those classes."""
-    from sketchattr.data.cifar import cifar_tensors, read_cifar10, select_classes
+    from sketchattr.bench.data.cifar import cifar_tensors, read_cifar10, select_classes
 
     xi, yi, xt, yt = read_cifar10(data_dir)
     if len(classes) != 2:
@@ -101,7 +101,7 @@ def _cifar2(data_dir: str | None, n_train: int | None, n_test: int | None, seed:
 
 def _maestro(data_dir: str | None, n_train: int | None, n_test: int | None, seed: int,
              seq_len: int = 64, vocab_size: int | None = None) -> DatasetSplit:
-    from sketchattr.data.maestro import read_maestro
+    from sketchattr.bench.data.maestro import read_maestro
 
     train, test, vocab = read_maestro(data_dir, seq_len=seq_len, vocab_size=vocab_size)
     tr = subsample_index(len(train), n_train, seed, "maestro train")

@@ -3,7 +3,7 @@
 Inputs
 ------
 Model: ``--model_def module:function`` names a Python callable that returns an ``nn.Module``
-(e.g. ``sketchattr.models.mlp:make_mlp``), called with the keyword arguments of
+(e.g. ``sketchattr.bench.models.mlp:make_mlp``), called with the keyword arguments of
 ``--model_kwargs '{"in_dim": 64}'`` (JSON, default none). Each checkpoint given to
 ``--checkpoints ck1.pt ck2.pt ...`` is a *state dict* of that module saved with
 ``torch.save(model.state_dict(), path)``; it is loaded with ``torch.load(weights_only=True)``.
@@ -53,22 +53,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sketchattr.commands.model_loading import load_function, read_state_dict
+from sketchattr.cli.model_loading import load_function, read_state_dict
 from sketchattr.data.local_files import read_pt
 
-HELP_EPILOG = __doc__[__doc__.index("Inputs") :]
+HELP = "TracIn over saved checkpoints (last-N layers, random projection, sampling) -> JSON"
+DESCRIPTION = "TracIn: scores = -sum_c lr_c grad f_c(test) . grad loss_c(train) over checkpoints."
+EPILOG = __doc__[__doc__.index("Inputs") :]
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register the ``tracin`` subcommand on an argparse subparsers object."""
-    p = sub.add_parser(
-        "tracin",
-        help="TracIn over saved checkpoints (last-N layers, random projection, sampling) -> JSON",
-        description="TracIn: scores = -sum_c lr_c grad f_c(test) . grad loss_c(train) over checkpoints.",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model_def", "--model-def", required=True, help="module:function returning the nn.Module (e.g. sketchattr.models.mlp:make_mlp)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``tracin`` subcommand's options."""
+    p.add_argument("--model_def", "--model-def", required=True, help="module:function returning the nn.Module (e.g. sketchattr.bench.models.mlp:make_mlp)")
     p.add_argument("--model_kwargs", "--model-kwargs", default="{}", help="JSON dict of keyword arguments for the model function")
     p.add_argument("--checkpoints", nargs="+", required=True, help="state-dict files (torch.save(model.state_dict()))")
     p.add_argument("--learning_rates", "--learning-rates", type=float, nargs="+", default=None, help="eta per checkpoint (default 1.0 each)")
@@ -95,7 +90,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--no_progress", "--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--show", type=int, default=0, metavar="N",
                    help="also print the top-k proponents/opponents of the first N test examples (default 0: only the summary)")
-    return p
 
 
 def load_data(path: str) -> dict[str, torch.Tensor]:
@@ -252,7 +246,7 @@ def _jsonable(v: torch.Tensor) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``sketchattr tracin`` alone (``python -m sketchattr.tracin_cli ...``)."""
+    """Run ``sketchattr tracin`` alone (``python -m sketchattr.cli.commands.tracin ...``)."""
     parser = argparse.ArgumentParser(prog="sketchattr")
     add_parser(parser.add_subparsers(dest="command", required=True))
     run(parser.parse_args(["tracin", *(argv or [])]))

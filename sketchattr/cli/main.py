@@ -1,5 +1,4 @@
-"""The ``sketchattr`` command: wires the subcommands' parsers (the commands live in
-:mod:`sketchattr.commands`, :mod:`sketchattr.demo` and :mod:`sketchattr.tracin_cli`).
+"""The ``sketchattr`` command: wires the subcommands of :mod:`sketchattr.cli.commands` into one parser.
 
     sketchattr build     model + training file -> resumable HDF5 store + run spec
     sketchattr score     (alias: query) top-k proponents/opponents of query rows -> JSON, CSV, HTML/PNG report
@@ -15,42 +14,31 @@ flag is refused with the nearest one the subcommand takes.
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 from typing import Any, Sequence
 
-NEW_COMMANDS = {
-    "build": ("sketchattr.commands.build", "sketch the training gradients of your model into a resumable HDF5 store", []),
-    "score": ("sketchattr.commands.score", "top-k proponents/opponents of query rows -> JSON, CSV, HTML/PNG report", ["query"]),
-    "select": ("sketchattr.commands.select", "LESS-style selection of the top training rows for a target set -> index file", []),
-    "validate": ("sketchattr.commands.validate", "LDS of a score file against retraining ground truth", []),
-}
+COMMANDS = ("build", "score", "select", "validate", "tracin", "demo")
+"""The subcommands, each a module of :mod:`sketchattr.cli.commands` with ``HELP`` (one line),
+``add_arguments(parser)``, ``run(args)`` and optionally ``ALIASES``, ``DESCRIPTION`` (default: the
+module docstring) and ``EPILOG``. Imported when the parser is built (``sketchattr --help`` lists
+them all)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
+    """The ``sketchattr`` parser: every subcommand of :data:`COMMANDS`, ``--traceback`` on each."""
     parser = argparse.ArgumentParser(prog="sketchattr", description="Training-data attribution with sketched influence.")
     add_traceback_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train digits-mlp on bundled data and print top proponents/opponents")
-    demo.add_argument("--m", type=int, default=1024, help="sketch size (default 1024)")
-    demo.add_argument("--projector", default="sjlt", choices=["sjlt", "gaussian", "rademacher", "identity"])
-    demo.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2], help="query positions to print")
-    demo.add_argument("--k", type=int, default=5)
-    demo.add_argument("--seed", type=int, default=0, help="projector seed")
-    demo.set_defaults(run=_run_demo, command_name="demo")
-    for name, (module, help_text, aliases) in NEW_COMMANDS.items():
-        mod = importlib.import_module(module)
-        p = sub.add_parser(name, aliases=aliases, help=help_text, description=mod.__doc__,
+    for name in COMMANDS:
+        mod = importlib.import_module(f"sketchattr.cli.commands.{name}")
+        p = sub.add_parser(name, aliases=getattr(mod, "ALIASES", []), help=mod.HELP,
+                           description=getattr(mod, "DESCRIPTION", mod.__doc__), epilog=getattr(mod, "EPILOG", None),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(run=mod.run, command_name=name)
-    from sketchattr.tracin_cli import add_parser as add_tracin_parser, run as run_tracin
-
-    add_tracin_parser(sub).set_defaults(run=run_tracin, command_name="tracin")
-    for p in set(sub.choices.values()):
         add_traceback_argument(p)
+        p.set_defaults(run=mod.run, command_name=name)
     return parser
 
 
@@ -63,14 +51,14 @@ def add_traceback_argument(p: argparse.ArgumentParser) -> None:
 
 def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     """The parser of subcommand ``name`` (or an alias)."""
-    from sketchattr.commands.config import subparsers
+    from sketchattr.cli.config import subparsers
 
     return subparsers(parser)[name]
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """``argv`` parsed; an unknown flag exits (status 2) naming the subcommand's nearest flag."""
-    from sketchattr.commands.config import nearest
+    from sketchattr.cli.config import nearest
 
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -82,15 +70,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return args
 
 
-def _run_demo(args: Any) -> None:
-    from sketchattr.demo import run_demo
-
-    run_demo(m=args.m, projector=args.projector, queries=tuple(args.queries), k=args.k, seed=args.seed)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that report a user mistake with a clear message of their own."""
-    from sketchattr.commands.config import CommandError
+    from sketchattr.cli.config import CommandError
     from sketchattr.store import StoreCorruptedError, StoreLockedError, StoreMismatchError, StoreWriteError
 
     return (CommandError, StoreMismatchError, StoreLockedError, StoreCorruptedError, StoreWriteError, FileNotFoundError,
@@ -104,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = _user_errors()
     try:
         if getattr(args, "config", None):
-            from sketchattr.commands.config import apply_config
+            from sketchattr.cli.config import apply_config
 
             args = apply_config(parser, args.command, argv, args.config)
         args.run(args)
