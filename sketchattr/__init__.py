@@ -2,6 +2,13 @@
 
 Quick path: ``Featurizer(model, task, projector="sjlt", m=1024).featurize(train_set)`` → a store;
 ``SketchedInfluence().fit(store).top_k(featurizer.query_rows(query_set), k=5)``.
+
+The package reads like the pipeline, bottom to top (each stage imports only those below it;
+ARCHITECTURE.md): :mod:`.core` (shared types), :mod:`.task` and :mod:`.data` (what to
+differentiate, users' data), :mod:`.project` and :mod:`.sample` (sketches, samplers),
+:mod:`.store`, :mod:`.featurize`, :mod:`.distributed`, :mod:`.curvature`, :mod:`.score`,
+:mod:`.validate`, :mod:`.integrations`, then :mod:`.bench` (the bench zoo) and :mod:`.cli` (the
+``sketchattr`` command). The public names are re-exported here.
 """
 from sketchattr.featurize import Featurizer, IndexedDataset, NonFiniteGradientError, TrainTimeSketcher, model_fingerprint
 from sketchattr.featurize.selection import ModuleSelection, select_modules

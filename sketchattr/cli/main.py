@@ -19,6 +19,9 @@ import re
 import sys
 from typing import Any, Sequence
 
+from sketchattr.cli.config import CommandError, apply_config, nearest, subparsers
+from sketchattr.store import StoreCorruptedError, StoreLockedError, StoreMismatchError, StoreWriteError
+
 COMMANDS = ("build", "score", "select", "validate", "tracin", "demo")
 """The subcommands, each a module of :mod:`sketchattr.cli.commands` with ``HELP`` (one line),
 ``add_arguments(parser)``, ``run(args)`` and optionally ``ALIASES``, ``DESCRIPTION`` (default: the
@@ -51,15 +54,11 @@ def add_traceback_argument(p: argparse.ArgumentParser) -> None:
 
 def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     """The parser of subcommand ``name`` (or an alias)."""
-    from sketchattr.cli.config import subparsers
-
     return subparsers(parser)[name]
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """``argv`` parsed; an unknown flag exits (status 2) naming the subcommand's nearest flag."""
-    from sketchattr.cli.config import nearest
-
     args, extra = parser.parse_known_args(argv)
     if extra:
         sub = subcommand_parser(parser, args.command)
@@ -72,9 +71,6 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that report a user mistake with a clear message of their own."""
-    from sketchattr.cli.config import CommandError
-    from sketchattr.store import StoreCorruptedError, StoreLockedError, StoreMismatchError, StoreWriteError
-
     return (CommandError, StoreMismatchError, StoreLockedError, StoreCorruptedError, StoreWriteError, FileNotFoundError,
             ValueError, TypeError, ImportError)
 
@@ -86,7 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = _user_errors()
     try:
         if getattr(args, "config", None):
-            from sketchattr.cli.config import apply_config
 
             args = apply_config(parser, args.command, argv, args.config)
         args.run(args)

@@ -23,6 +23,11 @@ from sketchattr.cli.config import CommandError
 from sketchattr.cli.labels import resolve_classes
 from sketchattr.cli.model_loading import is_hf_folder, load_model, load_tokenizer, model_origin
 from sketchattr.data.local_files import DataError, DataOptions, LocalData, load_local_data
+from sketchattr.featurize import Featurizer
+from sketchattr.featurize.preconditioner import AdamPreconditioner
+from sketchattr.featurize.selection import last_blocks
+from sketchattr.store import DiskStore, StoreMismatchError
+from sketchattr.task import CausalLMTask, ClassificationTask, RegressionTask, SequenceClassificationTask
 
 TASKS = ("classification", "regression", "causal_lm", "sequence_classification")
 PROJECTORS = ("sjlt", "gaussian", "rademacher", "identity")
@@ -40,7 +45,6 @@ class RunSpec:
     weights (None: weights from ``checkpoint`` or a Hugging Face folder). ``data``: the data
     options, with ``classes`` (label names in class-id order, or None for integer labels) and
     ``classes_source``."""
-
     model: str
     task: str
     train_data: str
@@ -124,8 +128,6 @@ def label_kind(task: str) -> str | None:
 
 def make_task(name: str) -> Any:
     """The :mod:`sketchattr.task` class for ``--task``."""
-    from sketchattr.task import CausalLMTask, ClassificationTask, RegressionTask, SequenceClassificationTask
-
     tasks = {"classification": ClassificationTask, "sequence_classification": SequenceClassificationTask,
              "regression": RegressionTask, "causal_lm": CausalLMTask}
     if name not in tasks:
@@ -137,8 +139,6 @@ def parse_modules(items: "list[str] | str | None") -> Any:
     """``--modules``: nothing / ``all`` (every module), ``last:N`` (the last N in forward order),
     kinds (``linear``, ``conv``, ``embedding``, ``norm``, ``lora``), glob patterns, module names
     (``2`` is the module named "2"), ``last_blocks:N`` or ``last_blocks:N:PATTERN``."""
-    from sketchattr.featurize.selection import last_blocks
-
     if items is None:
         return None
     items = [items] if isinstance(items, str) else [str(i) for i in items]
@@ -165,7 +165,6 @@ def parse_modules(items: "list[str] | str | None") -> Any:
 class Run:
     """A spec made live: ``model`` (eval, on ``device``), ``task``, ``tokenizer`` (or None),
     ``featurizer``; :meth:`load` reads data files with the spec's options."""
-
     spec: RunSpec
     model: nn.Module
     task: Any
@@ -207,8 +206,6 @@ class Run:
 
 def open_run(spec: RunSpec, device: torch.device, batch_size: int | None = None, progress: bool = True) -> Run:
     """Load the model (checkpoint, device, dtype), task, tokenizer and build the featurizer."""
-    from sketchattr.featurize import Featurizer
-
     task = make_task(spec.task)
     model = load_model(spec.model, spec.model_args, spec.checkpoint, spec.task, spec.init_seed, spec.model_path)
     _note_moved_code(spec)
@@ -242,8 +239,6 @@ def _note_moved_code(spec: RunSpec) -> None:
 def _adam_preconditioner(path: str, model: nn.Module) -> Any:
     """``--optimizer_state``: an Adam/AdamW ``optimizer.state_dict()`` (or a checkpoint dict
     holding one under ``optimizer``), read with weights_only=True."""
-    from sketchattr.featurize.preconditioner import AdamPreconditioner
-
     p = Path(path)
     if not p.is_file():
         raise CommandError(f"--optimizer_state not found: {p}")
@@ -276,8 +271,6 @@ def open_store(store: str, run_spec: str | None, device: torch.device, batch_siz
                progress: bool, classes: list[str] | None = None) -> tuple[Run, Any]:
     """The run of a built store and the store itself (read-only use), checked against each other.
     ``classes``: ``--classes`` of this command (see :func:`~sketchattr.cli.labels.resolve_classes`)."""
-    from sketchattr.store import DiskStore, StoreMismatchError
-
     path = Path(store)
     if not path.is_file():
         raise CommandError(f"store not found: {path} (write it with `sketchattr build`)")

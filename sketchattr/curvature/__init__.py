@@ -1,14 +1,18 @@
 """Curvature for EKFAC, KFAC and diagonal influence.
 
-:func:`fit_factors` runs the hook engine (:mod:`sketchattr.featurize.engine`) over the training
-data, estimates the Kronecker factors, their eigenbases and the EKFAC correction (or the
-diagonal Fisher), stage by stage, saved and resumable (:mod:`.factors`); :class:`Profiler` times
-the stages. The scorers that use them on a sketched store are in :mod:`sketchattr.score.ekfac`.
+:func:`fit_factors` runs the hook engine over the training data and estimates the Kronecker
+factors, their eigenbases and the EKFAC correction (or the diagonal Fisher), stage by stage,
+saved and resumable (:mod:`.factors`); :func:`module_damping` is the family's damping per module
+(:mod:`.damping`); :class:`EigenbasisProjector` and :class:`SparseEigenbasisProjector` sketch
+rows in the fitted eigenbases (:mod:`.eigenbasis`). The scorers that use them are in
+:mod:`sketchattr.score.ekfac`.
+
+May import :mod:`sketchattr.distributed` (collectives), :mod:`sketchattr.featurize` and below.
 """
+from sketchattr.core.profiler import Profiler
 from sketchattr.curvature.damping import module_damping
 from sketchattr.curvature.eigenbasis import EigenbasisProjector, SparseEigenbasisProjector
 from sketchattr.curvature.factors import STAGES, Factors, FactorsMismatchError, fit_factors
-from sketchattr.core.profiler import Profiler
 from sketchattr.featurize.rules import UnsupportedModuleError
 
 __all__ = ["EigenbasisProjector", "Factors", "FactorsMismatchError", "Profiler", "STAGES", "SparseEigenbasisProjector",

@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sketchattr.core.capture import Capture
 from sketchattr.core.kronecker import DenseFactor
 from sketchattr.curvature.damping import module_damping
-
-from sketchattr.core.capture import Capture
 from sketchattr.project.base import Projector, _check_dims, _check_grads, _check_int
 
 if TYPE_CHECKING:

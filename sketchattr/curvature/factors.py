@@ -57,9 +57,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from sketchattr.core.batches import as_dataset, batch_len, dataset_length, first_example, main_process, tree_map
 from sketchattr.core.profiler import Profiler
 from sketchattr.featurize.engine import BatchCapture, Block, HookEngine
-from sketchattr.core.batches import as_dataset, batch_len, dataset_length, first_example, main_process, tree_map
 from sketchattr.featurize.featurizer import example_runner, task_mask
 from sketchattr.featurize.fingerprint import model_fingerprint
 from sketchattr.featurize.rules import BlockLayout, layout_from

@@ -34,6 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from sketchattr.data.collate import PadCollator
+from sketchattr.data.image_folder import CenterCropTransform, ImageFolderDataset
+
 __all__ = ["DataError", "DataOptions", "LocalData", "Preview", "load_local_data", "LABEL_KINDS"]
 
 INPUT_KEYS = ("x", "inputs", "features")
@@ -52,7 +55,6 @@ class DataError(ValueError):
 @dataclass
 class DataOptions:
     """How to read records and folders; the defaults find the usual column names."""
-
     text_column: str | None = None
     label_column: str | None = None
     feature_columns: list[str] | None = None
@@ -69,7 +71,6 @@ class DataOptions:
 class Preview:
     """What a report shows for one row: ``text``, an ``image`` ([H, W, 3] uint8) or an
     ``image_path``, and the ``label`` name."""
-
     text: str | None = None
     image: np.ndarray | None = None
     image_path: str | None = None
@@ -81,7 +82,6 @@ class LocalData:
     """A loaded dataset: ``dataset`` (rows for the Featurizer), ``collate_fn`` (a PadCollator for
     token sequences, else None), ``labels`` [n] (None without labels), ``classes`` (label names
     when labels were strings or class folders), ``source`` (``"pt"``, ``"csv"``, ...)."""
-
     path: Path
     dataset: Dataset
     source: str
@@ -285,7 +285,6 @@ def _token_arrays(p: Path, source: str, data: dict[str, torch.Tensor], label_key
 
 class _DictRows(Dataset):
     """Row i = {name: column[i]} of equal-length tensors."""
-
     def __init__(self, cols: dict[str, torch.Tensor]) -> None:
         self.cols = cols
         self.n = next(iter(cols.values())).shape[0]
@@ -418,7 +417,6 @@ def _check_id_range(ids: np.ndarray, classes: Sequence[str], where: str) -> None
 
 
 def _pad_collator(tokenizer: Any) -> Any:
-    from sketchattr.data.collate import PadCollator
 
     pad = getattr(tokenizer, "pad_token_id", None)
     return PadCollator(pad_token_id=int(pad) if pad is not None else 0)
@@ -426,7 +424,6 @@ def _pad_collator(tokenizer: Any) -> Any:
 
 class _TextRecords(Dataset):
     """Texts tokenized on access: ``{"input_ids", "attention_mask", ("token_type_ids"), ("labels")}``."""
-
     def __init__(self, texts: list[str], labels: np.ndarray | None, tokenizer: Any, max_length: int | None) -> None:
         self.texts, self.labels, self.tokenizer, self.max_length = texts, labels, tokenizer, max_length
 
@@ -443,7 +440,6 @@ class _TextRecords(Dataset):
 
 class _TokenRecords(Dataset):
     """Pre-tokenized records: ``input_ids`` (and masks) per row, labels beside."""
-
     def __init__(self, cols: dict[str, list[torch.Tensor]], labels: np.ndarray | None) -> None:
         self.cols, self.labels = cols, labels
 
@@ -477,7 +473,6 @@ def _hf_datasets(p: Path, label_kind: str | None, options: DataOptions, tokenize
 
 # ---------------------------------------------------------------------------- image folders
 def _image_folder(p: Path, label_kind: str | None, options: DataOptions) -> LocalData:
-    from sketchattr.data.image_folder import CenterCropTransform, ImageFolderDataset
 
     if not any(c.is_dir() for c in p.iterdir()):
         raise DataError(f"{p} is a folder without class sub-folders: expected {p}/<class>/<image files>, or a "

@@ -7,8 +7,11 @@
   all-reduced; ``score`` gathers the full matrix, ``top_k`` merges the ranks' top-k,
   ``score_to_hdf5`` writes one file per rank and joins them.
 * :func:`get_collective` — the world's :class:`TorchCollective`, or a :class:`LocalCollective`
-  when torch.distributed is not initialised (everything then runs as one process).
+  when torch.distributed is not initialised (everything then runs as one process); a dead rank
+  is named by the heartbeats (:mod:`.heartbeat`).
 * :func:`unwrap_model` — DistributedDataParallel models are accepted everywhere (unwrapped).
+
+May import :mod:`sketchattr.featurize` and below; curvature and the scorers take its collectives.
 """
 from sketchattr.distributed.collective import (
     Collective,

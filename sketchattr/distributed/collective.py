@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 from sketchattr.distributed.heartbeat import Heartbeat, RankFailedError
 
-
 T = TypeVar("T")
 
 

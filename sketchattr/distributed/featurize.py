@@ -16,10 +16,10 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
+from sketchattr.core.batches import as_dataset
 from sketchattr.core.profiler import Profiler
 from sketchattr.distributed.collective import Collective, get_collective
 from sketchattr.distributed.shards import check_world_size, join_store, remove_shards, shard_path
-from sketchattr.core.batches import as_dataset
 from sketchattr.featurize.featurizer import Featurizer
 from sketchattr.sample import Sampler
 from sketchattr.store import DiskStore, GradientStore, StoreMetadata, StoreMismatchError, make_store

@@ -1,7 +1,12 @@
 """Per-example gradients of the training loss (train rows) or measurement (query rows).
 
-:class:`Featurizer` drives the hook engine (:mod:`.engine`, layer rules in :mod:`.rules`) or the
-``torch.func.vmap`` fallback, and hands the gradients to a projector.
+:class:`Featurizer` picks the modules (:mod:`.selection`), drives the hook engine (:mod:`.engine`,
+layer rules in :mod:`.rules`) or the ``torch.func.vmap`` fallback, hands each batch to a projector
+and writes the rows into a store; :class:`TrainTimeSketcher` does the same from a training step's
+own forward and backward. Also the model fingerprint and the Adam preconditioner (LESS).
+
+May import :mod:`sketchattr.store`, :mod:`sketchattr.project`, :mod:`sketchattr.sample`,
+:mod:`sketchattr.task`, :mod:`sketchattr.data` and :mod:`sketchattr.core`.
 """
 from sketchattr.featurize.engine import BatchCapture, Block, HookEngine, HookMismatchError
 from sketchattr.featurize.featurizer import FeaturizeRun, Featurizer, NonFiniteGradientError, VmapError

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from sketchattr.core.batches import as_dataset, batch_len, dataset_length, first_example, main_process, tree_map
 from sketchattr.featurize.engine import HookEngine, HookMismatchError, PreconditionedCapture
-from sketchattr.featurize.rules import UnsupportedModuleError
 from sketchattr.featurize.fingerprint import dataset_fingerprint, model_fingerprint
+from sketchattr.featurize.rules import UnsupportedModuleError
 from sketchattr.featurize.selection import ModuleSelection, select_modules, unwrap_model
 from sketchattr.project import FactorizedProjector, Projector, make_projector
 from sketchattr.sample import Sampler, dataset_labels, make_sampler

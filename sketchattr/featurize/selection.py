@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from sketchattr.featurize.rules import rule_for
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,11 @@ class ModuleSelection:
     ``param_names[k]`` are the full parameter names (``"0.weight"``) of module ``names[k]``;
     ``dims[k]`` is the number of scalar parameters of module k.
     """
-
     names: tuple[str, ...]
     param_names: tuple[tuple[str, ...], ...]
     dims: tuple[int, ...]
     tied: tuple[tuple[str, ...], ...] = ()
     """``tied[k]``: the other modules that use module k's parameters (tied weights)."""
-
     @property
     def total(self) -> int:
         """Total number of attributed parameters d."""
@@ -137,7 +136,6 @@ KINDS: dict[str, tuple[str, ...]] = {
 class Selector(abc.ABC):
     """A selection that needs the model to resolve (the last blocks, modules of given types):
     ``resolve(model, available) -> names`` among ``available`` (supported modules by name)."""
-
     @abc.abstractmethod
     def resolve(self, model: nn.Module, available: dict[str, nn.Module]) -> list[str]:
         """The selected names, in registration order unless the selector says otherwise."""
@@ -147,7 +145,6 @@ class Selector(abc.ABC):
 class ModuleTypes(Selector):
     """Every leaf module that is an instance of one of ``types`` and owns trainable parameters
     (``ModuleTypes((nn.Linear, nn.Conv2d))`` is what Kronfluence tracks by default)."""
-
     types: tuple[type, ...]
 
     def __repr__(self) -> str:
@@ -166,7 +163,6 @@ class LastBlocks(Selector):
     """The last ``n`` blocks of the model's block list (the ``nn.ModuleList`` holding the most
     parameters: ``model.layers``, ``transformer.h``, ``encoder.layer`` …), optionally only the
     modules inside them whose names match one of ``patterns`` (globs, e.g. ``"*.mlp.*"``)."""
-
     n: int
     patterns: tuple[str, ...] = ()
 
@@ -196,7 +192,6 @@ def last_blocks(n: int, *patterns: str) -> LastBlocks:
 
 
 def _kind_of(module: nn.Module) -> str | None:
-    from sketchattr.featurize.rules import rule_for  # lazy: the featurize package imports this module
 
     rule = rule_for(module)
     return None if rule is None else rule.name

@@ -9,6 +9,9 @@ Types: ``identity``, ``gaussian`` (alias ``normal``), ``rademacher``, ``sjlt`` (
 ``make_projector("factorized", m_out=32, m_in=32)`` or ``m=1024`` per module), ``factgrass``
 (masked Kronecker factors mixed by an SJLT into ``m``), ``tensorsketch`` (a count sketch of every
 block with a Kronecker-split hash, computed from the layer factors by FFT).  ``spec()`` is the JSON-able identity of a sketch (store metadata).
+
+May import :mod:`sketchattr.core` only: a projector maps a batch's gradients (a
+:class:`~sketchattr.core.capture.Capture`) to rows and knows nothing of the engine that made them.
 """
 from sketchattr.project.base import (
     DEFAULT_BLOCK_SIZE,

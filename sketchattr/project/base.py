@@ -20,16 +20,16 @@ temporary memory and never changes the sketch (beyond floating-point summation o
 from __future__ import annotations
 
 import abc
-import math
 import collections
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from sketchattr.core.checks import check_int as _check_int
 from sketchattr.core.capture import Capture
+from sketchattr.core.checks import check_int as _check_int
 from sketchattr.core.registry import Registered
 
 __all__ = [

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
+from sketchattr.core.capture import Capture
 from sketchattr.project.base import DEFAULT_BLOCK_SIZE, _check_dims, _check_int, block_seed, cpu_generator
 from sketchattr.project.factorized import FLAT_STREAM, FactorizedProjector, square_split
-from sketchattr.core.capture import Capture
 from sketchattr.project.sjlt import SJLTProjector
 
 __all__ = ["FactGraSSProjector"]

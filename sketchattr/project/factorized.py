@@ -48,11 +48,18 @@ from typing import Any
 
 import torch
 
-from sketchattr.core.layout import BlockLayout, FlatLayout, KronLayout
-
 from sketchattr.core.capture import Capture
+from sketchattr.core.kronecker import DenseFactor
+from sketchattr.core.layout import BlockLayout, FlatLayout, KronLayout
 from sketchattr.project.base import (
-    DEFAULT_BLOCK_SIZE, Projector, _check_dims, _check_grads, _check_int, block_seed, cpu_generator, square_split,
+    DEFAULT_BLOCK_SIZE,
+    Projector,
+    _check_dims,
+    _check_grads,
+    _check_int,
+    block_seed,
+    cpu_generator,
+    square_split,
 )
 
 __all__ = ["FactorizedProjector", "square_split"]
@@ -70,7 +77,6 @@ class FactorizedProjector(Projector, name="factorized"):
         seed: int >= 0; with the block index it determines ``P_out``, ``P_in`` and ``P_flat``.
         block_size: accepted for a uniform constructor; unused.
     """
-
     def __init__(self, m_out: int, m_in: int, seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE):
         self.m_out = _check_int("m_out", m_out, minimum=1)
         self.m_in = _check_int("m_in", m_in, minimum=1)
@@ -149,7 +155,6 @@ class FactorizedProjector(Projector, name="factorized"):
             raise ValueError(f"a and s must be [B, T, d] with the same B and T, got {tuple(a.shape)} and {tuple(s.shape)}")
         if a.dtype != s.dtype or not a.is_floating_point():
             raise ValueError(f"a and s must share a floating dtype, got {a.dtype} and {s.dtype}")
-        from sketchattr.core.kronecker import DenseFactor
 
         k = _check_int("module_index", module_index, minimum=0)
         return self._kron_sketch([(DenseFactor(s), DenseFactor(a))], k)

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from sketchattr.core.layout import KronLayout
-
 from sketchattr.project.base import DEFAULT_BLOCK_SIZE, _check_dims, _check_grads, _check_int, block_seed, cpu_generator
 from sketchattr.project.factorized import FLAT_STREAM, FactorizedProjector
 

@@ -9,6 +9,8 @@ Types: ``all`` (aliases ``none``, ``full``; ``kind=None``), ``uniform`` (``rando
 ``subsample``), ``stratified`` (``stratify``), ``weighted`` (``pps``, ``importance``).
 ``sum_j weights[j] * x[indices[j]]`` is an unbiased estimate of ``sum_i x[i]`` over the
 train set.  Same seed -> same sample.
+
+May import :mod:`sketchattr.core` only.
 """
 from sketchattr.sample.base import Sample, Sampler, dataset_labels, make_sampler, sample_from_spec
 from sketchattr.sample.samplers import (

@@ -1,4 +1,13 @@
-"""Scorers: fit once on a gradient store, then score many query batches."""
+"""Scorers: fit once on a gradient store, then score many query batches.
+
+``SketchedInfluence`` (regularized sketched influence, automatic damping), the EKFAC family
+(``EKFACScorer``, ``KFACScorer``, ``DiagonalScorer``, ``IdentityScorer``), ``TracIn`` and
+``EnsembleInfluence``, all with ``score`` ``[n_query, n_train]``, streaming ``top_k``,
+``score_to_hdf5`` and ``self_influence``; per-token scores, LESS-style data selection and a faiss
+index over a store. Every scorer reads its queries one way (:mod:`.queries`).
+
+May import :mod:`sketchattr.curvature`, :mod:`sketchattr.distributed` and below.
+"""
 from sketchattr.score.base import Scorer
 from sketchattr.score.damping import auto_damping, effective_dimension
 from sketchattr.score.sketched_influence import SketchedInfluence

@@ -9,10 +9,11 @@ import h5py
 import numpy as np
 import torch
 
+from sketchattr.core.registry import Registered
+from sketchattr.distributed.shards import join_scores, shard_path
 from sketchattr.score.topk import TopK, TopKMerger
 from sketchattr.store import GradientStore, MemoryStore, StoreMetadata, StoreMismatchError
 from sketchattr.store.atomic import carry_over, temporary_beside
-from sketchattr.core.registry import Registered
 
 if TYPE_CHECKING:
     from sketchattr.distributed.collective import Collective
@@ -47,7 +48,6 @@ class Scorer(Registered, abc.ABC):
     ``train_indices``, ``score``, ``top_k`` and ``score_to_hdf5`` are about the whole train set,
     in the row order of a single-process store, on every rank.
     """
-
     name: ClassVar[str]
     registry: ClassVar[dict[str, type["Scorer"]]] = {}
     kind: ClassVar[str] = "scorer"
@@ -57,11 +57,9 @@ class Scorer(Registered, abc.ABC):
     @abc.abstractmethod
     def fit(self, store: GradientStore) -> "Scorer":
         """Read the store once and prepare to score."""
-
     @abc.abstractmethod
     def iter_scores(self, queries: Any, **kwargs: Any) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield (train dataset indices [b], scores [n_query, b]) block by block."""
-
     def score_rows(self, queries: Any, rows: torch.Tensor) -> torch.Tensor:
         """Scores ``[n_query, n_rows]`` of the queries (as :meth:`score` takes them) against
         train-side rows ``[n_rows, m]`` sketched like the store's — rows of examples outside the
@@ -94,7 +92,6 @@ class Scorer(Registered, abc.ABC):
         c, local = self.collective, self._local_indices()
         target = path
         if c is not None:
-            from sketchattr.distributed.shards import join_scores, shard_path  # lazy: distributed imports scorers' packages
 
             target = shard_path(path, c.rank, c.world_size)
         n = len(local)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from sketchattr.distributed.featurize import featurize as featurize_sharded
 from sketchattr.featurize.featurizer import Featurizer
 from sketchattr.score.base import Scorer
 from sketchattr.score.ekfac import PreparedQueries
@@ -56,7 +57,6 @@ class EnsembleQueries:
     (:class:`QueryRows` ``[n_query, m]`` for SketchedInfluence, :class:`PreparedQueries` for the
     EKFAC family). Returned by :meth:`EnsembleInfluence.prepare_queries`; every scoring method
     takes it in place of the query examples (no gradient is recomputed)."""
-
     parts: tuple[Any, ...]
 
     def __post_init__(self) -> None:
@@ -83,7 +83,6 @@ class EnsembleInfluence(Scorer, name="ensemble"):
     After ``fit``: ``train_indices`` [n_train] (shared by every member), ``members`` (fitted; e.g.
     ``members[c].damping_`` is member c's λ), ``n_members``.
     """
-
     def __init__(
         self,
         members: Sequence[Scorer],
@@ -283,7 +282,6 @@ def featurize_members(
         feat = Featurizer(model, task, modules=modules, projector=projector, m=m, seed=seeds[c], batch_size=batch_size,
                           device=device, progress=progress, **featurizer_kwargs)
         if collective is not None:
-            from sketchattr.distributed.featurize import featurize as featurize_sharded  # lazy: imports scorers
 
             store = featurize_sharded(feat, train_dataset, path=path, sampler=sampler, collective=collective,
                                       overwrite=overwrite, **({"checkpoint": names[c]} if path is not None else {}))

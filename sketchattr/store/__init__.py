@@ -1,7 +1,12 @@
 """Gradient stores: sketched train rows with their dataset indices, weights and metadata.
 
-``make_store("none" | "cpu" | "disk", ...)`` picks one by the name experiment scripts use for
-``--offload``.
+:class:`MemoryStore` / :class:`CPUStore` (in memory) and :class:`DiskStore` (HDF5: one group per
+checkpoint, resumable, checksummed, one locked writer), all read back block by block; the
+:class:`StoreMetadata` that identifies a sketch (projector, modules, model, task) and the
+:class:`~sketchattr.store.query_rows.QueryRows` that carry it to the scorers.
+``make_store("none" | "cpu" | "disk", ...)`` picks one by name.
+
+May import :mod:`sketchattr.project` (to read a projector's spec) and :mod:`sketchattr.core`.
 """
 from sketchattr.store.base import (
     GradientStore,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import h5py
 
+from sketchattr.store.base import StoreCorruptedError
+
 
 def temporary_beside(path: "str | os.PathLike[str]") -> Path:
     """``.<name>.<pid>.tmp`` in ``path``'s folder (created); stale ones of dead processes are deleted."""
@@ -31,8 +33,6 @@ def temporary_beside(path: "str | os.PathLike[str]") -> Path:
 def carry_over(path: "str | os.PathLike[str]", out: h5py.File, replaced: tuple[str, ...]) -> None:
     """Copy the objects and root attributes of an existing HDF5 file at ``path`` (if any) into ``out``,
     except the names in ``replaced`` (about to be rewritten)."""
-    from sketchattr.store.base import StoreCorruptedError
-
     if not os.path.exists(path):
         return
     try:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from sketchattr.core.registry import Registered
+from sketchattr.project import Projector
 
 
 class StoreMismatchError(ValueError):
@@ -53,7 +54,6 @@ class StoreMetadata:
     dim: row width m; kind: ``"train"`` (rows are training-loss gradients); dtype: the dtype the
     gradients were computed in (rows of float64 or bf16 featurizers differ from float32 ones).
     """
-
     projector: dict[str, Any]
     modules: dict[str, Any]
     model_fingerprint: str
@@ -90,7 +90,6 @@ def require_dense_rows(metadata: "StoreMetadata | None", scorer: str) -> None:
     (value, index) pairs), which only the EKFAC family can read."""
     if metadata is None:
         return
-    from sketchattr.project import Projector  # lazy: the projectors import nothing from stores
 
     cls = Projector.registry.get(metadata.projector.get("type", ""))
     if cls is not None and getattr(cls, "sparse_rows", False):
@@ -104,7 +103,6 @@ class GradientStore(Registered, abc.ABC):
     Subclasses register a short name (``class X(GradientStore, name="disk")``) used by
     :func:`make_store` and by the experiment scripts' ``--offload none | cpu | disk``.
     """
-
     registry: dict[str, type["GradientStore"]] = {}
     kind: ClassVar[str] = "store"
     metadata: StoreMetadata | None
@@ -116,30 +114,24 @@ class GradientStore(Registered, abc.ABC):
         Fails with :class:`StoreMismatchError` on a mismatch unless ``overwrite`` — of the metadata,
         or of ``dataset_fingerprint`` (:func:`sketchattr.featurize.fingerprint.dataset_fingerprint`)
         when the store already holds rows of another dataset."""
-
     @abc.abstractmethod
     def missing(self, indices: np.ndarray) -> np.ndarray:
         """The subset of ``indices`` (order kept) that has no written row yet."""
-
     @abc.abstractmethod
     def write(self, indices: np.ndarray, rows: torch.Tensor, weights: np.ndarray | None = None) -> None:
         """Write rows [B, m] (and importance weights [B], default 1) for dataset indices [B]."""
-
     @property
     @abc.abstractmethod
     def indices(self) -> np.ndarray:
         """Dataset indices of the written rows, in row order. [n_train]"""
-
     @property
     @abc.abstractmethod
     def weights(self) -> np.ndarray:
         """Importance weights of the written rows, in row order. [n_train]"""
-
     @abc.abstractmethod
     def iter_blocks(self, block_rows: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield (indices [b], rows [b, m]) of written rows, in row order. ``block_rows=None``:
         the store's own block size (all rows for in-memory stores, a memory budget on disk)."""
-
     def __len__(self) -> int:
         return len(self.indices)
 

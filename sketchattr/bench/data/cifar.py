@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sketchattr.data.safe_pickle import safe_load
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -50,8 +52,6 @@ def find_cifar_dir(data_dir: str | Path | None) -> Path:
 
 def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> data uint8 [N, 3072], labels int64 [N]."""
-    from sketchattr.data.safe_pickle import safe_load
-
     with open(path, "rb") as f:  # restricted: a crafted batch file cannot run code
         d = safe_load(f, path, encoding="bytes")
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:

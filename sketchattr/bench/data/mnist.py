@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sketchattr.data.safe_pickle import safe_load
+
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
 MNIST_FILES = {
@@ -109,8 +111,6 @@ def find_mnist_pickle(data_dir: str | Path | None) -> Path | None:
 def read_mnist_pickle(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The deeplearning.net ``mnist.pkl.gz`` as uint8 arrays (train = its 50,000 train rows, test = its
     10,000 test rows), read without running code (:func:`sketchattr.data.safe_pickle.safe_load`)."""
-    from sketchattr.data.safe_pickle import safe_load
-
     path = Path(path)
     with gzip.open(path, "rb") as f:
         parts = safe_load(f, path, encoding="latin1")

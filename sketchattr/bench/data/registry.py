@@ -21,6 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from sketchattr.bench.data.cifar import cifar_tensors, read_cifar10, select_classes
+from sketchattr.bench.data.digits import load_digits_split
+from sketchattr.bench.data.maestro import read_maestro
+from sketchattr.bench.data.mnist import mnist_tensors, read_mnist
+
 
 @dataclass(frozen=True, eq=False)
 class DatasetSplit:
@@ -30,7 +35,6 @@ class DatasetSplit:
     Language modelling (maestro): ``train.tensors == (tokens int64 [N, T],)``, ``num_classes=None``,
     ``vocab_size`` set, ``input_shape == (T,)``.
     """
-
     name: str
     train: TensorDataset
     test: TensorDataset
@@ -56,7 +60,6 @@ def subsample_index(n_total: int, n: int | None, seed: int, what: str = "rows") 
 
 
 def _digits(data_dir: str | None, n_train: int | None, n_test: int | None, seed: int) -> DatasetSplit:
-    from sketchattr.bench.data.digits import load_digits_split
 
     s = load_digits_split()
     tr = subsample_index(len(s.x_train), n_train, seed, "digits train")
@@ -68,7 +71,6 @@ def _digits(data_dir: str | None, n_train: int | None, n_test: int | None, seed:
 
 
 def _mnist(data_dir: str | None, n_train: int | None, n_test: int | None, seed: int) -> DatasetSplit:
-    from sketchattr.bench.data.mnist import mnist_tensors, read_mnist
 
     xi, yi, xt, yt = read_mnist(data_dir)
     tr = subsample_index(len(xi), n_train, seed, "mnist train")
@@ -82,8 +84,6 @@ def _mnist(data_dir: str | None, n_train: int | None, n_test: int | None, seed: 
 def _cifar2(data_dir: str | None, n_train: int | None, n_test: int | None, seed: int,
             classes: tuple[int, int] = (3, 5)) -> DatasetSplit:
     """CIFAR-10 classes ``classes`` relabelled 0/1; ``train_index`` counts rows within those classes."""
-    from sketchattr.bench.data.cifar import cifar_tensors, read_cifar10, select_classes
-
     xi, yi, xt, yt = read_cifar10(data_dir)
     if len(classes) != 2:
         raise ValueError(f"cifar2 needs exactly two classes, got {classes}")
@@ -101,7 +101,6 @@ def _cifar2(data_dir: str | None, n_train: int | None, n_test: int | None, seed:
 
 def _maestro(data_dir: str | None, n_train: int | None, n_test: int | None, seed: int,
              seq_len: int = 64, vocab_size: int | None = None) -> DatasetSplit:
-    from sketchattr.bench.data.maestro import read_maestro
 
     train, test, vocab = read_maestro(data_dir, seq_len=seq_len, vocab_size=vocab_size)
     tr = subsample_index(len(train), n_train, seed, "maestro train")

@@ -1,4 +1,8 @@
-"""Model constructors (see :mod:`sketchattr.bench.models.registry` for ``make_model``)."""
+"""The benches' models: MLP, logistic regression, ResNet-9, ResNet-50 (torchvision's keys), GPT
+presets and the Music Transformer; ``make_model`` picks one by name (:mod:`.registry`).
+
+Part of the bench zoo (:mod:`sketchattr.bench`): may import every stage.
+"""
 from sketchattr.bench.models.gpt import GPTConfig, make_gpt
 from sketchattr.bench.models.logistic import make_logistic
 from sketchattr.bench.models.mlp import make_mlp

@@ -26,6 +26,7 @@ from sketchattr.cli.fit_checks import quality_line
 from sketchattr.cli.labels import add_classes_argument, check_classes, classes_source, label_line
 from sketchattr.cli.model_loading import is_hf_folder, model_origin
 from sketchattr.cli.spec import DTYPES, PROJECTORS, TASKS, RunSpec, absolute, model_reference, open_run, spec_path
+from sketchattr.store import DiskStore
 
 HELP = "sketch the training gradients of your model into a resumable HDF5 store"
 
@@ -113,8 +114,6 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Featurize the training rows still missing from the store; write the run spec."""
-    from sketchattr.store import DiskStore
-
     require(args, REQUIRED, "build")
     t0 = time.perf_counter()
     spec = spec_from_args(args)

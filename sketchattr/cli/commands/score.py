@@ -30,7 +30,10 @@ from sketchattr.cli.commands.build import add_data_arguments
 from sketchattr.cli.config import CommandError, add_config_argument, add_runtime_arguments, require, resolve_device
 from sketchattr.cli.fit_checks import check_fits
 from sketchattr.cli.labels import add_classes_argument
+from sketchattr.cli.report import Cell, QueryReport, write_html, write_png
 from sketchattr.cli.spec import Run, add_store_arguments, open_store
+from sketchattr.curvature import fit_factors
+from sketchattr.score import EKFACScorer, SketchedInfluence
 
 HELP = "top-k proponents/opponents of query rows -> JSON, CSV, HTML/PNG report"
 ALIASES = ["query"]
@@ -159,13 +162,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _fit(kind: str, damping: Any, r: Run, store: Any, train: Any, query: Any, qidx: np.ndarray) -> tuple[Any, Any]:
     """(fitted scorer, queries in the form it scores: sketched rows or a dataset)."""
     if kind == "sketched_influence":
-        from sketchattr.score import SketchedInfluence
 
         scorer = SketchedInfluence(damping=damping, device=r.device).fit(store)
         r.use_collate(query)
         return scorer, r.featurizer.query_rows(query.dataset, qidx)
-    from sketchattr.curvature import fit_factors
-    from sketchattr.score import EKFACScorer
 
     n = r.spec.num_train
     data = train.dataset if n is None or n >= len(train) else Subset(train.dataset, range(n))
@@ -202,7 +202,6 @@ def _reports(args: argparse.Namespace, out: Path, results: list[dict[str, Any]],
              settings: dict[str, Any]) -> list[Path]:
     if args.report == "none":
         return []
-    from sketchattr.cli.report import Cell, QueryReport, write_html, write_png
 
     shown = results[: max(0, args.report_queries)]
     reports = [QueryReport(Cell(res["query_index"], query.preview(res["query_index"])),

@@ -26,11 +26,13 @@ import torch
 from torch.utils.data import Subset
 
 from sketchattr.cli.commands.build import add_data_arguments
+from sketchattr.cli.commands.score import data_overrides, parse_damping, query_positions
 from sketchattr.cli.config import CommandError, add_config_argument, add_runtime_arguments, require, resolve_device
 from sketchattr.cli.fit_checks import check_fits
 from sketchattr.cli.labels import add_classes_argument
-from sketchattr.cli.commands.score import data_overrides, query_positions
 from sketchattr.cli.spec import add_store_arguments, open_store
+from sketchattr.score import SketchedInfluence, TracIn
+from sketchattr.score.selection import aggregate_scores, select_training_data
 
 HELP = "LESS-style selection of the top training rows for a target set -> index file"
 
@@ -68,7 +70,6 @@ def selection_size(n: int, fraction: float | None, num: int | None) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from sketchattr.score.selection import aggregate_scores, select_training_data
 
     require(args, ("store", "target_data"), "select")
     t0 = time.perf_counter()
@@ -85,13 +86,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_fits(r, target, tidx, "--target_data")
     r.use_collate(target)
     if args.scorer == "sketched_influence":
-        from sketchattr.cli.commands.score import parse_damping
-        from sketchattr.score import SketchedInfluence
 
         scorer = SketchedInfluence(damping=parse_damping(args.damping, "sketched_influence"), device=r.device).fit(store)
         queries: Any = r.featurizer.query_rows(target.dataset, tidx)
     else:
-        from sketchattr.score import TracIn
 
         scorer = TracIn(r.featurizer, variant=args.scorer).fit(store)
         queries = Subset(target.dataset, tidx.tolist())

@@ -55,6 +55,9 @@ import torch
 
 from sketchattr.cli.model_loading import load_function, read_state_dict
 from sketchattr.data.local_files import read_pt
+from sketchattr.sample import make_sampler
+from sketchattr.score.tracin import tracin_from_checkpoints
+from sketchattr.task import ClassificationTask, RegressionTask
 
 HELP = "TracIn over saved checkpoints (last-N layers, random projection, sampling) -> JSON"
 DESCRIPTION = "TracIn: scores = -sum_c lr_c grad f_c(test) . grad loss_c(train) over checkpoints."
@@ -116,9 +119,6 @@ def load_data(path: str) -> dict[str, torch.Tensor]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data import Subset, TensorDataset
 
-    from sketchattr.sample import make_sampler
-    from sketchattr.score.tracin import tracin_from_checkpoints
-    from sketchattr.task import ClassificationTask, RegressionTask
 
     t0 = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

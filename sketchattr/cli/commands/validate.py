@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sketchattr.cli.config import CommandError, add_config_argument, require
+from sketchattr.validate.lds import lds
 
 HELP = "LDS of a score file against retraining ground truth"
 
@@ -119,7 +120,6 @@ def align_columns(scores: np.ndarray, columns: np.ndarray | None, n_train: int) 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from sketchattr.validate.lds import lds
 
     require(args, ("scores", "ground_truth"), "validate")
     t0 = time.perf_counter()

@@ -3,7 +3,10 @@
 Registered, in matching order: ``linear`` (nn.Linear), ``hf_conv1d`` (transformers' Conv1D),
 ``conv`` (nn.Conv1d/Conv2d), ``embedding`` (nn.Embedding), ``elementwise_norm`` (LayerNorm,
 RMSNorm and any weight/bias elementwise norm), ``channel_norm`` (BatchNorm in eval mode,
-GroupNorm, InstanceNorm).
+GroupNorm, InstanceNorm). A rule gives exact per-example gradients from a module's inputs and
+output gradient, and Kronecker factors (:mod:`sketchattr.core.kronecker`) where the layer has them.
+
+May import :mod:`sketchattr.core` only.
 """
 from sketchattr.featurize.rules.base import KroneckerRule, LayerRule, UnsupportedModuleError, rule_for
 from sketchattr.featurize.rules.conv import ConvRule
