@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sketchattr as sa
-from sketchattr.featurize.engine import HookMismatchError
+from sketchattr.featurize import HookMismatchError
 from dense_reference import dense_curvature_inverse
 from kronfluence_shaped_tasks import SETUPS, LanguageModelingTask, MultipleChoiceTask, linear_gpt2, token_data
 

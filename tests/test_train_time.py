@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import sketchattr as sa
-from sketchattr.featurize.train_time import IndexedDataset, StepSchedule, TrainTimeSketcher, example_scales
+from sketchattr.featurize.loss_scale import example_scales
+from sketchattr.featurize.train_time import IndexedDataset, StepSchedule, TrainTimeSketcher
 from padded_lm import autograd_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,6 @@
 """What a projector reads of one batch's per-example gradients: the :class:`Capture` protocol.
 
-The hook engine (:class:`sketchattr.featurize.engine.BatchCapture`) produces it; projectors only
+The hook engine (:class:`sketchattr.featurize.capture.BatchCapture`) produces it; projectors only
 map it to rows, so they depend on this shape, not on the engine. Per block ``k`` of the selected
 modules: its exact per-example gradient ``[B, d_k]`` (whole, or in column pieces), and for
 Kronecker blocks the ``(row, col)`` factors of every call (:mod:`sketchattr.core.kronecker`).

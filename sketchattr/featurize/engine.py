@@ -4,16 +4,13 @@ One engine serves every hook-based path: the featurizer's exact gradients (then 
 the factorized sketches and the EKFAC/KFAC/diagonal statistics of
 :func:`~sketchattr.curvature.fit_factors`.
 
-**Plan.** Each selected module is a *block*: its own trainable parameters (a tied parameter
-belongs to its first module, see :mod:`sketchattr.featurize.selection`). A block's *uses* are every module
-holding one of its parameters directly (GPT-2's ``wte`` block is used by ``wte`` and
-``lm_head``); each use has a :class:`~sketchattr.featurize.rules.LayerRule`. A block is
-*covered* when every use has a rule; it is *Kronecker* when every use is a Kronecker rule on the
-same ``[rows, cols]`` weight, and then has a :class:`KronLayout`; otherwise a ``FlatLayout``.
+**Plan** (:mod:`sketchattr.featurize.plan`). Each selected module is a block of parameters; its
+uses are every module holding one of them, each with a layer rule.
 
 **Capture.** Forward hooks on the uses keep what each rule needs and hand on a copy of the
 output; one ``torch.autograd.grad`` of the summed loss w.r.t. the hooked outputs gives each
-call's output gradient ``g`` (no parameter gradient is formed). With a Task mask ``[B, T]``,
+call's output gradient ``g`` (no parameter gradient is formed); the rules turn them into a
+:class:`~sketchattr.featurize.capture.BatchCapture`. With a Task mask ``[B, T]``,
 positions where it is 0 are zeroed in ``g`` and in both factors of sequence layers (outputs
 ``[B, T, …]``), so padding never enters a gradient or a statistic.
 
@@ -36,309 +33,18 @@ example alone, which catches parameters used outside their module's forward (``h
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from sketchattr.featurize.rules import (
-    DenseFactor,
-    Factor,
-    FlatLayout,
-    KroneckerRule,
-    KronLayout,
-    LayerRule,
-    OneHotFactor,
-    UnsupportedModuleError,
-    rule_for,
-)
-from sketchattr.featurize.selection import ModuleSelection, parameter_users
+from sketchattr.featurize.capture import BatchCapture, Call, HookMismatchError
+from sketchattr.featurize.plan import Block, Use, plan_blocks
+from sketchattr.featurize.rules import LayerRule, UnsupportedModuleError
+from sketchattr.featurize.selection import ModuleSelection
 
-__all__ = ["Block", "BatchCapture", "HookEngine", "HookMismatchError", "Use", "plan_blocks"]
-
-PIECE_ELEMENTS = 2**22
-"""Numbers in one piece of a block's exact gradient (16 MB in float32): sized to stay in cache."""
-
-
-class HookMismatchError(RuntimeError):
-    """The hook engine cannot see every use of a parameter (its gradients would be wrong)."""
-
-
-@dataclass(frozen=True)
-class Use:
-    """A module that holds some of a block's parameters: ``touched`` maps its local parameter
-    names to their positions in the block."""
-
-    name: str
-    module: nn.Module
-    rule: LayerRule | None
-    touched: tuple[tuple[str, int], ...]
-
-    @property
-    def problem(self) -> str:
-        """Why the hook engine cannot differentiate this use ("" if it can)."""
-        if self.rule is None:
-            return f"{type(self.module).__name__}: no layer rule"
-        issue = self.rule.problem()
-        return f"{issue}" if issue else ""
-
-
-@dataclass(frozen=True)
-class Block:
-    """One selected module's parameters: names (full), shapes, matrix layout and uses."""
-
-    name: str
-    param_names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    layout: "KronLayout | FlatLayout"
-    uses: tuple[Use, ...]
-    containers: tuple[str, ...] = ()
-    """Modules holding the parameters without a rule, taken to only hand them on to ``uses``."""
-
-    @property
-    def dim(self) -> int:
-        return self.layout.dim
-
-    @property
-    def covered(self) -> bool:
-        return all(not u.problem for u in self.uses)
-
-    @property
-    def kronecker(self) -> bool:
-        return self.layout.kronecker
-
-    @property
-    def diagonal_rows(self) -> bool:
-        """Every use's row factor is one-hot (an untied Embedding): the row second moment is diagonal."""
-        return self.kronecker and all(getattr(u.rule, "one_hot_rows", False) for u in self.uses)
-
-    def describe(self) -> str:
-        """``name (rule[, rule of a tied use ...])``."""
-        rules = [u.rule.name if u.rule is not None else type(u.module).__name__ + "?" for u in self.uses]
-        return f"{self.name or '<root>'} ({', '.join(rules)})"
-
-
-def plan_blocks(model: nn.Module, selection: ModuleSelection) -> list[Block]:
-    """The blocks of ``selection`` with their uses, rules and layouts."""
-    named = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    users = parameter_users(model)
-    rules: dict[str, LayerRule | None] = {}
-    blocks = []
-    for name, pnames in zip(selection.names, selection.param_names):
-        params = [named[p] for p in pnames]
-        position = {id(p): i for i, p in enumerate(params)}
-        use_names = list(dict.fromkeys(u for p in params for u in users[id(p)]))
-        uses = []
-        for un in use_names:
-            module = modules[un]
-            if un not in rules:
-                rules[un] = rule_for(module)
-            touched = tuple((local, position[id(p)]) for local, p in module.named_parameters(recurse=False) if id(p) in position)
-            uses.append(Use(un, module, rules[un], touched))
-        # a holder without a rule whose parameters other (ruled) uses also hold is taken for a
-        # container that only hands them on (BERT's prediction head holding its decoder's bias);
-        # the first-batch check against autograd catches a container that uses them itself
-        ruled = {i for u in uses if u.rule is not None for _, i in u.touched}
-        containers = tuple(u.name for u in uses if u.rule is None and all(i in ruled for _, i in u.touched))
-        uses = [u for u in uses if u.name not in containers]
-        prefix = f"{name}." if name else ""
-        locals_ = tuple(p[len(prefix):] for p in pnames)
-        layout = _kron_layout(locals_, uses, name) or FlatLayout(sum(p.numel() for p in params))
-        blocks.append(Block(name, tuple(pnames), tuple(tuple(p.shape) for p in params), layout, tuple(uses), containers))
-    return blocks
-
-
-def _kron_layout(locals_: tuple[str, ...], uses: list[Use], owner: str) -> KronLayout | None:
-    """The block's KronLayout when every use is a Kronecker rule on the same weight, else None."""
-    if "weight" not in locals_ or set(locals_) - {"weight", "bias"}:
-        return None
-    w_index = locals_.index("weight")
-    base = None
-    for use in uses:
-        if not isinstance(use.rule, KroneckerRule) or use.problem:
-            return None
-        touched = dict(use.touched)
-        if touched.get("weight") != w_index or set(touched) - {"weight", "bias"}:
-            return None
-        lay = use.rule.layout()
-        if use.name == owner:
-            base = lay
-        if "bias" in touched and lay.bias is None:
-            return None
-        if base is not None and (lay.rows, lay.cols) != (base.rows, base.cols):
-            return None
-    if base is None:
-        return None
-    shapes = {(u.rule.layout().rows, u.rule.layout().cols) for u in uses}  # type: ignore[union-attr]
-    if len(shapes) != 1:
-        return None
-    sides = {u.rule.layout().bias for u in uses if "bias" in dict(u.touched)}  # type: ignore[union-attr]
-    if len(sides) > 1:
-        return None
-    return KronLayout(base.rows, base.cols, base.bias if "bias" in locals_ else None)
-
-
-@dataclass
-class _Call:
-    saved: Any
-    g: torch.Tensor | None
-    mask: torch.Tensor | None  # [B·group, T'] over the rule's positions, or None
-    group: int = 1  # rows per example: the module ran on [B·group, ...] (choices flattened into the batch)
-
-
-class BatchCapture:
-    """What one forward + backward gave: per block, exact gradients and (Kronecker blocks) factors."""
-
-    def __init__(self, blocks: list[Block], calls: dict[str, list[_Call]], batch: int,
-                 workspace: Callable[[int, torch.dtype, torch.device], torch.Tensor]) -> None:
-        self.blocks, self.calls, self.batch, self.workspace = blocks, calls, batch, workspace
-
-    def grads(self, k: int) -> torch.Tensor:
-        """Exact per-example gradient of block ``k`` in the featurizer's flat layout: ``[B, d_k]``."""
-        block = self.blocks[k]
-        parts: list[torch.Tensor | None] = [None] * len(block.param_names)
-        for use in block.uses:
-            touched = dict(use.touched)
-            for call in self.calls[use.name]:
-                if call.g is None:
-                    continue
-                for local, grad in use.rule.grads(call.saved, call.g, frozenset(touched)).items():  # type: ignore[union-attr]
-                    if call.group > 1:  # an example's rows are consecutive: its gradient is their sum
-                        grad = grad.reshape(self.batch, call.group, -1).sum(dim=1)
-                    i = touched[local]
-                    parts[i] = grad if parts[i] is None else parts[i] + grad
-        like = self._like()
-        flat = [p.reshape(self.batch, -1) if p is not None else like.new_zeros(self.batch, _numel(s))
-                for p, s in zip(parts, block.shapes)]
-        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
-
-    def _pairs(self, k: int, bias_coordinate: bool = False) -> list[tuple[Factor, Factor, bool]]:
-        """Block ``k``'s ``(row, col, this use has the bias)`` per call of each use, padding masked.
-
-        ``bias_coordinate``: append the block's bias coordinate (1 on a use with the bias, 0 on a
-        use without) *before* masking, so a padded position adds nothing to it either; without
-        it the factors have no bias coordinate."""
-        block = self.blocks[k]
-        if not isinstance(block.layout, KronLayout):
-            raise UnsupportedModuleError(f"block {block.describe()} has no Kronecker factors")
-        side = block.layout.bias if bias_coordinate else None
-        out = []
-        for use in block.uses:
-            has_bias = "bias" in dict(use.touched)
-            for call in self.calls[use.name]:
-                if call.g is None:
-                    continue
-                row, col = use.rule.factors(call.saved, call.g)  # type: ignore[union-attr]
-                if side == "col":
-                    col = col.extend(1.0 if has_bias else 0.0)
-                elif side == "row":
-                    row = row.extend(1.0 if has_bias else 0.0)
-                if call.mask is not None:
-                    row, col = row.masked(call.mask), col.masked(call.mask)
-                if call.group > 1:  # an example's rows are consecutive: their positions are its positions
-                    row, col = row.grouped(call.group), col.grouped(call.group)
-                out.append((row, col, has_bias))
-        return out
-
-    def factors(self, k: int) -> list[tuple[Factor, Factor]]:
-        """Block ``k``'s ``(row, col)`` factors per call of each use (bias coordinates appended,
-        padding masked in every coordinate): ``G_i = Σ_calls Σ_t row_t col_tᵀ`` in the block's
-        :class:`KronLayout`."""
-        out = [(row, col) for row, col, _ in self._pairs(k, bias_coordinate=True)]
-        if not out:  # no use ran with a gradient: an all-zero pair of the right widths
-            like = self._like()
-            r, c = self.blocks[k].layout.shape
-            out.append((DenseFactor(like.new_zeros(self.batch, 1, r)), DenseFactor(like.new_zeros(self.batch, 1, c))))
-        return out
-
-    def grad_pieces(self, k: int, max_elements: int = PIECE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
-        """Block ``k``'s exact per-example gradient in column pieces: ``(start, [B, w])`` covering
-        ``[0, d_k)`` of the flat layout. Kronecker blocks with dense factors are formed a few
-        weight rows at a time (``Σ_t row_t col_tᵀ`` by ``bmm``) in the engine's reused workspace
-        of about ``max_elements`` numbers: a piece is valid until the next one is yielded."""
-        block = self.blocks[k]
-        pairs = self._pairs(k) if block.kronecker else []
-        if not pairs or not all(isinstance(c, DenseFactor) for _, c, _ in pairs):
-            yield 0, self.grads(k)
-            return
-        lay: KronLayout = block.layout  # type: ignore[assignment]
-        rows_, cols_ = lay.rows, lay.cols
-        like = pairs[0][1].values
-        step = max(1, min(rows_, max_elements // max(1, self.batch * cols_)))
-        work = self.workspace(self.batch * step * cols_, like.dtype, like.device)
-        for r0 in range(0, rows_, step):
-            r1 = min(rows_, r0 + step)
-            buf = work[: self.batch * (r1 - r0) * cols_].view(self.batch, r1 - r0, cols_)
-            for i, (row, col, _) in enumerate(pairs):
-                if isinstance(row, OneHotFactor):  # scatter the positions whose index falls in [r0, r1)
-                    if i == 0:
-                        buf.zero_()
-                    _add_one_hot_rows(buf, row, col.values, r0, r1)
-                elif i == 0:
-                    torch.bmm(row.values[:, :, r0:r1].transpose(1, 2), col.values, out=buf)
-                else:
-                    buf.baddbmm_(row.values[:, :, r0:r1].transpose(1, 2), col.values)
-            yield r0 * cols_, buf.view(self.batch, -1)
-        if lay.bias is not None:  # the bias coordinate is a constant 1: Σ_t of the other side
-            sums = [(row if lay.bias == "col" else col).values.sum(dim=1) for row, col, has in pairs if has]
-            width = rows_ if lay.bias == "col" else cols_
-            yield rows_ * cols_, sum(sums) if sums else like.new_zeros(self.batch, width)
-
-    def example(self, i: int) -> "BatchCapture":
-        """The capture of example ``i`` alone (a batch of one, sharing the tensors)."""
-        def pick(t: Any, group: int) -> Any:
-            if isinstance(t, torch.Tensor):
-                return t[i * group : (i + 1) * group]
-            if isinstance(t, (tuple, list)):
-                return type(t)(pick(x, group) for x in t)
-            return {k: pick(v, group) for k, v in t.items()} if isinstance(t, dict) else t
-
-        calls = {n: [_Call(pick(c.saved, c.group), pick(c.g, c.group), pick(c.mask, c.group), c.group) for c in cs]
-                 for n, cs in self.calls.items()}
-        return BatchCapture(self.blocks, calls, 1, self.workspace)
-
-    def _like(self) -> torch.Tensor:
-        for calls in self.calls.values():
-            for call in calls:
-                if call.g is not None:
-                    return call.g
-        raise HookMismatchError("no hooked module received a gradient: the loss does not depend on the selected modules")
-
-
-class PreconditionedCapture:
-    """A :class:`BatchCapture` whose exact gradients are scaled elementwise by a preconditioner
-    (``scale(param_names, dtype, device) -> [d_k]``) — pieces in place, block by block."""
-
-    def __init__(self, capture: BatchCapture, preconditioner: Any, param_names: tuple[tuple[str, ...], ...]) -> None:
-        self.capture, self.preconditioner, self.param_names = capture, preconditioner, param_names
-        self.blocks, self.batch = capture.blocks, capture.batch
-
-    def grads(self, k: int) -> torch.Tensor:
-        g = self.capture.grads(k)
-        return g * self.preconditioner.scale(self.param_names[k], g.dtype, g.device)
-
-    def grad_pieces(self, k: int, max_elements: int = PIECE_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
-        for start, piece in self.capture.grad_pieces(k, max_elements):
-            s = self.preconditioner.scale(self.param_names[k], piece.dtype, piece.device)
-            yield start, piece.mul_(s[start : start + piece.shape[1]])
-
-    def factors(self, k: int) -> list[tuple[Factor, Factor]]:
-        raise UnsupportedModuleError("a preconditioned gradient has no Kronecker factors")
-
-
-def _add_one_hot_rows(buf: torch.Tensor, row: OneHotFactor, col: torch.Tensor, r0: int, r1: int) -> None:
-    """``buf [B, r1 − r0, C] += Σ_t e_{idx − r0} col_tᵀ`` over the positions with ``r0 <= idx < r1``."""
-    idx = row.index
-    b, t = ((idx >= r0) & (idx < r1)).nonzero(as_tuple=True)
-    if len(b) == 0:
-        return
-    vals = col[b, t]
-    if row.weight is not None:
-        vals = vals * row.weight[b, t].unsqueeze(-1).to(vals.dtype)
-    flat = buf.view(-1, buf.shape[-1])
-    flat.index_add_(0, b * (r1 - r0) + (idx[b, t] - r0), vals)
+__all__ = ["HookEngine"]
 
 
 def _check_mask(mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
@@ -353,10 +59,10 @@ def _check_mask(mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | No
 
 def _groups(mask: torch.Tensor | None) -> int:
     """Sequences per example a mask declares: C for ``[B, C, T]`` (product of the middle dims), else 1."""
-    return 1 if mask is None else _numel(tuple(mask.shape[1:-1]))
+    return 1 if mask is None else math.prod(mask.shape[1:-1])
 
 
-def _set_grad(call: _Call, g: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
+def _set_grad(call: Call, g: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
     """``call.g``: the output gradient ``g`` with masked positions zeroed and example i scaled by ``scale[i]``."""
     if g is not None:
         g = g.detach()
@@ -380,13 +86,6 @@ def _expand(t: Any, batch: int) -> Any:
     return t
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 class HookEngine:
     """Hooks over the uses of the selected blocks; see the module docstring.
 
@@ -397,11 +96,11 @@ class HookEngine:
     def __init__(self, model: nn.Module, selection: ModuleSelection) -> None:
         self.model = model
         self.selection = selection
-        self.blocks = plan_blocks(model, selection)
+        self.blocks: list[Block] = plan_blocks(model, selection)
         self._uses: dict[str, Use] = {u.name: u for b in self.blocks for u in b.uses}
         self._handles: list[Any] = []
         self._active = False
-        self._calls: dict[str, list[_Call]] = {}
+        self._calls: dict[str, list[Call]] = {}
         self._pending: list[tuple[str, int, torch.Tensor]] = []
         self._kept: dict[tuple[str, int], torch.Tensor] | None = None  # recording: grads kept by tensor hooks
         self._batch = 0
@@ -494,7 +193,7 @@ class HookEngine:
             finally:
                 self._active = True
             calls = self._calls.setdefault(name, [])
-            calls.append(_Call(saved, None, self._positions_mask(use, output, group), group))
+            calls.append(Call(saved, None, self._positions_mask(use, output, group), group))
             if output.requires_grad:
                 if self._kept is not None:  # recording: the caller's own backward hands g to a tensor hook, which
                     output.register_hook(self._keeper(name, len(calls) - 1))  # sees the output as the module made it

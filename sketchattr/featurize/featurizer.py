@@ -8,15 +8,14 @@ summed loss gives each example's exact gradient; the projector sketches it block
 it). A Task's :meth:`~sketchattr.task.Task.mask` keeps padded positions out. The first batch is
 checked against autograd on its first example alone.
 
-Fallback — ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``) for models with a
-module no rule covers (a warning names them) or that the check refuses; any module type works
-there unless its forward has data-dependent control flow, and then the error says which module
-and what to do.
+Fallback — ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``,
+:mod:`sketchattr.featurize.vmap`) for models with a module no rule covers (a warning names them)
+or that the check refuses; any module type works there unless its forward has data-dependent
+control flow, and then the error says which module and what to do.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import time
 import warnings
@@ -26,15 +25,17 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from sketchattr.core.batches import as_dataset, batch_len, dataset_length, first_example, main_process, tree_map
-from sketchattr.featurize.engine import HookEngine, HookMismatchError, PreconditionedCapture
+from sketchattr.featurize.capture import HookMismatchError, PreconditionedCapture
+from sketchattr.featurize.engine import HookEngine
 from sketchattr.featurize.fingerprint import dataset_fingerprint, model_fingerprint
+from sketchattr.featurize.passes import example_runner, grad_only, pass_model, task_mask
 from sketchattr.featurize.rules import UnsupportedModuleError
 from sketchattr.featurize.selection import ModuleSelection, select_modules, unwrap_model
+from sketchattr.featurize.vmap import VmapGradients
 from sketchattr.project import FactorizedProjector, Projector, make_projector
 from sketchattr.sample import Sampler, dataset_labels, make_sampler
 from sketchattr.store import GradientStore, StoreMetadata, make_store
@@ -48,10 +49,6 @@ if TYPE_CHECKING:
 
 class NonFiniteGradientError(ValueError):
     """A per-example gradient contained NaN or inf."""
-
-
-class VmapError(RuntimeError):
-    """``torch.func.vmap`` could not differentiate the model per example (the fallback path)."""
 
 
 @dataclass(frozen=True)
@@ -394,72 +391,18 @@ class Featurizer:
         return self._vmap_rows(kind, sample, sel)
 
     def _vmap_rows(self, kind: str, sample: bool, sel: ModuleSelection) -> Callable[[Any], torch.Tensor]:
-        """Per-example gradients by vmap, one flat block per module, projected."""
-        per_example = self._per_example_fn(kind, sample)
-        params, frozen = self._split_state(sel)
-        scaled = self.preconditioner is not None and self.preconditioner.applies_to(kind)
-
-        def rows(batch: Any) -> torch.Tensor:
-            try:
-                grads = vmap(grad(per_example), in_dims=(None, None, 0), randomness="different")(params, frozen, batch)
-            except Exception as exc:  # noqa: BLE001 - re-raised with the module and the fix named
-                raise self._vmap_error(exc, per_example, params, frozen, batch) from exc
-            n = batch_len(batch)
-            blocks = [torch.cat([grads[p].reshape(n, -1) for p in group], dim=1) for group in sel.param_names]
-            if scaled:
-                blocks = [g * self.preconditioner.scale(group, g.dtype, g.device) for g, group in zip(blocks, sel.param_names)]
-            return self.projector.project(blocks)
-
-        return rows
-
-    def _vmap_error(self, exc: Exception, per_example: Callable, params: dict, frozen: dict, batch: Any) -> VmapError:
-        """A :class:`VmapError` naming the innermost module that was running when vmap failed."""
-        stack: list[str] = []
-        failed: list[str] = []
-        names = {id(m): n for n, m in self.model.named_modules()}
-
-        def push(module: nn.Module, _inputs: Any) -> None:
-            stack.append(names.get(id(module), type(module).__name__))
-
-        def pop(module: nn.Module, _inputs: Any, _output: Any) -> None:
-            if stack:
-                stack.pop()
-
-        handles = [m.register_forward_pre_hook(push) for m in self.model.modules()]
-        handles += [m.register_forward_hook(pop) for m in self.model.modules()]
-        try:
-            vmap(grad(per_example), in_dims=(None, None, 0), randomness="different")(params, frozen, batch)
-        except Exception:  # noqa: BLE001 - the same failure, now with the module stack recorded
-            failed = list(stack)
-        finally:
-            for h in handles:
-                h.remove()
-        modules = dict(self.model.named_modules())
-        where = f"inside module {failed[-1]!r} ({type(modules[failed[-1]]).__name__})" if failed and failed[-1] in modules else "in the model's forward"
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        data_dependent = any(w in str(exc) for w in (".item()", "data-dependent", "Data-dependent", "vmap"))
-        cause = (
-            "its forward has data-dependent control flow (.item(), `if` on tensor values, boolean indexing), "
-            "which torch.func.vmap cannot batch — Hugging Face attention masks are a common case"
-            if data_dependent else "torch.func.vmap could not run it per example"
-        )
-        if isinstance(exc, AttributeError) and "'function' object" in str(exc):
-            cause = ("the Task reads its model (model.parameters(), model.config, ...), but the vmap fallback hands it "
-                     "a function of the parameters, not the module (the hook engine hands it the module)")
-        uncovered = self.engine.uncovered()
-        fix = (
-            "Fixes: select only modules that have layer rules so the hook engine runs and no vmap is needed "
-            f"(without a rule here: {', '.join(uncovered) or 'none'}; see Featurizer.describe()), or load a Hugging Face "
-            "model with attn_implementation='eager'."
-        )
-        return VmapError(f"per-example gradients by torch.func.vmap failed {where}: {cause}. {fix} Original error: {type(exc).__name__}: {text}")
+        """Per-example gradients by vmap (:mod:`sketchattr.featurize.vmap`), one flat block per module, projected."""
+        pre = self.preconditioner
+        scale = pre.scale if pre is not None and pre.applies_to(kind) else None
+        path = VmapGradients(self.model, self.task, self.device, self.dtype)
+        return path.rows(sel, kind, sample, self.projector.project, scale, self.engine.uncovered())
 
     def _hook_rows(self, kind: str, sample: bool, sel: ModuleSelection, stack: contextlib.ExitStack) -> Callable[[Any], torch.Tensor]:
         """Hook engine: one forward + backward of the summed loss per batch, exact per-example
         gradients (or factors) per block, sketched by the projector. The Task gets the model
-        itself (or its cast copy, :meth:`_compute_model`), with only the selected parameters
-        requiring grad for the pass."""
-        model = self._compute_model()
+        itself (or its cast copy, :func:`~sketchattr.featurize.passes.pass_model`), with only the
+        selected parameters requiring grad for the pass."""
+        model = pass_model(self.model, self.device, self.dtype)
         stack.enter_context(grad_only(model, {p for group in sel.param_names for p in group}))
         params = dict(model.named_parameters())
         engine = self.engine if model is self.model else HookEngine(model, sel)
@@ -497,43 +440,9 @@ class Featurizer:
 
         return rows
 
-    def _compute_model(self) -> nn.Module:
-        """The module the hook path runs: the model itself, or (when its parameters or buffers
-        live on another device or in another floating dtype than the featurizer's) a copy cast
-        to the featurizer's device and dtype, made once per pass; the model is never changed."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        if all(_same_device(t.device, self.device) and (not t.is_floating_point() or t.dtype == self.dtype) for t in tensors):
-            return self.model
-        return copy.deepcopy(self.model).to(device=self.device, dtype=self.dtype)
-
     # ------------------------------------------------------------------ helpers
     def _record(self, action: str, items: int) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if self.profiler is None else self.profiler.record(action, items=items)
-
-    def _per_example_fn(self, kind: str, sample: bool) -> Callable:
-        model, task = self.model, self.task
-
-        def fn(params: dict, frozen: dict, example: Any) -> torch.Tensor:
-            batch = tree_map(lambda t: t.unsqueeze(0), example)
-
-            def call(*args: Any, **kwargs: Any) -> torch.Tensor:
-                return functional_call(model, (params, frozen), args, kwargs)
-
-            if kind == "train":
-                return task.train_loss(call, batch, sample=sample)
-            return task.measurement(call, batch)
-
-        return fn
-
-    def _split_state(self, sel: ModuleSelection) -> tuple[dict, dict]:
-        """(selected parameters, other parameters and buffers), detached and cast to the
-        featurizer's device/dtype: the inputs of the vmap path's ``functional_call``."""
-        chosen = set(p for g in sel.param_names for p in g)
-        cast = lambda t: t.detach().to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
-        params = {n: cast(p) for n, p in self.model.named_parameters() if n in chosen}
-        frozen = {n: cast(p) for n, p in self.model.named_parameters() if n not in chosen}
-        frozen.update({n: cast(b) for n, b in self.model.named_buffers()})
-        return params, frozen
 
     def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn)
@@ -573,44 +482,6 @@ class Featurizer:
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"indices must lie in [0, {n}); found range [{idx.min()}, {idx.max()}]")
         return idx
-
-
-@contextlib.contextmanager
-def grad_only(model: nn.Module, names: set[str]) -> Iterator[None]:
-    """For the duration: the parameters named in ``names`` require grad and no other does (so the
-    forward keeps no graph for the others); each parameter's flag is restored afterwards."""
-    params = dict(model.named_parameters())
-    before = {n: p.requires_grad for n, p in params.items()}
-    try:
-        for n, p in params.items():
-            p.requires_grad_(n in names)
-        yield
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(before[n])
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """``cuda`` and ``cuda:0`` (the current device) count as the same."""
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
-def task_mask(task: Task, batch: Any, device: torch.device) -> torch.Tensor | None:
-    """The Task's position mask ``[B, T]`` (1 = counts) on ``device``, or None (no ``mask`` method
-    on a duck-typed task, or no mask for this batch)."""
-    fn = getattr(task, "mask", None)
-    mask = fn(batch) if callable(fn) else None
-    return None if mask is None else mask.to(device)
-
-
-def example_runner(task: Task, batch: Any) -> Callable[[nn.Module], Any]:
-    """``run(model)``: the task's forward on ``batch`` (or ``model(task.inputs(batch))`` for a
-    duck-typed task), to trace the modules' forward order."""
-    forward = getattr(task, "forward", None)
-    if callable(forward):
-        return lambda model: forward(model, batch)
-    x = task.inputs(batch)
-    return lambda model: model(**x) if isinstance(x, dict) else model(x)
 
 
 def _check_finite(rows: torch.Tensor, indices: np.ndarray, kind: str) -> None:

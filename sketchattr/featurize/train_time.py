@@ -52,7 +52,6 @@ checkpointing, every selected module needs a layer rule (no vmap fallback at tra
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 from pathlib import Path
@@ -63,14 +62,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sketchattr.core.batches import as_dataset
-from sketchattr.featurize.featurizer import Featurizer, NonFiniteGradientError, example_runner, task_mask
+from sketchattr.core.batches import as_dataset, first_example
+from sketchattr.featurize.featurizer import Featurizer, NonFiniteGradientError
 from sketchattr.featurize.fingerprint import dataset_fingerprint
+from sketchattr.featurize.loss_scale import example_scales, with_logits
+from sketchattr.featurize.passes import example_runner, task_mask
 from sketchattr.project import Projector
 from sketchattr.store import GradientStore, StoreMetadata, make_store
 from sketchattr.task import Task, logits_of
 
-__all__ = ["IndexedDataset", "StepSchedule", "TrainTimeSketcher", "architecture_fingerprint", "example_scales"]
+__all__ = ["IndexedDataset", "StepSchedule", "TrainTimeSketcher", "architecture_fingerprint"]
 
 INDEX_KEY = "dataset_index"
 """Default batch key of the dataset indices (see :class:`IndexedDataset`)."""
@@ -131,73 +132,11 @@ def architecture_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def example_scales(task_grad: torch.Tensor, loss_grad: torch.Tensor, tol: float) -> torch.Tensor:
-    """Per-example ``c [B]`` (float64) with ``task_grad[i] = c[i] · loss_grad[i]``.
-
-    task_grad: gradient ``[B, ...]`` of the Task's summed loss w.r.t. the model's logits;
-    loss_grad: gradient ``[B, ...]`` of the backpropagated loss w.r.t. the same logits. Raises
-    ValueError naming the examples for which they are not positive multiples of each other
-    (relative residual above ``tol``), i.e. the loop's loss is not ``Σ_i ℓ_i / c_i``."""
-    if task_grad.shape != loss_grad.shape:
-        raise ValueError(f"gradients of different shapes: {tuple(task_grad.shape)} and {tuple(loss_grad.shape)}")
-    t = task_grad.detach().reshape(task_grad.shape[0], -1)
-    g = loss_grad.detach().reshape(loss_grad.shape[0], -1).to(device=t.device, dtype=t.dtype)
-    if t.dtype not in (torch.float32, torch.float64):
-        t, g = t.float(), g.float()
-
-    gg, tt, tg = (torch.linalg.vecdot(a, b, dim=1).double() for a, b in ((g, g), (t, t), (t, g)))  # [B] each
-    c = torch.where(gg > 0, tg / gg.clamp_min(1e-300), torch.ones_like(gg))
-    resid = torch.linalg.vector_norm(torch.addcmul(t, g, c.to(t.dtype).neg().unsqueeze(1)), dim=1).double()
-    bad = (resid > tol * tt.sqrt()) | ((gg > 0) != (tt > 0)) | (c <= 0)
-    if bool(bad.any()):
-        rows = bad.nonzero().reshape(-1).tolist()
-        i = rows[0]
-        rel = float(resid[i] / tt[i].sqrt()) if tt[i] > 0 else float("inf")
-        raise ValueError(
-            f"the loss the training loop backpropagated is not a positive multiple of the Task's per-example training "
-            f"loss for batch row(s) {rows[:10]} (row {i}: relative residual {rel:.2g}, scale {float(c[i]):.4g}). The "
-            "sketcher assumes loss = Σ_i ℓ_i / c_i with ℓ_i = task.train_loss of example i: give a Task that computes "
-            "the loop's loss (same targets, ignored tokens, label smoothing, weights) summed over examples"
-        )
-    return c
-
-
-def _with_logits(output: Any, leaf: torch.Tensor) -> Any:
-    """``output`` with its logits (as :func:`~sketchattr.task.logits_of` finds them) replaced by
-    ``leaf`` and every other tensor detached."""
-    detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v
-    if isinstance(output, torch.Tensor):
-        return leaf
-    if isinstance(getattr(output, "logits", None), torch.Tensor) and not isinstance(output, dict):
-        new = copy.copy(output)
-        new.logits = leaf
-        return new
-    if isinstance(output, dict):
-        items = {k: (leaf if k == "logits" else detach(v)) for k, v in output.items()}
-        try:
-            return type(output)(**items)
-        except TypeError:
-            return items
-    if isinstance(output, (tuple, list)):
-        return type(output)([leaf, *(detach(v) for v in output[1:])])
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
-
-
 def _batch_tensors(batch: Any, n: int) -> Any:
     """A dict batch's tensors with leading dimension ``n`` (drops loss kwargs such as
     ``num_items_in_batch``); other batches as they are."""
     if isinstance(batch, dict):
         return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n}
-    return batch
-
-
-def first_example(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[:1]
-    if isinstance(batch, dict):
-        return {k: first_example(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(first_example(v) for v in batch)
     return batch
 
 
@@ -497,12 +436,12 @@ class TrainTimeSketcher:
             raise TypeError(f"train-time sketching reads the loss's per-example scale from the gradient of the model's "
                             f"logits: {exc}") from None
         pending.logits = logits.detach()
-        pending.standin = _with_logits(output, pending.logits)
+        pending.standin = with_logits(output, pending.logits)
         if logits.requires_grad:  # the hook holds the list only (a closure over `pending` would hold the graph)
             logits.register_hook(pending.logits_grad.append)
 
     def _scales(self, pending: _Pending) -> torch.Tensor:
-        """``c [B]``: the backpropagated loss was ``Σ_i ℓ_i / c_i`` (see :func:`example_scales`)."""
+        """``c [B]``: the backpropagated loss was ``Σ_i ℓ_i / c_i`` (see :func:`~sketchattr.featurize.loss_scale.example_scales`)."""
         if pending.forwards != 1:
             raise RuntimeError(f"the model ran {pending.forwards} forward passes in one captured step; run exactly one "
                                "forward and one backward inside sketcher.step(...)")
