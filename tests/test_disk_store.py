@@ -398,7 +398,7 @@ def test_full_disk_and_write_errors_keep_rows_and_resume(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    import sketchattr.store.hdf5 as hdf5
+    import sketchattr.store.disk_space as disk_space
     from sketchattr import StoreWriteError
 
     x, y = tiny_data(n=40)
@@ -417,10 +417,10 @@ def test_full_disk_and_write_errors_keep_rows_and_resume(tmp_path, monkeypatch):
         return Usage(1, 1, 0) if commits["n"] >= 3 else real_usage(p)
 
     monkeypatch.setattr(DiskStore, "_write_rows", counted_write)
-    monkeypatch.setattr(hdf5.shutil, "disk_usage", filling_disk)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", filling_disk)
     with pytest.raises(StoreWriteError, match=r"full\.h5: the disk is \(nearly\) full .* 12 rows are on disk and kept"):
         feat.featurize((x, y), store=DiskStore(path, buffer_bytes=0))
-    monkeypatch.setattr(hdf5.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", real_usage)
     monkeypatch.setattr(DiskStore, "_write_rows", real_write)
 
     calls = {"n": 0}
@@ -503,7 +503,7 @@ def test_creating_a_store_on_a_full_disk_leaves_nothing_and_reruns(tmp_path, mon
     import shutil
     from collections import namedtuple
 
-    import sketchattr.store.hdf5 as hdf5
+    import sketchattr.store.disk_space as disk_space
     from sketchattr import StoreWriteError
 
     x, y = tiny_data(n=40)
@@ -511,18 +511,18 @@ def test_creating_a_store_on_a_full_disk_leaves_nothing_and_reruns(tmp_path, mon
     path = tmp_path / "new.h5"
     real_usage = shutil.disk_usage
     nearly_full = lambda p: namedtuple("Usage", "total used free")(2**30, 2**30 - 2**16, 2**16)
-    monkeypatch.setattr(hdf5.shutil, "disk_usage", nearly_full)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", nearly_full)
     with pytest.raises(StoreWriteError, match=r"new\.h5: the disk is \(nearly\) full — 0\.1 MiB free.*free space and rerun"):
         feat.featurize((x, y), store=DiskStore(path))
     assert not path.exists() and not list(tmp_path.glob(".new.h5.*.tmp"))
-    monkeypatch.setattr(hdf5.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", real_usage)
     feat.featurize((x, y), store=DiskStore(path, checkpoint="first"))
     before = path.read_bytes()
-    monkeypatch.setattr(hdf5.shutil, "disk_usage", nearly_full)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", nearly_full)
     with pytest.raises(StoreWriteError, match="full"):
         feat.featurize((x, y), store=DiskStore(path, checkpoint="second"))
     assert path.read_bytes() == before  # the existing file untouched
-    monkeypatch.setattr(hdf5.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", real_usage)
     store = feat.featurize((x, y), store=DiskStore(path))
     assert torch.equal(store.rows(), feat.train_rows((x, y)).float())
     assert torch.equal(DiskStore(path, checkpoint="first").rows(), store.rows())

@@ -441,7 +441,7 @@ def test_errors():
 
 
 def test_correction_pass_draws_fresh_labels():
-    from sketchattr.curvature.factors import pass_seed
+    from sketchattr.curvature.passes import pass_seed
 
     assert pass_seed(0, 0) == 0 and pass_seed(7, 0) == 7
     assert pass_seed(0, 1) == pass_seed(0, 1) != 0
@@ -467,7 +467,7 @@ def test_profiler_merge_and_detail_table():
 
 
 def test_batch_seeds_are_distinct_and_batch_zero_keeps_the_pass_seed():
-    from sketchattr.curvature.factors import batch_seed, pass_seed
+    from sketchattr.curvature.passes import batch_seed, pass_seed
 
     assert batch_seed(3, 0, 0) == pass_seed(3, 0) == 3 and batch_seed(3, 1, 0) == pass_seed(3, 1)
     seeds = {batch_seed(3, p, b) for p in (0, 1) for b in range(50)}

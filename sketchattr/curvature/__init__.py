@@ -2,7 +2,8 @@
 
 :func:`fit_factors` runs the hook engine over the training data and estimates the Kronecker
 factors, their eigenbases and the EKFAC correction (or the diagonal Fisher), stage by stage,
-saved and resumable (:mod:`.factors`); :func:`module_damping` is the family's damping per module
+saved and resumable (:mod:`.factors`; the data passes in :mod:`.passes`, the stage files in
+:mod:`.stages`); :func:`module_damping` is the family's damping per module
 (:mod:`.damping`); :class:`EigenbasisProjector` and :class:`SparseEigenbasisProjector` sketch
 rows in the fitted eigenbases (:mod:`.eigenbasis`). The scorers that use them are in
 :mod:`sketchattr.score.ekfac`.
@@ -12,7 +13,8 @@ May import :mod:`sketchattr.distributed` (collectives), :mod:`sketchattr.featuri
 from sketchattr.core.profiler import Profiler
 from sketchattr.curvature.damping import module_damping
 from sketchattr.curvature.eigenbasis import EigenbasisProjector, SparseEigenbasisProjector
-from sketchattr.curvature.factors import STAGES, Factors, FactorsMismatchError, fit_factors
+from sketchattr.curvature.factors import Factors, fit_factors
+from sketchattr.curvature.stages import STAGES, FactorsMismatchError
 from sketchattr.featurize.rules import UnsupportedModuleError
 
 __all__ = ["EigenbasisProjector", "Factors", "FactorsMismatchError", "Profiler", "STAGES", "SparseEigenbasisProjector",

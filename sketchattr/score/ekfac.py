@@ -37,7 +37,9 @@ import numpy as np
 import scipy.stats
 import torch
 
-from sketchattr.curvature.factors import CURVATURE, CURVATURE_REMEDY, Factors, FactorsMismatchError, rotate
+from sketchattr.curvature.factors import CURVATURE, CURVATURE_REMEDY, Factors
+from sketchattr.curvature.passes import rotate
+from sketchattr.curvature.stages import FactorsMismatchError
 from sketchattr.core.profiler import Profiler
 from sketchattr.featurize.featurizer import Featurizer
 from sketchattr.featurize.fingerprint import model_fingerprint

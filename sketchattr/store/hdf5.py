@@ -26,25 +26,24 @@ and one whose planned rows are not all written (:class:`StoreIncompleteError`) u
 opened with ``partial=True``. Creating a file, a checkpoint or a row index first checks free space
 (as every commit does), and a new file is built aside and renamed, so a full disk leaves nothing
 half made.
+
+Its parts live beside this file: checksums and damaged chunks in :mod:`.integrity`, the writer's
+lock in :mod:`.locking`, free space in :mod:`.disk_space`, the in-memory row index in :mod:`.row_index`,
+the storage dtypes in :mod:`.row_encoding`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import h5py
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 
 from sketchattr.store.atomic import carry_over, temporary_beside
-from sketchattr.store.shard_files import JOINED, refuse_plain_write
 from sketchattr.store.base import (
     GradientStore,
     StoreCorruptedError,
@@ -54,62 +53,17 @@ from sketchattr.store.base import (
     StoreMismatchError,
     StoreWriteError,
 )
+from sketchattr.store.disk_space import check_space, writable
+from sketchattr.store.integrity import complete, read_checked, seal, verify
+from sketchattr.store.locking import WriteLock
+from sketchattr.store.row_encoding import STORAGE, from_storage, to_storage
+from sketchattr.store.row_index import RowIndex
+from sketchattr.store.shard_files import JOINED, refuse_plain_write
 
 FORMAT = "sketchattr-store"
 FORMAT_VERSION = 1
 DEFAULT_PATH = Path("grad_cache") / "store.h5"
-SPACE_MARGIN = 16 * 2**20  # bytes kept free beyond a commit's own (HDF5 metadata, chunk rounding)
-_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 INDEX_BYTES_PER_ROW = 8 + 1 + 8  # indices int64 + written bool + weights float64 (rows are allocated when written)
-CHECKSUMS = "attrs_sha256"  # checkpoint attr: JSON {attribute: sha256 of its canonical JSON}
-SEALED = ("metadata", "storage_dtype", "dataset_fingerprint", "projector_type", "m", "seed", "model_fingerprint",
-          "task", "modules")  # the checkpoint attributes that identify its rows
-
-
-def _writable(path: Path) -> bool:
-    """Whether ``path`` (or, if it does not exist, its folder) can be written."""
-    target = path if path.exists() else path.parent
-    if not os.access(target, os.W_OK):
-        return False
-    try:
-        return not os.statvfs(target).f_flag & os.ST_RDONLY
-    except (OSError, AttributeError):
-        return True
-
-
-def _complete(g: h5py.Group) -> bool:
-    """A checkpoint group has all its datasets and attributes (else a crash cut its creation short)."""
-    return all(k in g for k in ("indices", "written", "weights", "rows")) and all(
-        k in g.attrs for k in ("metadata", "storage_dtype", "modules"))
-
-
-def _digest(value: Any) -> str:
-    """sha256 (hex) of an attribute value's canonical JSON (numpy scalars as Python numbers)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def _seal(g: h5py.Group) -> None:
-    """Write the checksums of the group's identity attributes (:data:`SEALED`) when they changed."""
-    sums = json.dumps({k: _digest(g.attrs[k]) for k in SEALED if k in g.attrs}, sort_keys=True)
-    if g.attrs.get(CHECKSUMS) != sums:
-        g.attrs[CHECKSUMS] = sums
-
-
-def _to_storage(rows: torch.Tensor, storage_dtype: str) -> np.ndarray:
-    rows = rows.detach().cpu()
-    if storage_dtype == "bfloat16":
-        return rows.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return rows.to(getattr(torch, storage_dtype)).numpy()
-
-
-def _from_storage(arr: np.ndarray, storage_dtype: str) -> torch.Tensor:
-    if storage_dtype == "bfloat16":
-        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(arr)
 
 
 class DiskStore(GradientStore, name="disk"):
@@ -143,8 +97,8 @@ class DiskStore(GradientStore, name="disk"):
         partial: bool = False,
         rank_shard: bool = False,
     ) -> None:
-        if storage_dtype is not None and storage_dtype not in _STORAGE:
-            raise ValueError(f"storage_dtype must be one of {sorted(_STORAGE)}, got {storage_dtype!r}")
+        if storage_dtype is not None and storage_dtype not in STORAGE:
+            raise ValueError(f"storage_dtype must be one of {sorted(STORAGE)}, got {storage_dtype!r}")
         self.requested_storage = storage_dtype  # None: float32 for a new store, the file's own otherwise
         storage_dtype = storage_dtype or "float32"
         self.path = Path(path) if path is not None else DEFAULT_PATH
@@ -157,12 +111,10 @@ class DiskStore(GradientStore, name="disk"):
         self.lock_timeout = float(lock_timeout)
         self.partial = bool(partial)
         self.rank_shard = bool(rank_shard)
-        self._lock: FileLock | None = None
+        self._lock = WriteLock(self.path, self.lock_timeout)
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_bytes = 0
-        self._written: np.ndarray | None = None
-        self._all_indices: np.ndarray | None = None
-        self._order: np.ndarray | None = None
+        self._index: RowIndex | None = None  # the checkpoint's rows, once prepared or opened
         if self.path.exists():
             self._open_existing()
 
@@ -176,7 +128,7 @@ class DiskStore(GradientStore, name="disk"):
         if self._handle is not None:
             yield self
             return
-        with self._locked(), self._open(write=True) as f:
+        with self._lock.held(), self._open(write=True) as f:
             self._handle = f
             try:
                 yield self
@@ -189,29 +141,6 @@ class DiskStore(GradientStore, name="disk"):
                     self._handle = None
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The advisory write lock beside the file (an OS lock: released if the process dies)."""
-        if self._lock is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock = FileLock(str(self.path) + ".lock", timeout=self.lock_timeout)
-        try:
-            self._lock.acquire()
-        except Timeout:
-            raise StoreLockedError(
-                f"{self.path} is being written by another process (its lock {self.path}.lock is held); wait for "
-                f"it to finish, or use another path (lock_timeout={self.lock_timeout} s)"
-            ) from None
-        except OSError as exc:
-            raise PermissionError(
-                f"{self.path} cannot be written: its lock file {self.path}.lock cannot be created ({exc}); a store "
-                "on a read-only folder or file system can be read and scored, not extended"
-            ) from exc
-        try:
-            yield
-        finally:
-            self._lock.release()
-
-    @contextmanager
     def _open(self, write: bool = False) -> Iterator[h5py.File]:
         """The file, open for one operation (so several stores and processes can share it
         between operations, and a crash never leaves a handle that needs cleaning), or the
@@ -220,7 +149,7 @@ class DiskStore(GradientStore, name="disk"):
             yield self._handle
             return
         if write:
-            with self._locked(), self._open_file(write=True) as f:
+            with self._lock.held(), self._open_file(write=True) as f:
                 yield f
             return
         with self._open_file(write=False) as f:
@@ -237,12 +166,12 @@ class DiskStore(GradientStore, name="disk"):
         except OSError as exc:
             if "already open" in str(exc) or "unable to lock" in str(exc).lower():
                 raise OSError(f"{self.path} is open elsewhere (another process?): {exc}") from exc
-            if write and not _writable(self.path):
+            if write and not writable(self.path):
                 raise PermissionError(
                     f"{self.path} is read-only (no write permission on it or its folder, or a read-only file system): "
                     "it can be read and scored, not extended; copy it somewhere writable to add rows"
                 ) from exc
-            if not write and self._held_elsewhere():
+            if not write and self._lock.held_elsewhere():
                 raise StoreLockedError(f"{self.path} is being written by another process and cannot be read until "
                                        f"it finishes (its lock {self.path}.lock is held)") from exc
             raise StoreCorruptedError(
@@ -265,22 +194,6 @@ class DiskStore(GradientStore, name="disk"):
             yield f
         finally:
             f.close()
-
-    def _held_elsewhere(self) -> bool:
-        """Whether another process (or store object) holds this store's write lock now."""
-        if self._lock is not None and self._lock.is_locked:
-            return False  # this store's own writing session
-        if not os.path.exists(str(self.path) + ".lock"):
-            return False  # never locked (and no lock file is created by a reader)
-        probe = FileLock(str(self.path) + ".lock", timeout=0)
-        try:
-            probe.acquire()
-        except Timeout:
-            return True
-        except OSError:  # e.g. a read-only folder: no lock can be held there
-            return False
-        probe.release()
-        return False
 
     def _create_atomically(self, metadata: StoreMetadata | None, planned: np.ndarray | None = None) -> None:
         """A new file — the root attributes of the group-less file it replaces (if any, e.g. a rank
@@ -307,7 +220,7 @@ class DiskStore(GradientStore, name="disk"):
         except BaseException:
             tmp.unlink(missing_ok=True)
             if planned is not None:  # the index planned into the file that was not renamed into place
-                self._all_indices = self._written = self._order = None
+                self._index = None
             raise
         finally:
             if reopen:
@@ -326,10 +239,10 @@ class DiskStore(GradientStore, name="disk"):
                 absent = [s for s in json.loads(f.attrs["shards"]) if not (self.path.parent / s).exists()]
                 if absent:
                     raise StoreCorruptedError(f"{self.path} joins shard files that are missing beside it: {absent}")
-            if self.checkpoint not in f or not _complete(f[self.checkpoint]):
+            if self.checkpoint not in f or not complete(f[self.checkpoint]):
                 return  # absent, or cut short by a crash before any row: prepare() rebuilds it
             g = f[self.checkpoint]
-            self._verify(g)
+            verify(g, self.path, self.checkpoint)
             try:
                 self.metadata = StoreMetadata.from_json(g.attrs["metadata"])
                 self.storage_dtype = str(g.attrs["storage_dtype"])
@@ -339,33 +252,6 @@ class DiskStore(GradientStore, name="disk"):
             except (KeyError, ValueError, TypeError) as exc:
                 raise StoreCorruptedError(f"checkpoint {self.checkpoint!r} of {self.path} is incomplete: {exc}") from exc
             self._load_index(g)
-
-    def _verify(self, g: h5py.Group) -> None:
-        """Check the group's identity attributes against their checksums (:data:`CHECKSUMS`)."""
-        where = f"checkpoint {self.checkpoint!r} of {self.path}"
-        if CHECKSUMS not in g.attrs:
-            warnings.warn(f"{where} has no checksums of its attributes (written by an older sketchattr): a damaged "
-                          "bit in its metadata would go unnoticed; they are added the next time the store is written",
-                          UserWarning, stacklevel=4)
-            return
-        try:
-            sums = json.loads(g.attrs[CHECKSUMS])
-            if not isinstance(sums, dict):
-                raise ValueError(f"a JSON object was expected, found {type(sums).__name__}")
-        except (ValueError, TypeError) as exc:
-            raise StoreCorruptedError(f"{self.path}: attribute {CHECKSUMS!r} of checkpoint {self.checkpoint!r} is "
-                                      f"damaged ({exc}); the store's metadata cannot be checked") from exc
-        for name, digest in sums.items():
-            if name not in g.attrs:
-                raise StoreCorruptedError(f"{self.path}: attribute {name!r} of checkpoint {self.checkpoint!r} is "
-                                          f"missing (its checksum is in {CHECKSUMS!r}); the file is damaged")
-            if _digest(g.attrs[name]) != digest:
-                raise StoreCorruptedError(
-                    f"{self.path}: attribute {name!r} of checkpoint {self.checkpoint!r} does not match its sha256 "
-                    f"checksum (kept in attribute {CHECKSUMS!r}): the file is damaged there (e.g. a flipped bit) and "
-                    "its rows cannot be trusted to be what the metadata says. Featurize into a new file (or delete "
-                    "this one)"
-                )
 
     def checkpoints(self) -> list[str]:
         """Names of the checkpoint groups in the file."""
@@ -378,7 +264,7 @@ class DiskStore(GradientStore, name="disk"):
     # ------------------------------------------------------------------ writing
     def prepare(self, metadata: StoreMetadata, planned: np.ndarray | None = None, overwrite: bool = False,
                 dataset_fingerprint: str | None = None) -> None:
-        with self._locked():
+        with self._lock.held():
             if self._fresh():
                 self._create_atomically(metadata, planned)  # the whole row index built aside, then renamed
             self._prepare_open(metadata, planned, overwrite, dataset_fingerprint)
@@ -386,13 +272,13 @@ class DiskStore(GradientStore, name="disk"):
     def _prepare_open(self, metadata: StoreMetadata, planned: np.ndarray | None, overwrite: bool,
                       dataset_fingerprint: str | None) -> None:
         with self._open(write=True) as f:
-            if self.checkpoint in f and not _complete(f[self.checkpoint]):
+            if self.checkpoint in f and not complete(f[self.checkpoint]):
                 del f[self.checkpoint]  # a group cut short by a crash before any row was written
             if self.checkpoint in f:
                 if overwrite:
                     del f[self.checkpoint]
                 else:
-                    self._verify(f[self.checkpoint])
+                    verify(f[self.checkpoint], self.path, self.checkpoint)
                     StoreMetadata.from_json(f[self.checkpoint].attrs["metadata"]).check_matches(metadata)
             if self.checkpoint not in f:
                 self._create_group(f, metadata)
@@ -404,7 +290,7 @@ class DiskStore(GradientStore, name="disk"):
                     "requested. Use a new path, the file's own storage dtype, or overwrite=True to discard its rows"
                 )
             self._check_dataset(f[self.checkpoint], dataset_fingerprint, overwrite)
-            _seal(f[self.checkpoint])  # also upgrades a store written before the checksums
+            seal(f[self.checkpoint])  # also upgrades a store written before the checksums
             self._load_index(f[self.checkpoint])
             if planned is not None:
                 self._plan(f[self.checkpoint], np.asarray(planned, dtype=np.int64))
@@ -425,13 +311,13 @@ class DiskStore(GradientStore, name="disk"):
         self._check_space(0, f"creating checkpoint {self.checkpoint!r}")
         g = f.create_group(self.checkpoint)
         m = meta.dim
-        itemsize = np.dtype(_STORAGE[self.storage_dtype]).itemsize
+        itemsize = np.dtype(STORAGE[self.storage_dtype]).itemsize
         chunk_rows = max(1, min(4096, 2**20 // (m * itemsize)))
         # fletcher32: HDF5 checksums every chunk on write and verifies it on read (a flipped byte raises)
         g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(16384,), fletcher32=True)
         g.create_dataset("written", shape=(0,), maxshape=(None,), dtype=bool, chunks=(16384,), fletcher32=True)
         g.create_dataset("weights", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(16384,), fletcher32=True)
-        g.create_dataset("rows", shape=(0, m), maxshape=(None, m), dtype=_STORAGE[self.storage_dtype], chunks=(chunk_rows, m),
+        g.create_dataset("rows", shape=(0, m), maxshape=(None, m), dtype=STORAGE[self.storage_dtype], chunks=(chunk_rows, m),
                          fletcher32=True)
         g.attrs["metadata"] = meta.to_json()
         g.attrs["storage_dtype"] = self.storage_dtype
@@ -441,10 +327,10 @@ class DiskStore(GradientStore, name="disk"):
         g.attrs["model_fingerprint"] = meta.model_fingerprint
         g.attrs["task"] = meta.task
         g.attrs["modules"] = json.dumps(meta.modules)
-        _seal(g)
+        seal(g)
 
     def _plan(self, g: h5py.Group, planned: np.ndarray) -> None:
-        new = planned[~self._contains(planned)]
+        new = planned[~self._index.contains(planned)]
         new = new[np.sort(np.unique(new, return_index=True)[1])]  # unique, caller's order kept
         if len(new) == 0:
             return
@@ -457,16 +343,13 @@ class DiskStore(GradientStore, name="disk"):
         g["written"][n0:n1] = np.zeros(len(new), dtype=bool)  # arrays, not scalars: h5py broadcasts scalars slowly
         g["weights"][n0:n1] = np.ones(len(new))
         g.file.flush()
-        self._set_index(np.concatenate([self._all_indices, new]), np.concatenate([self._written, np.zeros(len(new), bool)]))
+        self._set_index(np.concatenate([self._index.indices, new]), np.concatenate([self._index.written, np.zeros(len(new), bool)]))
 
     def missing(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
-        if self._all_indices is None or len(indices) == 0:
+        if self._index is None or len(indices) == 0:
             return indices
-        done = np.zeros(len(indices), dtype=bool)
-        has = self._contains(indices)
-        done[has] = self._written[self._positions(indices[has])]
-        return indices[~done]
+        return self._index.missing(indices)
 
     def write(self, indices: np.ndarray, rows: torch.Tensor, weights: np.ndarray | None = None) -> None:
         """Write rows; inside :meth:`writing` they are buffered up to ``buffer_bytes`` and
@@ -475,7 +358,7 @@ class DiskStore(GradientStore, name="disk"):
         w = self._check_write(indices, rows, weights)
         if len(indices) == 0:
             return
-        self._pending.append((indices, _to_storage(rows, self.storage_dtype), w))
+        self._pending.append((indices, to_storage(rows, self.storage_dtype), w))
         self._pending_bytes += self._pending[-1][1].nbytes
         if self._handle is None or self._pending_bytes >= self.buffer_bytes:
             self._commit()
@@ -493,30 +376,20 @@ class DiskStore(GradientStore, name="disk"):
             if isinstance(exc, (StoreCorruptedError, StoreLockedError)):
                 raise
             raise StoreWriteError(
-                f"writing {len(indices)} rows to {self.path} failed ({exc}); the {int(self._written.sum())} rows "
+                f"writing {len(indices)} rows to {self.path} failed ({exc}); the {int(self._index.written.sum())} rows "
                 "committed before are kept and a rerun of the same command resumes after them"
             ) from exc
 
     def _check_space(self, nbytes: int, what: str) -> None:
-        """Refuse a write of about ``nbytes`` (``what``: a commit, creating the file, a checkpoint or a
-        row index) the disk cannot hold, before HDF5 runs out of space mid-write (which can leave its
-        metadata cache unflushable, crash the process and leave a file that cannot be reopened)."""
-        free = shutil.disk_usage(self.path.parent).free
-        need = 2 * nbytes + SPACE_MARGIN
-        if free < need:
-            kept = int(self._written.sum()) if self._written is not None else 0
-            raise StoreWriteError(
-                f"{self.path}: the disk is (nearly) full — {free / 2**20:.1f} MiB free, {what} needs about "
-                f"{need / 2**20:.1f} MiB. {kept} rows are on disk and kept; free space and rerun the same command "
-                "to resume"
-            )
+        """Refuse a write of about ``nbytes`` the disk cannot hold (:func:`~sketchattr.store.disk_space.check_space`)."""
+        check_space(self.path, nbytes, what, int(self._index.written.sum()) if self._index is not None else 0)
 
     def _write_rows(self, indices: np.ndarray, data: np.ndarray, w: np.ndarray) -> None:
         with self._open(write=True) as f:
             g = f[self.checkpoint]
-            if not self._contains(indices).all():
+            if not self._index.contains(indices).all():
                 self._plan(g, indices)
-            pos = self._positions(indices)
+            pos = self._index.positions(indices)
             if len(pos) > 1 and not (np.diff(pos) > 0).all():
                 order = np.argsort(pos)
                 pos, data, w = pos[order], data[order], w[order]
@@ -527,111 +400,76 @@ class DiskStore(GradientStore, name="disk"):
             f.flush()  # values on disk before the flags that vouch for them
             g["written"][where] = np.ones(len(pos), dtype=bool)
             f.flush()
-        self._written[pos] = True
+        self._index.written[pos] = True
 
     # ------------------------------------------------------------------ reading
     @property
     def indices(self) -> np.ndarray:
-        if self._all_indices is None:
+        if self._index is None:
             return np.zeros(0, dtype=np.int64)
-        return self._all_indices[self._written]
+        return self._index.indices[self._index.written]
 
     @property
     def weights(self) -> np.ndarray:
-        if self._all_indices is None:
+        if self._index is None:
             return np.zeros(0)
         self._check_readable()
         with self._open() as f:
-            return self._read(f[self.checkpoint]["weights"], 0, len(self._all_indices), self._all_indices)[self._written]
+            weights = read_checked(self.path, f[self.checkpoint]["weights"], 0, len(self._index.indices), self._index.indices)
+            return weights[self._index.written]
 
     def _check_readable(self) -> None:
         """Refuse to hand out rows that are not final: another writer holds the store's lock (noticed
         even with HDF5 file locking off), or (unless ``partial``) planned rows are not written yet."""
-        if self._held_elsewhere():
+        if self._lock.held_elsewhere():
             raise StoreLockedError(
                 f"{self.path} is being written by another process (its lock {self.path}.lock is held): its rows are "
                 "not final. Wait for the writer to finish, then open the store again"
             )
-        if not self.partial and self._written is not None and not self._written.all():
+        if not self.partial and self._index is not None and not self._index.written.all():
             with self._open() as f:  # the index read at open may predate the writer's last rows
                 self._load_index(f[self.checkpoint])
-        if not self.partial and self._written is not None and not self._written.all():
+        if not self.partial and self._index is not None and not self._index.written.all():
+            written = self._index.written
             raise StoreIncompleteError(
-                f"{self.path} holds {int(self._written.sum())} of its {len(self._written)} planned rows (checkpoint "
+                f"{self.path} holds {int(written.sum())} of its {len(written)} planned rows (checkpoint "
                 f"{self.checkpoint!r}): a featurize run was cut short (crash, max_rows, max_seconds) or is still "
                 "going. Run the same featurize again to finish it (it resumes), or open the store with "
                 "DiskStore(path, partial=True) to read the written rows only"
             )
 
-    def _read(self, dset: h5py.Dataset, s: int, e: int, indices: np.ndarray | None) -> np.ndarray:
-        """``dset[s:e]``; a failed read (a chunk failing its fletcher32 checksum) raises
-        StoreCorruptedError naming the dataset and the rows (and, given ``indices``, the dataset
-        indices) of each damaged HDF5 chunk in ``[s, e)``."""
-        try:
-            return dset[s:e]
-        except OSError as exc:
-            step = dset.chunks[0] if dset.chunks else max(1, e - s)  # virtual datasets: the block read
-            bad = []
-            for a in range(s - s % step, e, step):
-                b = min(a + step, dset.shape[0])
-                try:
-                    dset[a:b]
-                except OSError:
-                    bad.append((a, b - 1))
-            bad = bad or [(s, e - 1)]
-            where = ", ".join(f"rows {a}..{b}" + ("" if indices is None else
-                              f" (dataset indices {int(indices[a:b + 1].min())}..{int(indices[a:b + 1].max())})")
-                              for a, b in bad)
-            raise StoreCorruptedError(
-                f"{self.path}: dataset '{dset.name.lstrip('/')}', {where} fail their checksum or cannot be read "
-                f"({exc}; checksums cover HDF5 chunks of {step} rows); the file is damaged there. Featurize into a "
-                "new file (or delete this one) to recompute them"
-            ) from exc
-
     def iter_blocks(self, block_rows: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        if self._all_indices is None:
+        if self._index is None:
             return
         self._check_readable()
-        if not self._written.any():
+        if not self._index.written.any():
             return
         if block_rows is None:
-            itemsize = np.dtype(_STORAGE[self.storage_dtype]).itemsize
+            itemsize = np.dtype(STORAGE[self.storage_dtype]).itemsize
             block_rows = max(1, self.block_bytes // (self.dim * itemsize))
-        n = len(self._all_indices)
+        n = len(self._index.indices)
         with self._open() as f:
             rows = f[self.checkpoint]["rows"]
             for s in range(0, n, block_rows):
                 e = min(n, s + block_rows)
-                ok = self._written[s:e]
+                ok = self._index.written[s:e]
                 if not ok.any():
                     continue
-                data = self._read(rows, s, e, self._all_indices)
+                data = read_checked(self.path, rows, s, e, self._index.indices)
                 if not ok.all():
                     data = data[ok]
-                yield self._all_indices[s:e][ok], _from_storage(data, self.storage_dtype)
+                yield self._index.indices[s:e][ok], from_storage(data, self.storage_dtype)
 
-    # ------------------------------------------------------------------ index bookkeeping
+    # ------------------------------------------------------------------ row index
     def _load_index(self, g: h5py.Group) -> None:
         n = g["indices"].shape[0]
         if n == 0:  # reading an empty chunked dataset is slow in HDF5
             self._set_index(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
         else:
-            indices = self._read(g["indices"], 0, n, None)
-            self._set_index(indices, self._read(g["written"], 0, n, indices))
+            indices = read_checked(self.path, g["indices"], 0, n, None)
+            self._set_index(indices, read_checked(self.path, g["written"], 0, n, indices))
 
     def _set_index(self, indices: np.ndarray, written: np.ndarray) -> None:
-        self._all_indices, self._written = indices, written
-        self._order = np.argsort(self._all_indices, kind="stable")
-        if len(np.unique(self._all_indices)) != len(self._all_indices):
+        self._index = RowIndex(indices, written)
+        if not self._index.unique:
             raise StoreCorruptedError(f"checkpoint {self.checkpoint!r} of {self.path} lists a dataset index twice")
-
-    def _contains(self, indices: np.ndarray) -> np.ndarray:
-        if self._all_indices is None or len(self._all_indices) == 0:
-            return np.zeros(len(indices), dtype=bool)
-        sorted_idx = self._all_indices[self._order]
-        at = np.clip(np.searchsorted(sorted_idx, indices), 0, len(sorted_idx) - 1)
-        return sorted_idx[at] == indices
-
-    def _positions(self, indices: np.ndarray) -> np.ndarray:
-        sorted_idx = self._all_indices[self._order]
-        return self._order[np.searchsorted(sorted_idx, indices)]
