@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sketchattr as sa
-from sketchattr import recipes
+from sketchattr.bench import recipes
 from sketchattr.bench.data.digits import load_digits_split
 from sketchattr.score.ensemble import EnsembleInfluence, featurize_members
 from sketchattr.bench import ground_truth
