@@ -13,11 +13,13 @@ against itself across the two lengths. Controls: the same fits without the mask.
 Sign: Kronfluence scores ``∇L_qᵀ M ∇L_i`` with the query loss as measurement; sketchattr's
 measurement is the log-likelihood and its scores ``−∇f_qᵀ M ∇L_i``: the same numbers.
 
-Kronfluence is not a dependency: install it in a separate environment (it pins its own torch)
-and run this script there with our package on ``PYTHONPATH``:
+Kronfluence is not a dependency: install it in a side environment that sees this one's torch
+(``--no-deps`` keeps torch pinned) and run this script there with our package on ``PYTHONPATH``,
+from a temporary directory (Kronfluence writes its factors into the working directory):
 
-    python -m venv /tmp/kf && /tmp/kf/bin/pip install kronfluence==1.0.1 h5py scikit-learn tqdm transformers
-    PYTHONPATH=. /tmp/kf/bin/python benchmarks/kronfluence_padded_lm.py [--quick]
+    python -m venv --system-site-packages /tmp/kf
+    /tmp/kf/bin/pip install --no-deps kronfluence==1.0.1 accelerate einops opt_einsum einconv
+    cd $(mktemp -d) && PYTHONPATH=/path/to/repo /tmp/kf/bin/python /path/to/repo/benchmarks/kronfluence_padded_lm.py [--quick]
 """
 from __future__ import annotations
 
