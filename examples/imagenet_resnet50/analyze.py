@@ -43,7 +43,7 @@ from sketchattr.core.profiler import Profiler
 from sketchattr.data.image_folder import CenterCropTransform, ImageFolderDataset
 from sketchattr.bench.data.registry import subsample_index
 from sketchattr.distributed.featurize import check_enough_batches
-from sketchattr.featurize.featurizer import physical_memory_bytes
+from sketchattr.featurize.memory import physical_memory_bytes
 from sketchattr.bench.models.resnet import checkpoint_num_classes, load_weights, resnet50, tiny_resnet
 from sketchattr.score.ekfac import CurvatureScorer, PreparedQueries
 

@@ -3,7 +3,8 @@
 Shared by the featurizer, the curvature fit, the distributed runner and the commands, so each
 stage reads a batch the same way: :func:`tree_map` over its tensors, :func:`batch_len`,
 :func:`first_example`, :func:`as_dataset` (a tuple of tensors as a ``TensorDataset``),
-:func:`dataset_length` with clear errors, :func:`main_process` (rank 0 or no process group).
+:func:`dataset_length` with clear errors, :func:`process_rank` and :func:`main_process` (rank 0 or no
+process group).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["as_dataset", "batch_len", "dataset_length", "first_example", "main_process", "tree_map"]
+__all__ = ["as_dataset", "batch_len", "dataset_length", "first_example", "main_process", "process_rank", "tree_map"]
 
 
 def tree_map(fn: Callable[[Any], Any], obj: Any) -> Any:
@@ -37,10 +38,17 @@ def as_dataset(data: Any) -> Dataset:
     return data
 
 
+def process_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised torch.distributed job, ``(0, 1)`` otherwise."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def main_process() -> bool:
     """False on the ranks > 0 of an initialised torch.distributed job (they show no progress bars)."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return process_rank()[0] == 0
 
 
 def dataset_length(dataset: Any, what: str = "dataset") -> int:

@@ -24,6 +24,7 @@ from sketchattr.featurize.capture import BatchCapture
 from sketchattr.featurize.engine import HookEngine
 from sketchattr.featurize.passes import task_mask
 from sketchattr.featurize.plan import Block
+from sketchattr.featurize.sharding import lockstep_batches, sharding_of
 from sketchattr.task import Task
 
 if TYPE_CHECKING:
@@ -98,15 +99,18 @@ def _data_pass(run: Run, desc: str, consume: Callable[[BatchCapture], None], pas
     loader = DataLoader(Subset(run.dataset, rows), batch_size=run.batch_size, shuffle=False, generator=torch.Generator(),
                         collate_fn=run.collate_fn)
     first_batch = rows.start // run.batch_size
+    sharding = sharding_of(model)  # a fully_shard-ed model: every rank runs as many passes (lockstep)
+    filler = next(iter(DataLoader(Subset(run.dataset, [rows.start if len(rows) else 0]), batch_size=1,
+                                  collate_fn=run.collate_fn))) if sharding is not None else None
     device = next(model.parameters()).device
-    params = dict(model.named_parameters())
     was_training = model.training
     model.eval()
     cast = caster(model)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
             with run.engine.attached() as engine:
-                for b, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=not run.progress)):
+                batches = tqdm(loader, desc=desc, unit="batch", disable=not run.progress)
+                for b, (batch, real) in enumerate(lockstep_batches(batches, len(loader), sharding, filler)):
                     torch.manual_seed(batch_seed(run.seed, pass_index, first_batch + b))
                     batch = tree_map(cast, batch)
                     n, mask = batch_len(batch), task_mask(task, batch, device)
@@ -114,9 +118,10 @@ def _data_pass(run: Run, desc: str, consume: Callable[[BatchCapture], None], pas
                         cap = engine.run(lambda: task.train_loss(model, batch, sample=run.sample), n, mask)
                     if b == 0:
                         check = engine.run(lambda: task.train_loss(model, batch), n, mask) if run.sample else cap
-                        engine.verify(check, lambda: task.train_loss(model, first_example(batch)), params)
-                    with prof.record(f"accumulate ({desc})"):
-                        consume(cap)
+                        engine.verify(check, lambda: task.train_loss(model, first_example(batch)))
+                    if real:  # a sharded model's filler pass (other ranks have more batches) adds nothing
+                        with prof.record(f"accumulate ({desc})"):
+                            consume(cap)
     finally:
         model.train(was_training)
 

@@ -11,8 +11,9 @@ May import :mod:`sketchattr.store`, :mod:`sketchattr.project`, :mod:`sketchattr.
 """
 from sketchattr.featurize.capture import BatchCapture, HookMismatchError
 from sketchattr.featurize.engine import HookEngine
-from sketchattr.featurize.featurizer import FeaturizeRun, Featurizer, NonFiniteGradientError
+from sketchattr.featurize.featurizer import Featurizer
 from sketchattr.featurize.fingerprint import model_fingerprint
+from sketchattr.featurize.outcome import FeaturizeRun, NonFiniteGradientError
 from sketchattr.featurize.plan import Block
 from sketchattr.featurize.rules import LayerRule, UnsupportedModuleError
 from sketchattr.featurize.train_time import IndexedDataset, TrainTimeSketcher

@@ -14,7 +14,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from sketchattr.featurize.plan import Block
-from sketchattr.featurize.rules import DenseFactor, Factor, KronLayout, OneHotFactor, UnsupportedModuleError
+from sketchattr.featurize.rules import (
+    DenseFactor,
+    Factor,
+    KronLayout,
+    OneHotFactor,
+    UnsupportedModuleError,
+)
 
 __all__ = ["BatchCapture", "Call", "HookMismatchError", "PIECE_ELEMENTS", "PreconditionedCapture"]
 

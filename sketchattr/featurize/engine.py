@@ -44,6 +44,9 @@ from sketchattr.featurize.plan import Block, Use, plan_blocks
 from sketchattr.featurize.rules import LayerRule, UnsupportedModuleError
 from sketchattr.featurize.selection import ModuleSelection
 
+VERIFY_ELEMENTS = 2**25
+"""Parameters whose reference gradients one step of :meth:`HookEngine.verify` forms at once (256 MB in float64)."""
+
 __all__ = ["HookEngine"]
 
 
@@ -55,6 +58,21 @@ def _check_mask(mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | No
         raise ValueError(f"a mask must be [B, T] (or [B, C, T] for C sequences per example, e.g. multiple choice) "
                          f"with B = {batch_size}; found shape {tuple(mask.shape)}")
     return mask
+
+
+def _chunks(blocks: list[Block], max_elements: int) -> list[list[Block]]:
+    """Consecutive blocks grouped so each group holds at most ``max_elements`` parameters (a block
+    larger than that forms a group alone)."""
+    groups: list[list[Block]] = []
+    size = 0
+    for b in blocks:
+        if groups and size + b.dim <= max_elements:
+            groups[-1].append(b)
+            size += b.dim
+        else:
+            groups.append([b])
+            size = b.dim
+    return groups
 
 
 def _groups(mask: torch.Tensor | None) -> int:
@@ -297,30 +315,26 @@ class HookEngine:
         return keep
 
     # ------------------------------------------------------------------ verification
-    def verify(self, capture: BatchCapture, single_loss: Callable[[], torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    def verify(self, capture: BatchCapture, single_loss: Callable[[], torch.Tensor],
+               max_elements: int = VERIFY_ELEMENTS) -> None:
         """Check the captured gradient of example 0 against autograd of ``single_loss()`` (that
-        example alone, the same loss) w.r.t. ``params`` (the tensors the forward used, by full
-        name). Raises :class:`HookMismatchError` naming the blocks that disagree."""
-        tensors = [params[p] for b in self.blocks for p in b.param_names]
-        loss = single_loss()
-        ref = torch.autograd.grad(loss, tensors, allow_unused=True)
-        ref_flat, i = [], 0
-        for b in self.blocks:
-            parts = []
-            for _ in b.param_names:
-                r = ref[i]
-                parts.append(r.reshape(-1) if r is not None else tensors[i].new_zeros(tensors[i].numel()))
-                i += 1
-            ref_flat.append(torch.cat(parts))
-        total = float(torch.sqrt(sum((r.double() ** 2).sum() for r in ref_flat)))
-        tol = {torch.float64: 1e-6, torch.float32: 2e-3}.get(ref_flat[0].dtype, 5e-2)
-        bad = []
+        example alone, the same loss) w.r.t. the parameter tensors its forward used (recorded from
+        the modules as they run: for a ``fully_shard``-ed model, the gathered weights, never the
+        shards). Blocks are checked in groups of at most ``max_elements`` parameters, one forward
+        and backward each, so no whole-model gradient is formed. Raises :class:`HookMismatchError`
+        naming the blocks that disagree."""
         first = capture.example(0)
-        for k, (b, r) in enumerate(zip(self.blocks, ref_flat)):
-            ours = first.grads(k)[0].to(r.dtype)
-            err, size = float((ours - r).double().norm()), float(r.double().norm())
-            if err > tol * size + tol * 1e-3 * total:
-                bad.append(f"{b.describe()}: relative error {err / max(size, 1e-30):.2g}")
+        errors: list[tuple[Block, float, float]] = []
+        dtype = None
+        for chunk in _chunks(self.blocks, max_elements):
+            for b, ref in zip(chunk, self._reference_grads(chunk, single_loss)):
+                ours = first.grads(self.blocks.index(b))[0].to(ref.dtype)
+                errors.append((b, float((ours - ref).double().norm()), float(ref.double().norm())))
+                dtype = ref.dtype
+        total = math.sqrt(sum(size ** 2 for _, _, size in errors))
+        tol = {torch.float64: 1e-6, torch.float32: 2e-3}.get(dtype, 5e-2)
+        bad = [f"{b.describe()}: relative error {err / max(size, 1e-30):.2g}"
+               for b, err, size in errors if err > tol * size + tol * 1e-3 * total]
         if bad:
             raise HookMismatchError(
                 "per-example gradients from the hooks differ from autograd on a single example for "
@@ -329,3 +343,31 @@ class HookEngine:
                 "written as h @ wte.weight.T, or nn.MultiheadAttention reading out_proj.weight), a module run once "
                 "for the whole batch, or examples that interact in the forward (BatchNorm in training mode)."
             )
+
+    def _reference_grads(self, blocks: list[Block], single_loss: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+        """Autograd's gradient ``[d_k]`` of ``single_loss()`` for each of ``blocks``, w.r.t. the
+        parameter tensors each use module held when it ran (zeros for a parameter no use ran with)."""
+        used: dict[tuple[int, int], torch.Tensor] = {}
+
+        def recorder(k: int, use: Use) -> Callable:
+            def record(module: nn.Module, _inputs: Any) -> None:
+                for local, position in use.touched:
+                    used.setdefault((k, position), getattr(module, local))
+            return record
+
+        handles = [u.module.register_forward_pre_hook(recorder(k, u)) for k, b in enumerate(blocks) for u in b.uses]
+        try:
+            loss = single_loss()
+        finally:
+            for h in handles:
+                h.remove()
+        keys = sorted(used)
+        grads = dict(zip(keys, torch.autograd.grad(loss, [used[k] for k in keys], allow_unused=True))) if keys else {}
+        out = []
+        for k, b in enumerate(blocks):
+            parts = []
+            for position, shape in enumerate(b.shapes):
+                g = grads.get((k, position))
+                parts.append(g.reshape(-1) if g is not None else loss.new_zeros(math.prod(shape)))
+            out.append(torch.cat(parts))
+        return out

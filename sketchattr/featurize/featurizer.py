@@ -16,10 +16,8 @@ control flow, and then the error says which module and what to do.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -28,13 +26,32 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from sketchattr.core.batches import as_dataset, batch_len, dataset_length, first_example, main_process, tree_map
+from sketchattr.core.batches import (
+    as_dataset,
+    batch_len,
+    dataset_length,
+    first_example,
+    main_process,
+    tree_map,
+)
 from sketchattr.featurize.capture import HookMismatchError, PreconditionedCapture
 from sketchattr.featurize.engine import HookEngine
 from sketchattr.featurize.fingerprint import dataset_fingerprint, model_fingerprint
+from sketchattr.featurize.memory import check_sketch_memory
+from sketchattr.featurize.outcome import (
+    FeaturizeRun,
+    check_finite,
+)
 from sketchattr.featurize.passes import example_runner, grad_only, pass_model, task_mask
 from sketchattr.featurize.rules import UnsupportedModuleError
 from sketchattr.featurize.selection import ModuleSelection, select_modules, unwrap_model
+from sketchattr.featurize.sharding import (
+    ShardedModelError,
+    agreed,
+    check_sharded_pass,
+    lockstep_batches,
+    sharding_of,
+)
 from sketchattr.featurize.vmap import VmapGradients
 from sketchattr.project import FactorizedProjector, Projector, make_projector
 from sketchattr.sample import Sampler, dataset_labels, make_sampler
@@ -45,33 +62,6 @@ from sketchattr.task import Task, validate_task
 if TYPE_CHECKING:
     from sketchattr.core.profiler import Profiler
     from sketchattr.featurize.preconditioner import AdamPreconditioner
-
-
-class NonFiniteGradientError(ValueError):
-    """A per-example gradient contained NaN or inf."""
-
-
-@dataclass(frozen=True)
-class FeaturizeRun:
-    """What one :meth:`Featurizer.featurize` call did: ``rows`` computed and written,
-    ``remaining`` planned rows still missing (> 0 when it stopped at ``max_rows`` /
-    ``max_seconds``; calling again resumes), ``seconds`` of wall time."""
-
-    rows: int
-    remaining: int
-    seconds: float
-
-    @property
-    def complete(self) -> bool:
-        return self.remaining == 0
-
-
-def physical_memory_bytes() -> float:
-    """The machine's physical memory (inf where the OS does not say)."""
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return float("inf")
 
 
 class Featurizer:
@@ -131,6 +121,7 @@ class Featurizer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = unwrap_model(model)
+        self.sharding = sharding_of(self.model)
         self.task = validate_task(task)
         self.module_spec = modules if modules is not None else getattr(task, "modules", None)
         self.projector = make_projector(projector, m=m, seed=seed)
@@ -151,6 +142,7 @@ class Featurizer:
         self._engine: HookEngine | None = None
         self._vmap_reason: str | None = "engine='vmap' was asked for" if engine == "vmap" else None
         self._verified = False
+        self._stop_requested = False
         if memory_budget_gib is not None and not memory_budget_gib > 0:
             raise ValueError(f"memory_budget_gib must be > 0 or None, got {memory_budget_gib!r}")
         self.memory_budget_gib = memory_budget_gib
@@ -164,20 +156,9 @@ class Featurizer:
             self.projector.bind([b.layout for b in self._engine.blocks])
             if self.engine_choice == "hooks":
                 self._engine.require("engine='hooks'", "Use engine='auto' to fall back to torch.func.vmap.")
-            self._check_memory(sel.dims)
+            check_sketch_memory(self.projector, sel.dims, self.batch_size, self.dtype, self.memory_budget_gib)
             self._selection = sel
         return self._selection
-
-    def _check_memory(self, dims: Sequence[int]) -> None:
-        """Refuse a sketch whose working memory per batch exceeds the budget (estimated, nothing allocated)."""
-        need = self.projector.workspace_bytes(dims, self.batch_size, self.dtype)
-        budget = self.memory_budget_gib * 2**30 if self.memory_budget_gib is not None else physical_memory_bytes() / 2
-        if need > budget:
-            raise ValueError(
-                f"the sketch needs about {need / 2**30:.1f} GiB per batch ({self.projector.spec().get('type')} with "
-                f"m={self.projector.output_dim(dims):,}, batch_size={self.batch_size}, {self.dtype}), more than the "
-                f"memory budget of {budget / 2**30:.1f} GiB: use a smaller m or batch_size, or pass memory_budget_gib="
-            )
 
     @property
     def engine(self) -> HookEngine:
@@ -270,16 +251,16 @@ class Featurizer:
             store.prepare(self.metadata("train"), planned=idx, overwrite=overwrite, dataset_fingerprint=dataset_fingerprint(dataset))
             todo = store.missing(idx)
             done = 0
-            with contextlib.closing(self.iter_rows(dataset, todo, kind="train")) as batches:
+            filler = int(idx[0]) if len(idx) else None
+            with contextlib.closing(self.iter_rows(dataset, todo, kind="train", filler=filler)) as batches:
                 for batch_idx, rows in batches:
                     w = None if weight_of is None else np.array([weight_of[i] for i in batch_idx.tolist()])
                     with self._record("featurize train: store write", len(batch_idx)):
                         store.write(batch_idx, rows, w)
                     done += len(batch_idx)
-                    if (max_rows is not None and done >= max_rows) or (
-                        max_seconds is not None and time.perf_counter() - t0 >= max_seconds
-                    ):
-                        break
+                    # a sharded model's ranks stop together: the pass loop agrees on the request
+                    self._stop_requested = (max_rows is not None and done >= max_rows) or (
+                        max_seconds is not None and time.perf_counter() - t0 >= max_seconds)
         self.last_run = FeaturizeRun(done, len(todo) - done, time.perf_counter() - t0)
         return store
 
@@ -321,15 +302,19 @@ class Featurizer:
 
     # ------------------------------------------------------------------ the loop
     def iter_rows(
-        self, dataset: Dataset, indices: np.ndarray, kind: str = "train", sample: bool = False
+        self, dataset: Dataset, indices: np.ndarray, kind: str = "train", sample: bool = False, filler: int | None = None,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Yield (dataset indices [B], sketched rows [B, m]) batch by batch."""
+        """Yield (dataset indices [B], sketched rows [B, m]) batch by batch. A sharded model runs in
+        lockstep with the other ranks (:mod:`sketchattr.featurize.sharding`): with fewer batches,
+        this rank runs the dataset row ``filler`` (default: its first index) until they are done."""
         if kind not in ("train", "query"):
             raise ValueError(f"kind must be 'train' or 'query', got {kind!r}")
-        if len(indices) == 0:
+        if len(indices) == 0 and self.sharding is None:
             return
         loader = self._loader(Subset(dataset, indices.tolist()), self.batch_size)
-        yield from self._iter_batches(loader, indices, kind, sample)
+        first = indices[:1].tolist() if len(indices) else ([] if filler is None else [filler])
+        fill = next(iter(self._loader(Subset(dataset, first), 1))) if self.sharding is not None and first else None
+        yield from self._iter_batches(loader, len(loader), indices, kind, sample, filler=fill)
 
     def token_rows(self, dataset: Any, index: int) -> tuple[np.ndarray, torch.Tensor]:
         """Per-token sketched training gradients of one sequence: (target positions [n], rows
@@ -347,31 +332,39 @@ class Featurizer:
         if n == 0:
             return np.zeros(0, dtype=np.int64), torch.zeros(0, self.projector.output_dim(self.selection().dims))
         chunks = [tree_map(lambda t, a=a: t[a : a + self.batch_size], copies) for a in range(0, n, self.batch_size)]
-        rows = torch.cat([r for _, r in self._iter_batches(chunks, np.arange(n), "train", False, progress=False)])
+        rows = torch.cat([r for _, r in self._iter_batches(chunks, len(chunks), np.arange(n), "train", False, progress=False,
+                                                         filler=chunks[0])])
         return positions.cpu().numpy(), rows
 
     def _iter_batches(
-        self, batches: Any, indices: np.ndarray, kind: str, sample: bool, progress: bool | None = None
+        self, batches: Any, count: int, indices: np.ndarray, kind: str, sample: bool, progress: bool | None = None,
+        filler: Any = None,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """The loop over collated batches: yields (indices [B], rows [B, m])."""
+        """The loop over ``count`` collated batches: yields (indices [B], rows [B, m]). With a sharded
+        model every rank runs as many passes (``filler`` passes, rows dropped) and stops when any
+        rank's consumer asked (``_stop_requested``), at the same pass."""
         sel = self.selection()
         was_training = self.model.training
         self.model.eval()
+        self._stop_requested = False
         try:
             with contextlib.ExitStack() as stack:
                 rows_of = self._batch_rows(kind, sample, sel, stack)
                 start = 0
                 show = self.progress if progress is None else progress
                 bar = stack.enter_context(tqdm(total=len(indices), desc=f"featurize {kind}", unit="ex", disable=not show))
-                for batch in batches:
+                for batch, real in lockstep_batches(batches, count, self.sharding, filler):
                     batch = tree_map(self._to_device, batch)
                     with self._record(f"featurize {kind}: gradients + sketch", batch_len(batch)):
                         rows = rows_of(batch)
-                    b = indices[start : start + batch_len(batch)]
-                    _check_finite(rows, b, kind)  # every projector maps a NaN/inf coordinate into its row
-                    yield b, rows
-                    start += len(b)
-                    bar.update(len(b))
+                    if real:
+                        b = indices[start : start + batch_len(batch)]
+                        check_finite(rows, b, kind)  # every projector maps a NaN/inf coordinate into its row
+                        yield b, rows
+                        start += len(b)
+                        bar.update(len(b))
+                    if agreed(self._stop_requested, self.sharding):
+                        return
         finally:
             self.model.train(was_training)
 
@@ -388,6 +381,11 @@ class Featurizer:
             )
         if self._vmap_reason is None:
             return self._hook_rows(kind, sample, sel, stack)
+        if self.sharding is not None:
+            raise ShardedModelError(
+                f"a fully_shard-ed model needs the hook engine ({self._vmap_reason}); torch.func.vmap cannot run "
+                "sharded parameters: select modules that have layer rules (Featurizer.describe() lists them)"
+            )
         return self._vmap_rows(kind, sample, sel)
 
     def _vmap_rows(self, kind: str, sample: bool, sel: ModuleSelection) -> Callable[[Any], torch.Tensor]:
@@ -402,9 +400,13 @@ class Featurizer:
         gradients (or factors) per block, sketched by the projector. The Task gets the model
         itself (or its cast copy, :func:`~sketchattr.featurize.passes.pass_model`), with only the
         selected parameters requiring grad for the pass."""
-        model = pass_model(self.model, self.device, self.dtype)
-        stack.enter_context(grad_only(model, {p for group in sel.param_names for p in group}))
-        params = dict(model.named_parameters())
+        selected = {p for group in sel.param_names for p in group}
+        if self.sharding is None:
+            model = pass_model(self.model, self.device, self.dtype)
+            stack.enter_context(grad_only(model, selected))
+        else:  # a sharded model runs as it is (sketchattr.featurize.sharding)
+            model = self.model
+            check_sharded_pass(model, selected, self.device, self.dtype)
         engine = self.engine if model is self.model else HookEngine(model, sel)
         engine = stack.enter_context(engine.attached())
         task, proj = self.task, self.projector
@@ -425,7 +427,7 @@ class Featurizer:
                     cap = engine.run(loss_of(batch, sample), n, mask)
                     if not self._verified:
                         check = cap if not sample else engine.run(loss_of(batch, False), n, mask)
-                        engine.verify(check, loss_of(first_example(batch), False), params)
+                        engine.verify(check, loss_of(first_example(batch), False))
                         self._verified = True
             except (HookMismatchError, UnsupportedModuleError) as exc:
                 if self.engine_choice == "hooks":
@@ -482,14 +484,3 @@ class Featurizer:
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"indices must lie in [0, {n}); found range [{idx.min()}, {idx.max()}]")
         return idx
-
-
-def _check_finite(rows: torch.Tensor, indices: np.ndarray, kind: str) -> None:
-    bad = ~torch.isfinite(rows).all(dim=1)
-    if bool(bad.any()):
-        rows = indices[bad.cpu().numpy()].tolist()
-        raise NonFiniteGradientError(
-            f"non-finite (NaN/inf) {kind} gradient for dataset row(s) {rows[:10]}"
-            + (" ..." if len(rows) > 10 else "")
-            + ": check the inputs and the loss of these examples"
-        )

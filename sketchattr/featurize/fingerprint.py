@@ -10,14 +10,17 @@ import torch
 from torch import nn
 
 from sketchattr.featurize.selection import unwrap_model
+from sketchattr.featurize.sharding import full_tensors
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 (first 16 hex digits) over every parameter and buffer's name, shape, dtype and values
-    (of the module inside a DistributedDataParallel wrapper: wrapped or not, the same hash)."""
+    (of the module inside a DistributedDataParallel wrapper: wrapped or not, the same hash; of a
+    ``fully_shard``-ed model's full parameters, gathered one at a time — sharded or not, the same
+    hash, and every rank must call it)."""
     model = unwrap_model(model)
     h = hashlib.sha256()
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, tensor in full_tensors([*model.named_parameters(), *model.named_buffers()]):
         t = tensor.detach()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         if t.dtype in (torch.bfloat16,):

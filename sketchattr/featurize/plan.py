@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from sketchattr.featurize.rules import FlatLayout, KroneckerRule, KronLayout, LayerRule, rule_for
+from sketchattr.featurize.rules import (
+    FlatLayout,
+    KroneckerRule,
+    KronLayout,
+    LayerRule,
+    rule_for,
+)
 from sketchattr.featurize.selection import ModuleSelection, parameter_users
 
 __all__ = ["Block", "Use", "plan_blocks"]

@@ -62,13 +62,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sketchattr.core.batches import as_dataset, first_example
-from sketchattr.featurize.featurizer import Featurizer, NonFiniteGradientError
+from sketchattr.core.batches import as_dataset, first_example, process_rank
+from sketchattr.featurize.featurizer import Featurizer
 from sketchattr.featurize.fingerprint import dataset_fingerprint
 from sketchattr.featurize.loss_scale import example_scales, with_logits
+from sketchattr.featurize.outcome import NonFiniteGradientError
 from sketchattr.featurize.passes import example_runner, task_mask
 from sketchattr.project import Projector
 from sketchattr.store import GradientStore, StoreMetadata, make_store
+from sketchattr.store.shard_files import shard_path
 from sketchattr.task import Task, logits_of
 
 __all__ = ["IndexedDataset", "StepSchedule", "TrainTimeSketcher", "architecture_fingerprint"]
@@ -187,7 +189,10 @@ class TrainTimeSketcher:
         with m = 1024, whose cost at train time is small (an SJLT or Gaussian sketch forms each
         example's exact gradient: about a third of a training step more).
     store: ``"memory"`` (default), ``"cpu"``, ``"disk"`` (one HDF5 file, ``path=``, one group per
-        epoch / step) or a callable ``group -> GradientStore``.
+        epoch / step) or a callable ``group -> GradientStore``. In a multi-process job (DDP, FSDP2)
+        every rank sketches its own examples: into its own memory store, or, on disk, into
+        ``<path stem>.rank<r>-of-<W>.h5`` — join them after training with
+        ``sketchattr.distributed.join_store(path, W, checkpoint=group)``.
     group_by: ``"epoch"`` or ``"step"`` (see the module docstring). steps: which steps
         (:class:`StepSchedule`). verify: check the first captured step against autograd.
     dataset: the training set, optional: its fingerprint is recorded with each group.
@@ -332,8 +337,10 @@ class TrainTimeSketcher:
             spec = self.store_spec
             if callable(spec):
                 self.stores[group] = spec(group)
-            elif spec == "disk":
-                self.stores[group] = make_store("disk", path=self.path, checkpoint=group)
+            elif spec == "disk":  # each rank of a multi-process job its own file (join with sketchattr.distributed.join_store)
+                rank, world = process_rank()
+                path = self.path if world == 1 else shard_path(self.path, rank, world)
+                self.stores[group] = make_store("disk", path=path, checkpoint=group, rank_shard=world > 1)
             else:
                 self.stores[group] = make_store(spec)
         return self.stores[group]
@@ -395,10 +402,6 @@ class TrainTimeSketcher:
         if _checkpointing(self.model):
             raise ValueError("train-time sketching cannot run with gradient checkpointing (its recomputed forward "
                              "would be captured twice): turn it off, or featurize checkpoints with a Featurizer")
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise NotImplementedError("train-time sketching runs in one process; featurize saved checkpoints with "
-                                      "sketchattr.distributed for multi-process jobs")
         self._feat = self._new_featurizer()  # the model's device and dtype now (it may have moved since __init__)
         self._busy = True
         try:
@@ -465,11 +468,10 @@ class TrainTimeSketcher:
         if _dropout_active(self.model):
             self._verified = True  # the step's dropout masks cannot be replayed for one example
             return
-        params = dict(self.model.named_parameters())
         self._busy = True
         try:
             with torch.enable_grad():
-                self._feat.engine.verify(capture, lambda: self.task.train_loss(self.model, first_example(pending.batch)), params)
+                self._feat.engine.verify(capture, lambda: self.task.train_loss(self.model, first_example(pending.batch)))
         finally:
             self._busy = False
         self._verified = True

@@ -8,12 +8,17 @@ output gradient, and Kronecker factors (:mod:`sketchattr.core.kronecker`) where 
 
 May import :mod:`sketchattr.core` only.
 """
-from sketchattr.featurize.rules.base import KroneckerRule, LayerRule, UnsupportedModuleError, rule_for
+from sketchattr.core.kronecker import DenseFactor, Factor, OneHotFactor, outer_sum
+from sketchattr.core.layout import BlockLayout, FlatLayout, KronLayout, layout_from
+from sketchattr.featurize.rules.base import (
+    KroneckerRule,
+    LayerRule,
+    UnsupportedModuleError,
+    rule_for,
+)
 from sketchattr.featurize.rules.conv import ConvRule
 from sketchattr.featurize.rules.conv1d_hf import HFConv1DRule
 from sketchattr.featurize.rules.embedding import EmbeddingRule
-from sketchattr.core.kronecker import DenseFactor, Factor, OneHotFactor, outer_sum
-from sketchattr.core.layout import BlockLayout, FlatLayout, KronLayout, layout_from
 from sketchattr.featurize.rules.linear import LinearRule
 from sketchattr.featurize.rules.norm import ChannelNormRule, ElementwiseNormRule
 

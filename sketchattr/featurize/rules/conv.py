@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sketchattr.featurize.rules.base import KroneckerRule
 from sketchattr.core.kronecker import DenseFactor
 from sketchattr.core.layout import KronLayout
+from sketchattr.featurize.rules.base import KroneckerRule
 
 
 class ConvRule(KroneckerRule, name="conv"):

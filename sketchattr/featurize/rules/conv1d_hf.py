@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sketchattr.featurize.rules.base import KroneckerRule, positions
 from sketchattr.core.kronecker import DenseFactor
 from sketchattr.core.layout import KronLayout
+from sketchattr.featurize.rules.base import KroneckerRule, positions
 
 
 class HFConv1DRule(KroneckerRule, name="hf_conv1d"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sketchattr.featurize.rules.base import KroneckerRule, positions
 from sketchattr.core.kronecker import DenseFactor
 from sketchattr.core.layout import KronLayout
+from sketchattr.featurize.rules.base import KroneckerRule, positions
 
 
 class LinearRule(KroneckerRule, name="linear"):

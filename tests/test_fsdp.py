@@ -1,0 +1,66 @@
+"""Models larger than one device: a tiny HF GPT-2 (tied embeddings, attention mask) and Llama wrapped
+with ``fully_shard`` per block and at the root (``reshard_after_forward`` True and False), and GPT-2
+under DistributedDataParallel, on 2 gloo ranks (tests/fsdp_worker.py). Every stage — sharded
+featurize with every projector, EKFAC factors, EKFAC and sketched-influence scores, the sparse
+eigenbasis store, TracIn over two checkpoints, the train-time sketcher — must give what the same
+unsharded model gives in one process (float64)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fsdp_worker as worker  # noqa: E402
+from launcher import run_ranks  # noqa: E402
+from padded_lm import PaddedLMTask, tiny_hf  # noqa: E402
+
+import sketchattr as sa  # noqa: E402
+
+pytest.importorskip("transformers")  # a dev dependency: installed in CI
+CONFIGS = [("gpt2", "fsdp"), ("gpt2", "fsdp_keep"), ("llama", "fsdp"), ("llama", "fsdp_keep"), ("gpt2", "ddp")]
+
+
+@pytest.mark.parametrize("name, wrapping", CONFIGS, ids=[f"{n}-{w}" for n, w in CONFIGS])
+def test_every_stage_on_a_wrapped_model_equals_the_unsharded_model(name, wrapping, tmp_path):
+    """Stores (joined from the ranks' shards) equal a one-process featurization of the unsharded model;
+    factors and scores equal those of the unsharded model fitted on the same two ranks (the same
+    all-reduced sums: EKFAC's eigenbases of repeated eigenvalues are not defined by the data alone,
+    so sums added in another order may pick other ones); train-time rows equal the featurizer's."""
+    run_ranks([str(Path(worker.__file__)), name, wrapping, str(tmp_path)], world=2, timeout=300)
+    train, _ = worker.data()
+    task = PaddedLMTask()
+    for key, (projector, m) in worker.PROJECTORS.items():
+        store = sa.DiskStore(tmp_path / f"{key}.h5")
+        feat = sa.Featurizer(tiny_hf(name), task, projector=projector, m=m, seed=0, batch_size=worker.BATCH, progress=False)
+        assert list(store.indices) == list(range(len(train))), key
+        assert torch.allclose(store.rows(), feat.train_rows(train).float(), rtol=1e-6, atol=1e-9), key  # float32 storage
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        plain = {k.removeprefix("plain/"): v for k, v in res.items() if k.startswith("plain/")}
+        assert len(plain) > 20
+        for key, value in plain.items():
+            assert torch.allclose(res[key], value, rtol=1e-9, atol=1e-12), (r, key)
+        own = train[r * worker.BATCH:(r + 1) * worker.BATCH]
+        feat = sa.Featurizer(tiny_hf(name), task, projector="sjlt", m=32, seed=0, progress=False)
+        assert torch.allclose(res["train_time"], feat.train_rows(own), rtol=1e-8, atol=1e-11), r
+
+
+def test_what_cannot_work_is_refused_naming_the_fix_and_mixed_wrapping_works(tmp_path):
+    import json
+
+    run_ranks([str(Path(worker.__file__)), "gpt2", "refusals", str(tmp_path)], world=2, timeout=300)
+    train, _ = worker.data()
+    for r in range(2):
+        found = json.loads((tmp_path / f"refusals{r}.json").read_text())
+        kind, text = found["dtype"]
+        assert kind == "ShardedModelError" and "before fully_shard" in text
+        kind, text = found["no_rule"]
+        assert kind == "ShardedModelError" and "hook engine" in text and "select modules" in text
+        kind, text = found["tensor_parallel"]
+        assert kind == "ShardedModelError" and "tensor" in text and "fully_shard" in text
+        rows = torch.load(tmp_path / f"mixed{r}.pt", weights_only=True)["rows"]
+        feat = sa.Featurizer(tiny_hf("gpt2"), PaddedLMTask(), projector="sjlt", m=32, seed=0, progress=False)
+        assert torch.allclose(rows, feat.train_rows(train[r::2]), rtol=1e-9, atol=1e-12)
