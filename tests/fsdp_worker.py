@@ -42,15 +42,20 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 
 def wrapped(name: str, wrapping: str, seed: int = 0) -> nn.Module:
     """The tiny model, ``fully_shard``-ed per block and at the root (``fsdp``: resharded after each
-    forward, ``fsdp_keep``: kept gathered until the backward), or DistributedDataParallel (``ddp``)."""
+    forward, ``fsdp_keep``: kept gathered until the backward; ``hsdp``: on a 2 × (world/2) mesh,
+    sharded within each half and replicated across them), or DistributedDataParallel (``ddp``)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = tiny_hf(name, seed=seed)
     if wrapping == "ddp":
         return nn.parallel.DistributedDataParallel(model)
+    mesh = None
+    if wrapping == "hsdp":
+        mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
     for block in blocks(model):
-        fully_shard(block, reshard_after_forward=wrapping == "fsdp")
-    fully_shard(model, reshard_after_forward=wrapping == "fsdp")
+        fully_shard(block, mesh=mesh, reshard_after_forward=wrapping != "fsdp_keep")
+    fully_shard(model, mesh=mesh, reshard_after_forward=wrapping != "fsdp_keep")
     return model
 
 
@@ -156,6 +161,15 @@ def main(name: str, wrapping: str, out: Path) -> None:
     c = sad.get_collective()
     if wrapping == "refusals":
         refusals(out, c.rank)
+    elif wrapping == "hsdp":  # model x data parallel: every rank writes its own rows into its shard file
+        import sketchattr as sa
+
+        model, (train, _) = wrapped(name, "hsdp"), data()
+        for key in ("identity", "sjlt"):
+            projector, m = PROJECTORS[key]
+            feat = sa.Featurizer(model, PaddedLMTask(), projector=projector, m=m, seed=0, batch_size=BATCH, progress=False)
+            sad.featurize(feat, train, path=out / f"{key}.h5", collective=c)
+    if wrapping in ("refusals", "hsdp"):
         dist.barrier()
         dist.destroy_process_group()
         return

@@ -36,6 +36,7 @@ def featurize(
     overwrite: bool = False,
     store: str = "memory",
     profiler: Profiler | None = None,
+    join: bool = True,
     **store_kwargs: Any,
 ) -> GradientStore:
     """Sketch the rows of ``dataset`` across the ranks of ``collective`` (default: the
@@ -45,6 +46,8 @@ def featurize(
         ``store_kwargs`` such as ``checkpoint=``/``storage_dtype=`` go to it) and rank 0 joins
         them into ``path``, readable as one single-process store. Re-running resumes every
         rank's shard; another world size raises StoreMismatchError unless ``overwrite``.
+    join: False leaves the shards unjoined — for nodes that each write to a local disk: copy the
+        ``<stem>.rank*-of-<W>.h5`` files into one folder, then :func:`~sketchattr.distributed.join_store`.
         Without ``path``: an in-memory shard (``store="memory"`` or ``"cpu"``).
     indices / sampler: as :meth:`Featurizer.featurize` (every rank must plan the same rows).
     profiler: records ``featurize shard``, ``wait for ranks`` and ``join`` (seconds).
@@ -84,8 +87,9 @@ def featurize(
     with prof.record("wait for ranks"):
         c.together(lambda: _raise(error))
     c.activity("featurize: waiting for the other ranks, then joining the shards")
-    with prof.record("join"):
-        c.together(lambda: c.is_main and join_store(path, c.world_size, shard.checkpoint))
+    if join:
+        with prof.record("join"):
+            c.together(lambda: c.is_main and join_store(path, c.world_size, shard.checkpoint))
     c.activity("featurize: done")
     return shard
 
