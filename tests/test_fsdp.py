@@ -128,3 +128,26 @@ def test_two_nodes_shared_or_local_disk(mode, tmp_path):
     scores = torch.load((tmp_path if mode == "shared" else nodes[0]) / "scores.pt", weights_only=True)["scores"]
     ref = sa.SketchedInfluence().fit(one).score(feat.query_rows(queries))
     assert torch.allclose(scores, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))  # float32 rows, F̂ summed in another order
+
+
+def test_hf_trainer_callback_on_two_ranks(tmp_path):
+    """The Trainer's own 2-rank loop (DDP on CPU; its FSDP needs an accelerator, and the sketcher's
+    FSDP path is the custom loop's above): each rank's first captured step holds its own examples'
+    exact rows at the initial weights."""
+    run_ranks([str(Path(__file__).parent / "trainer_worker.py"), str(tmp_path)], world=2, timeout=300)
+    import transformers as tf
+
+    from padded_lm import padded_tokens
+
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4))
+    model.load_state_dict(torch.load(tmp_path / "initial.pt", weights_only=True))
+    data = padded_tokens(8, 16, seed=1)
+    feat = sa.Featurizer(model, sa.CausalLMTask(), projector="sjlt", m=32, seed=0, progress=False)
+    seen = []
+    for r in range(2):
+        got = torch.load(tmp_path / f"trainer{r}.pt", weights_only=True)
+        idx = got["indices"].tolist()
+        seen += idx
+        assert len(idx) == 2
+        assert torch.allclose(got["rows"], feat.train_rows(data, indices=idx), rtol=1e-3, atol=1e-5)  # float32
+    assert len(set(seen)) == 4  # the ranks saw different examples
