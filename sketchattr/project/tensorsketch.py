@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from sketchattr.core.kronecker import OneHotFactor
 from sketchattr.core.layout import KronLayout
 from sketchattr.project.base import DEFAULT_BLOCK_SIZE, _check_dims, _check_grads, _check_int, block_seed, cpu_generator
 from sketchattr.project.factorized import FLAT_STREAM, FactorizedProjector
@@ -73,10 +74,13 @@ class TensorSketchProjector(FactorizedProjector, name="tensorsketch"):
         return out.index_add_(-1, h, x * s.to(x.dtype))
 
     def _sketch_side(self, factor: Any, k: int, side: int) -> torch.Tensor:
-        values = getattr(factor, "values", None)
-        if values is None:  # one-hot factors: gather from the explicit count-sketch matrix
-            return super()._sketch_side(factor, k, side)
-        return self._count_sketch(values, k, side)
+        if isinstance(factor, OneHotFactor):  # e_idx·w: one signed entry at idx's bucket (no [m, vocab] matrix)
+            h, s = self.hash(k, side, factor.width, factor.index.device)
+            weight = factor.weight if factor.weight is not None else torch.ones(factor.index.shape, dtype=factor.dtype,
+                                                                                device=factor.index.device)
+            out = weight.new_zeros(*factor.index.shape, self.m)
+            return out.scatter_(-1, h[factor.index].unsqueeze(-1), (s[factor.index].to(weight.dtype) * weight).unsqueeze(-1))
+        return self._count_sketch(factor.values, k, side)
 
     # ------------------------------------------------------------------ sketches
     def _kron_sketch(self, pairs: Sequence[tuple[Any, Any]], k: int) -> torch.Tensor:
