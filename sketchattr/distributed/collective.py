@@ -109,7 +109,7 @@ class TorchCollective(Collective):
 
     def activity(self, label: str) -> None:
         if self._heart is not None:
-            self._heart.stage = label
+            self._heart.set_stage(label)
 
     def _run(self, action: str, fn: Any) -> Any:
         """A collective, with a dead peer reported by rank (see :mod:`sketchattr.distributed.heartbeat`)."""

@@ -121,6 +121,16 @@ class Heartbeat:
             pass
         self._stop.set()
 
+    def set_stage(self, stage: str) -> None:
+        """What this rank does now, published at once (not at the next beat: a rank that dies right
+        after is reported doing it)."""
+        self.stage = stage
+        with self._lock:
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001 - the store is gone (shutting down): the next scan reports it
+                pass
+
     # ------------------------------------------------------------------ internals
     def _beat(self) -> None:
         if self.stage != "done":
