@@ -1,10 +1,10 @@
 """One rank of the 2-process gloo runs of tests/test_fsdp.py: every stage on a tiny HF model wrapped
 with ``fully_shard`` per block and at the root, or with DistributedDataParallel (launched like
-torchrun; argv: model name ``gpt2``/``llama``, wrapping ``fsdp``/``fsdp_keep`` (reshard_after_forward
-True/False) or ``ddp``, output folder).
+torchrun; argv: model name ``gpt2``/``llama``, comma-separated wrappings — ``fsdp``/``fsdp_keep``
+(reshard_after_forward True/False), ``ddp``, ``hsdp``, ``refusals`` — and the output folder).
 
-Writes ``rank<r>.pt`` (tensors only: the wrapped model's results and, under ``plain/``, those of the
-same model unwrapped on the same ranks) and, on rank 0, joined stores ``<projector>.h5``.
+Writes ``<wrapping>/rank<r>.pt`` (tensors only) and joined stores ``<wrapping>/<projector>.h5``, and
+``plain/rank<r>.pt``: the same model unwrapped on the same ranks.
 """
 from __future__ import annotations
 
@@ -153,35 +153,36 @@ def refusals(out: Path, rank: int) -> None:
     torch.save({"rows": feat.train_rows(train[rank::2])}, out / f"mixed{rank}.pt")
 
 
-def main(name: str, wrapping: str, out: Path) -> None:
+def main(name: str, wrappings: list[str], out: Path) -> None:
+    """Each of ``wrappings`` in turn (its results under ``out/<wrapping>/``), plus ``plain`` (the
+    unwrapped model on the same ranks) when a wrapped stage run is asked for."""
+    import sketchattr as sa
     import sketchattr.distributed as sad
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     c = sad.get_collective()
-    if wrapping == "refusals":
-        refusals(out, c.rank)
-    elif wrapping == "hsdp":  # model x data parallel: every rank writes its own rows into its shard file
-        import sketchattr as sa
-
-        model, (train, _) = wrapped(name, "hsdp"), data()
-        for key in ("identity", "sjlt"):
-            projector, m = PROJECTORS[key]
-            feat = sa.Featurizer(model, PaddedLMTask(), projector=projector, m=m, seed=0, batch_size=BATCH, progress=False)
-            sad.featurize(feat, train, path=out / f"{key}.h5", collective=c)
-    if wrapping in ("refusals", "hsdp"):
-        dist.barrier()
-        dist.destroy_process_group()
-        return
-    res = stages(wrapped(name, wrapping), wrapped(name, wrapping, seed=1), out, c)
-    res.update(train_time_rows(wrapped(name, wrapping), c.rank))
-    (out / "plain").mkdir(exist_ok=True)  # the same model unwrapped, the same ranks and rows: the same sums
-    plain = stages(tiny_hf(name), tiny_hf(name, seed=1), out / "plain", c)
-    res.update({f"plain/{k}": v for k, v in plain.items()})
-    torch.save(res, out / f"rank{c.rank}.pt")
+    for wrapping in wrappings:
+        folder = out / wrapping
+        folder.mkdir(exist_ok=True)
+        if wrapping == "refusals":
+            refusals(folder, c.rank)
+        elif wrapping == "hsdp":  # model x data parallel: every rank writes its own rows into its shard file
+            model, (train, _) = wrapped(name, "hsdp"), data()
+            for key in ("identity", "sjlt"):
+                projector, m = PROJECTORS[key]
+                feat = sa.Featurizer(model, PaddedLMTask(), projector=projector, m=m, seed=0, batch_size=BATCH, progress=False)
+                sad.featurize(feat, train, path=folder / f"{key}.h5", collective=c)
+        else:
+            res = stages(wrapped(name, wrapping), wrapped(name, wrapping, seed=1), folder, c)
+            res.update(train_time_rows(wrapped(name, wrapping), c.rank))
+            torch.save(res, folder / f"rank{c.rank}.pt")
+    if set(wrappings) - {"refusals", "hsdp"}:  # the same model unwrapped, the same ranks and rows: the same sums
+        (out / "plain").mkdir(exist_ok=True)
+        torch.save(stages(tiny_hf(name), tiny_hf(name, seed=1), out / "plain", c), out / "plain" / f"rank{c.rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2].split(","), Path(sys.argv[3]))

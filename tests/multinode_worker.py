@@ -1,9 +1,9 @@
 """One process of the two-"node" torchrun test (tests/test_fsdp.py): ``torchrun --nnodes 2
 --nproc_per_node 1 --node_rank N`` on this machine, a tiny GPT-2 ``fully_shard``-ed across both.
 
-argv: ``shared`` (both nodes write into one folder, rank 0 joins) or ``local`` (each node writes
-into its own folder, ``$NODE_DIR``, and nothing is joined: the test copies the shards together and
-joins them), then the store folder for ``shared``.
+argv: the shared folder. Both layouts in one job: ``shared`` (both nodes write into the shared
+folder, rank 0 joins) and ``local`` (each node writes into its own folder, ``$NODE_DIR``, and nothing
+is joined: the test copies the shards together and joins them).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from fsdp_worker import BATCH, data, wrapped  # noqa: E402
 from padded_lm import PaddedLMTask  # noqa: E402
 
 
-def main(mode: str, folder: Path) -> None:
+def main(folder: Path) -> None:
     import sketchattr as sa
     import sketchattr.distributed as sad
 
@@ -29,14 +29,15 @@ def main(mode: str, folder: Path) -> None:
     c = sad.get_collective()
     model, (train, queries) = wrapped("gpt2", "fsdp"), data()
     feat = sa.Featurizer(model, PaddedLMTask(), projector="sjlt", m=32, seed=0, batch_size=BATCH, progress=False)
-    path = (folder if mode == "shared" else Path(os.environ["NODE_DIR"])) / "store.h5"
-    shard = sad.featurize(feat, train, path=path, collective=c, join=mode == "shared")
-    scores = sa.SketchedInfluence().fit(shard, collective=c).score(feat.query_rows(queries))
-    if c.rank == 0:
-        torch.save({"scores": scores}, path.with_name("scores.pt"))
+    for mode, where in (("shared", folder / "shared"), ("local", Path(os.environ["NODE_DIR"]))):
+        where.mkdir(exist_ok=True)
+        shard = sad.featurize(feat, train, path=where / "store.h5", collective=c, join=mode == "shared")
+        scores = sa.SketchedInfluence().fit(shard, collective=c).score(feat.query_rows(queries))
+        if c.rank == 0:
+            torch.save({"scores": scores}, where / "scores.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(Path(sys.argv[1]))

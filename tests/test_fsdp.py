@@ -20,26 +20,45 @@ from padded_lm import PaddedLMTask, tiny_hf  # noqa: E402
 import sketchattr as sa  # noqa: E402
 
 pytest.importorskip("transformers")  # a dev dependency: installed in CI
-CONFIGS = [("gpt2", "fsdp"), ("gpt2", "fsdp_keep"), ("llama", "fsdp"), ("llama", "fsdp_keep"), ("gpt2", "ddp")]
+RUNS = {"gpt2": ["fsdp", "fsdp_keep", "ddp", "refusals"], "llama": ["fsdp", "fsdp_keep"]}
+"""Per model, the wrappings one 2-rank launch runs (each launch costs a few seconds of start-up)."""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The 2-rank run of each model's wrappings (launched once, on first use)."""
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            out = tmp_path_factory.mktemp(f"fsdp_{name}")
+            run_ranks([str(Path(worker.__file__)), name, ",".join(RUNS[name]), str(out)], world=2, timeout=300)
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+CONFIGS = [(name, w) for name, ws in RUNS.items() for w in ws if w != "refusals"]
 
 
 @pytest.mark.parametrize("name, wrapping", CONFIGS, ids=[f"{n}-{w}" for n, w in CONFIGS])
-def test_every_stage_on_a_wrapped_model_equals_the_unsharded_model(name, wrapping, tmp_path):
+def test_every_stage_on_a_wrapped_model_equals_the_unsharded_model(name, wrapping, runs):
     """Stores (joined from the ranks' shards) equal a one-process featurization of the unsharded model;
     factors and scores equal those of the unsharded model fitted on the same two ranks (the same
     all-reduced sums: EKFAC's eigenbases of repeated eigenvalues are not defined by the data alone,
     so sums added in another order may pick other ones); train-time rows equal the featurizer's."""
-    run_ranks([str(Path(worker.__file__)), name, wrapping, str(tmp_path)], world=2, timeout=300)
+    out = runs(name)
     train, _ = worker.data()
     task = PaddedLMTask()
     for key, (projector, m) in worker.PROJECTORS.items():
-        store = sa.DiskStore(tmp_path / f"{key}.h5")
+        store = sa.DiskStore(out / wrapping / f"{key}.h5")
         feat = sa.Featurizer(tiny_hf(name), task, projector=projector, m=m, seed=0, batch_size=worker.BATCH, progress=False)
         assert list(store.indices) == list(range(len(train))), key
         assert torch.allclose(store.rows(), feat.train_rows(train).float(), rtol=1e-6, atol=1e-9), key  # float32 storage
     for r in range(2):
-        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
-        plain = {k.removeprefix("plain/"): v for k, v in res.items() if k.startswith("plain/")}
+        res = torch.load(out / wrapping / f"rank{r}.pt", weights_only=True)
+        plain = torch.load(out / "plain" / f"rank{r}.pt", weights_only=True)
         assert len(plain) > 20
         for key, value in plain.items():
             assert torch.allclose(res[key], value, rtol=1e-9, atol=1e-12), (r, key)
@@ -48,10 +67,10 @@ def test_every_stage_on_a_wrapped_model_equals_the_unsharded_model(name, wrappin
         assert torch.allclose(res["train_time"], feat.train_rows(own), rtol=1e-8, atol=1e-11), r
 
 
-def test_what_cannot_work_is_refused_naming_the_fix_and_mixed_wrapping_works(tmp_path):
+def test_what_cannot_work_is_refused_naming_the_fix_and_mixed_wrapping_works(runs):
     import json
 
-    run_ranks([str(Path(worker.__file__)), "gpt2", "refusals", str(tmp_path)], world=2, timeout=300)
+    tmp_path = runs("gpt2") / "refusals"
     train, _ = worker.data()
     for r in range(2):
         found = json.loads((tmp_path / f"refusals{r}.json").read_text())
@@ -70,6 +89,7 @@ def test_model_times_data_parallel_joined_store_is_bit_identical(tmp_path):
     """4 ranks on a 2 × 2 device mesh (HSDP: sharded within each pair, replicated across): each rank
     writes its own rows into its rank-shard file; the joined store equals a one-process store."""
     run_ranks([str(Path(worker.__file__)), "gpt2", "hsdp", str(tmp_path)], world=4, timeout=300)
+    tmp_path = tmp_path / "hsdp"
     train, _ = worker.data()
     for key in ("identity", "sjlt"):
         projector, m = worker.PROJECTORS[key]
@@ -82,52 +102,46 @@ def test_model_times_data_parallel_joined_store_is_bit_identical(tmp_path):
         assert torch.equal(joined.rows(), one.rows()), key
 
 
-def _two_nodes(mode: str, folder: Path, node_dirs: list[Path]) -> None:
-    """Two torchrun launches, ``--nnodes 2 --nproc_per_node 1``, node ranks 0 and 1, one rendezvous."""
+def test_two_nodes_shared_or_local_disk(tmp_path):
+    """Multi-node as README's recipe, two torchrun launches (``--nnodes 2 --nproc_per_node 1``, node
+    ranks 0 and 1, one rendezvous): a shared folder (rank 0 joins), and each node's own folder (shards
+    copied together afterwards, then join_store). Each store equals a one-process store."""
     import os
+    import shutil
     import subprocess
 
+    import sketchattr.distributed as sad
     from launcher import ROOT, free_port
 
-    port = free_port()
-    procs = []
-    for node, node_dir in enumerate(node_dirs):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    port, procs = free_port(), []
+    for node, node_dir in enumerate(nodes):
+        node_dir.mkdir()
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", NODE_DIR=str(node_dir))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(Path(__file__).parent / "multinode_worker.py"), mode, str(folder)]
+               str(Path(__file__).parent / "multinode_worker.py"), str(tmp_path)]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for node, p in enumerate(procs):
         out = p.communicate(timeout=300)[0]
         assert p.returncode == 0, f"node {node} failed:\n{out[-4000:]}"
-
-
-@pytest.mark.parametrize("mode", ["shared", "local"])
-def test_two_nodes_shared_or_local_disk(mode, tmp_path):
-    """Multi-node as README's recipe: a shared folder (rank 0 joins), or each node's own folder
-    (shards copied together afterwards, then join_store): the store equals a one-process store."""
-    import shutil
-
-    import sketchattr.distributed as sad
-
-    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    local = tmp_path / "local"
+    local.mkdir()
     for d in nodes:
-        d.mkdir()
-    _two_nodes(mode, tmp_path, nodes)
-    if mode == "local":
-        for d in nodes:
-            for shard in d.glob("store.rank*-of-2.h5"):
-                shutil.copy(shard, tmp_path / shard.name)
-        sad.join_store(tmp_path / "store.h5", 2)
+        for shard in d.glob("store.rank*-of-2.h5"):
+            shutil.copy(shard, local / shard.name)
+    sad.join_store(local / "store.h5", 2)
     train, queries = worker.data()
     feat = sa.Featurizer(tiny_hf("gpt2"), PaddedLMTask(), projector="sjlt", m=32, seed=0, batch_size=worker.BATCH,
                          progress=False)
     one = feat.featurize(train, store="disk", path=tmp_path / "one.h5")
-    joined = sa.DiskStore(tmp_path / "store.h5")
-    assert torch.equal(joined.rows(), one.rows()) and list(joined.indices) == list(one.indices)
-    scores = torch.load((tmp_path if mode == "shared" else nodes[0]) / "scores.pt", weights_only=True)["scores"]
     ref = sa.SketchedInfluence().fit(one).score(feat.query_rows(queries))
-    assert torch.allclose(scores, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))  # float32 rows, F̂ summed in another order
+    for joined, scores in ((tmp_path / "shared" / "store.h5", tmp_path / "shared" / "scores.pt"),
+                           (local / "store.h5", nodes[0] / "scores.pt")):
+        store = sa.DiskStore(joined)
+        assert torch.equal(store.rows(), one.rows()) and list(store.indices) == list(one.indices), joined
+        got = torch.load(scores, weights_only=True)["scores"]
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max())), joined  # float32 rows
 
 
 def test_hf_trainer_callback_on_two_ranks(tmp_path):
