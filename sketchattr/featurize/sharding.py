@@ -46,10 +46,9 @@ class ShardedModelError(ValueError):
 @dataclass(frozen=True)
 class Sharding:
     """How a model is sharded: ``group`` is the process group every pass must run in lockstep
-    over (the ranks of its device mesh); ``ranks`` its size."""
+    over (the ranks of its device mesh: the whole world)."""
 
     group: Any
-    ranks: int
 
 
 def sharding_of(model: nn.Module) -> Sharding | None:
@@ -91,7 +90,7 @@ def sharding_of(model: nn.Module) -> Sharding | None:
             f"the model's device mesh spans ranks {ranks} of a world of {world}: sketchattr runs a sharded model's "
             "passes in lockstep over the whole world; build the mesh over every rank"
         )
-    return Sharding(dist.group.WORLD, world)
+    return Sharding(dist.group.WORLD)
 
 
 def lockstep_batches(batches: Iterable[Any], count: int, sharding: Sharding | None, filler: Any) -> Iterator[tuple[Any, bool]]:
