@@ -544,3 +544,15 @@ def test_ekfac_on_a_random_sketch_warns(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: --scorer ekfac on a store sketched with a random projector (sjlt, m=16) loses most of EKFAC's accuracy" in err
     assert "--scorer sketched_influence" in err and "--projector identity" in err
+
+
+def test_an_empty_checkpoint_file_is_one_clear_error(tmp_path):
+    """torch.load of an empty file raises with no message: still one error naming the flag and file."""
+    from torch import nn
+
+    from sketchattr.cli.model_loading import read_state_dict
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CommandError, match=r"cannot read --checkpoint .*empty\.pt .*EOFError"):
+        read_state_dict(str(empty), nn.Linear(2, 2))

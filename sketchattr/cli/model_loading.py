@@ -131,7 +131,8 @@ def read_state_dict(path: str, model: nn.Module, flag: str = "--checkpoint") -> 
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling refused or damaged file
-        raise CommandError(f"cannot read {flag} {p} with torch.load(weights_only=True): {str(exc).splitlines()[0]}") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # an empty file raises with no message
+        raise CommandError(f"cannot read {flag} {p} with torch.load(weights_only=True): {first}") from exc
     if isinstance(state, dict):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(state.get(key), dict):
