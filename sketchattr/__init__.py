@@ -74,3 +74,7 @@ __all__ += ["InfluenceIndex", "KronfluenceTask", "QueryMismatchError", "QueryRow
 from sketchattr.score import EnsembleInfluence, featurize_members  # noqa: E402
 
 __all__ += ["EnsembleInfluence", "featurize_members"]
+
+from sketchattr.score import Segment, SourceInfluence  # noqa: E402
+
+__all__ += ["Segment", "SourceInfluence"]

@@ -70,3 +70,21 @@ def dense_curvature_inverse(factors, blocks, G, damping_ratio=3e4):
             mats.append(torch.diag(1.0 / (t["Lambda"].reshape(-1) + float(t["Lambda"].max()) / damping_ratio)))
         offset += dim
     return torch.block_diag(*mats)
+
+
+def dense_spectral_matrix(factors, blocks, fn):
+    """Block-diagonal ``K diag(fn(Λ)) Kᵀ`` [d, d] in featurizer order, K = Q_S ⊗ Q_A per Kronecker block
+    (a flat block: ``diag(fn(Λ))``), built explicitly from the fitted factors (EKFAC Λ)."""
+    mats = []
+    for b in blocks:
+        t = factors.tensors[b.name]
+        lam = t["Lambda"].reshape(-1)
+        if "LS" in t:
+            perm = layout_permutation(b.layout)
+            qs = t.get("QS", torch.eye(b.layout.shape[0], dtype=torch.float64))
+            qa = t.get("QA", torch.eye(b.layout.shape[1], dtype=torch.float64))
+            K = torch.kron(qs.contiguous(), qa.contiguous())
+            mats.append((K @ torch.diag(fn(lam)) @ K.T)[perm][:, perm])
+        else:
+            mats.append(torch.diag(fn(lam)))
+    return torch.block_diag(*mats)

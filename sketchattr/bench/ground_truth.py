@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from sketchattr.bench.data.digits import N_TRAIN, load_digits_split
 from sketchattr.bench.data.markov import markov_text
+from sketchattr.bench.data.prose import prose_text
 from sketchattr.bench.recipes import (
     MNIST_BENCH_TRAIN,
     load_mnist_bench,
@@ -20,7 +22,8 @@ from sketchattr.bench.recipes import (
 )
 from sketchattr.validate.ground_truth import GroundTruth, MeasureFn, TrainFn, subset_ground_truth
 
-__all__ = ["bench_ground_truth", "digits_ground_truth", "markov_lm_ground_truth", "mnist_mlp_ground_truth"]
+__all__ = ["LM_BENCHES", "bench_ground_truth", "digits_ground_truth", "lm_ground_truth", "markov_lm_ground_truth",
+           "mnist_mlp_ground_truth"]
 
 
 def bench_ground_truth(stem: str, train_fn: TrainFn, measure_fn: MeasureFn, n_train: int, attrs: dict, cache_dir,
@@ -82,7 +85,20 @@ def mnist_mlp_ground_truth(
     )
 
 
-def markov_lm_ground_truth(
+LM_BENCHES: dict[str, Callable[[], object]] = {
+    "markov": markov_text,
+    "markov-wide": partial(markov_text, vocab=96, n_chains=6, lengths=(12, 32), branching=6, seed=7),
+    "prose": prose_text,
+}
+"""The language-model benches: their train and query sequences (``.train``, ``.queries``, ``.vocab``).
+``markov``: four sparse chains over 64 tokens, 16–24 tokens per sequence; ``markov-wide``: six
+denser chains (six successors per token) over 96 tokens, 12–32 per sequence; ``prose``: scikit-learn's
+dataset descriptions as characters (:mod:`sketchattr.bench.data.prose`). The same tiny GPT-2 and
+recipe (:func:`~sketchattr.bench.recipes.train_markov_lm`) for each."""
+
+
+def lm_ground_truth(
+    bench: str = "markov",
     cache_dir: str | os.PathLike = "grad_cache",
     n_subsets: int = 100,
     alpha: float = 0.5,
@@ -92,16 +108,25 @@ def markov_lm_ground_truth(
     progress: bool = True,
     workers: int | None = None,
 ) -> GroundTruth:
-    """Transformer bench ground truth: the 50 query log-likelihoods [K, 50] of
-    ``train_markov_lm`` retrained on half-size subsets of the 400 Markov-text sequences.
-    Cached at ``cache_dir/markov_lm_lds_K{K}_a{alpha}_R{n_seeds}_s{seed}_e{epochs}.h5``."""
-    text = markov_text()
+    """A language-model bench's ground truth: the query log-likelihoods [K, n_query] of
+    ``train_markov_lm`` retrained on half-size subsets of the bench's train sequences (:data:`LM_BENCHES`).
+    Cached at ``cache_dir/<stem>_lds_K{K}_a{alpha}_R{n_seeds}_s{seed}_e{epochs}.h5`` (stem ``markov_lm``
+    for ``markov``, ``lm_<bench>`` otherwise)."""
+    if bench not in LM_BENCHES:
+        raise ValueError(f"bench must be one of {sorted(LM_BENCHES)}, got {bench!r}")
+    text = LM_BENCHES[bench]()
 
     def measure(model):
         return sequence_log_likelihoods(model, text.queries)
 
+    stem = "markov_lm" if bench == "markov" else f"lm_{bench}"
     return bench_ground_truth(
-        "markov_lm", partial(train_markov_lm, text=text, epochs=epochs), measure, len(text.train),
-        {"bench": "markov-lm", "measure": "query log-likelihood", "epochs": epochs},
+        stem, partial(train_markov_lm, text=text, epochs=epochs), measure, len(text.train),
+        {"bench": f"{bench}-lm", "measure": "query log-likelihood", "epochs": epochs},
         cache_dir, n_subsets, alpha, n_seeds, seed, progress, workers, suffix=f"_e{epochs}",
     )
+
+
+def markov_lm_ground_truth(cache_dir: str | os.PathLike = "grad_cache", **kwargs) -> GroundTruth:
+    """The transformer bench's ground truth (:func:`lm_ground_truth` of ``markov``)."""
+    return lm_ground_truth("markov", cache_dir, **kwargs)

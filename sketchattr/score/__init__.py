@@ -41,3 +41,7 @@ __all__ += ["InfluenceIndex", "QueryMismatchError", "QueryRows"]
 from sketchattr.score.ensemble import EnsembleInfluence, EnsembleQueries, featurize_members  # noqa: E402
 
 __all__ += ["EnsembleInfluence", "EnsembleQueries", "featurize_members"]
+
+from sketchattr.score.source import Segment, SourceInfluence  # noqa: E402
+
+__all__ += ["Segment", "SourceInfluence"]

@@ -140,6 +140,11 @@ class CurvatureScorer(Scorer):
         move = lambda t: None if t is None else t.to(device=self.device, dtype=self.dtype)
         return [tuple(move(t) for t in self.factors.curvature(block.name, self.curvature_kind)) for block in self.blocks]
 
+    @property
+    def bases(self) -> list[Curvature]:
+        """Per block the undamped curvature (Q_S, Q_A, Λ) on the compute device (None bases: identity)."""
+        return list(self._bases)
+
     def _damped(self, damping: "float | str | dict[str, float] | None") -> tuple[list[Curvature], dict[str, float]]:
         """Per module (Q_S, Q_A, Λ + λ) and {module: λ} for one damping (see the class docstring)."""
         if self.curvature_kind is None:
