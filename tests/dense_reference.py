@@ -88,3 +88,22 @@ def dense_spectral_matrix(factors, blocks, fn):
         else:
             mats.append(torch.diag(fn(lam)))
     return torch.block_diag(*mats)
+
+
+def dense_whitening(factors, blocks, damping_ratio=3e4):
+    """``K`` [d, d] (featurizer order -> eigen coordinates, block by block: Q_S ⊗ Q_A, the identity for a
+    flat block) and the per-coordinate scale ``(Λ + λ)^(-1/2)`` [d] with λ = max Λ / ``damping_ratio``
+    per block ("auto"): whitened coordinates are ``(g @ K) * scale``."""
+    mats, scales = [], []
+    for b in blocks:
+        t = factors.tensors[b.name]
+        lam = t["Lambda"].reshape(-1)
+        if "LS" in t:
+            perm = layout_permutation(b.layout)
+            qs = t.get("QS", torch.eye(b.layout.shape[0], dtype=torch.float64))
+            qa = t.get("QA", torch.eye(b.layout.shape[1], dtype=torch.float64))
+            mats.append(torch.kron(qs.contiguous(), qa.contiguous())[perm])
+        else:
+            mats.append(torch.eye(len(lam), dtype=torch.float64))
+        scales.append((lam + float(lam.max()) / damping_ratio) ** -0.5)
+    return torch.block_diag(*mats), torch.cat(scales)

@@ -157,3 +157,34 @@ def test_sparse_rows_only_for_the_ekfac_family(tmp_path):
         sa.EKFACScorer(factors, feat).fit(half).score((x[:3], y[:3]))
     with pytest.raises(ValueError, match="even"):
         sa.SparseEigenbasisProjector(21, factors)
+
+
+def test_sparse_width_reads_the_pilot_fidelity_written_out():
+    """sparse_width's fidelity for each width = Pearson over pilot pairs of W Wᵀ against W keep_k(W)ᵀ, with W
+    the whitened EKFAC coordinates written out (explicit Kronecker eigenbases, autograd gradients,
+    damping "auto") and keep_k each example's k = m/2 largest |W|; the chosen width is the narrowest
+    candidate reaching the target."""
+    from conftest import tiny_data, tiny_mlp
+    from dense_reference import ce_loss, dense_whitening, per_example_grads
+
+    from sketchattr.curvature import sparse_width
+
+    model, (x, y) = tiny_mlp(), tiny_data(n=40)
+    task = sa.ClassificationTask()
+    factors = sa.fit_factors(model, task, (x, y), kind="ekfac", fisher="empirical", batch_size=8, progress=False)
+    feat = sa.Featurizer(model, task, projector="identity", batch_size=8, progress=False)
+    width = sparse_width(factors, feat, (x, y), target=0.995, pilot=20)
+    K, scale = dense_whitening(factors, feat.engine.blocks)
+    W = (per_example_grads(model, ce_loss, x[:20], y[:20]) @ K) * scale
+    pairs = ~torch.eye(20, dtype=torch.bool)
+    exact = W @ W.T
+    for m, r in width.fidelity.items():
+        top = W.abs().topk(m // 2, dim=1).indices
+        kept = torch.zeros_like(W).scatter_(1, top, W.gather(1, top))
+        ref = torch.corrcoef(torch.stack([exact[pairs], (W @ kept.T)[pairs]]))[0, 1]
+        assert abs(r - float(ref)) < 1e-6, m
+    assert list(width.fidelity) == sorted(width.fidelity) and width.d == W.shape[1]
+    reached = [m for m, r in width.fidelity.items() if r >= 0.995]
+    assert width.m == (reached[0] if reached else max(width.fidelity))
+    with pytest.raises(ValueError, match="target"):
+        sparse_width(factors, feat, (x, y), target=1.5)

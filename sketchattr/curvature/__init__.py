@@ -11,6 +11,7 @@ rows in the fitted eigenbases (:mod:`.eigenbasis`). The scorers that use them ar
 May import :mod:`sketchattr.distributed` (collectives), :mod:`sketchattr.featurize` and below.
 """
 from sketchattr.core.profiler import Profiler
+from sketchattr.curvature.column_budget import SparseWidth, sparse_width
 from sketchattr.curvature.damping import module_damping
 from sketchattr.curvature.eigenbasis import EigenbasisProjector, SparseEigenbasisProjector
 from sketchattr.curvature.factors import Factors, fit_factors
@@ -18,4 +19,4 @@ from sketchattr.curvature.stages import STAGES, FactorsMismatchError
 from sketchattr.featurize.rules import UnsupportedModuleError
 
 __all__ = ["EigenbasisProjector", "Factors", "FactorsMismatchError", "Profiler", "STAGES", "SparseEigenbasisProjector",
-           "UnsupportedModuleError", "fit_factors", "module_damping"]
+           "SparseWidth", "UnsupportedModuleError", "fit_factors", "module_damping", "sparse_width"]
