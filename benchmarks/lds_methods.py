@@ -1,0 +1,216 @@
+"""Which method when, measured side by side: LDS (retraining ground truth) and seconds per method on
+three language-model benches and two classifiers.
+
+Benches (`sketchattr.bench.ground_truth`): language models — ``markov`` (4 sparse chains, 64 tokens),
+``markov-wide`` (6 denser chains, 96 tokens, 12–32 per sequence) and ``prose`` (scikit-learn's
+dataset descriptions as characters), each a 2-layer GPT-2 (106K parameters) trained with AdamW for
+8 epochs, 400 train / 50 query sequences, ground truth 100 half-data subsets × 2 seeds; classifiers —
+the digits MLP trained with SGD (momentum 0.9) and with Adam.
+
+Methods (attributed modules: the linear layers):
+
+* ``EKFAC`` on the unsketched store (damping "auto");
+* ``SketchedInfluence`` (damping "auto") on the unsketched store;
+* ``dot product`` (the identity scorer, TracIn at the last checkpoint);
+* ``sparse eigenbasis d/8`` and ``sparse eigenbasis (width from the data)``: EKFAC reading
+  :class:`~sketchattr.SparseEigenbasisProjector` stores, the latter at :func:`~sketchattr.curvature.sparse_width`;
+* ``SOURCE`` (:class:`~sketchattr.SourceInfluence`): 4 segments between checkpoints of the same
+  run (every 2 epochs for the LMs, every 15 for the MLP), EKFAC and train rows at each segment's
+  end; c_ℓ = the learning rate summed over the segment's steps (SGD: ÷ (1 − momentum)); for Adam
+  the median over coordinates of lr/(√v̂ + ε) at the checkpoint stands in for the lr (a scalar
+  stand-in for Adam's per-coordinate steps, not Bae et al.'s preconditioned form); the LMs'
+  loss is divided by the batch's tokens, so c is divided by the mean tokens per sequence.
+
+    python benchmarks/lds_methods.py                    # everything (about 10 min on 2 cores, ground truth cached)
+    python benchmarks/lds_methods.py --quick            # the markov bench with 20 subsets × 1 seed
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from functools import partial
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import sketchattr as sa
+from sketchattr.bench.data.digits import load_digits_split
+from sketchattr.bench.ground_truth import LM_BENCHES, bench_ground_truth, digits_ground_truth, lm_ground_truth
+from sketchattr.bench.models.mlp import make_mlp
+from sketchattr.bench.recipes import epoch_batches, query_margins, tiny_gpt2, train_classifier
+from sketchattr.curvature import sparse_width
+from sketchattr.score.source import Segment, SourceInfluence
+from sketchattr.validate.lds import lds
+
+ADAM_LR, SGD_LR, SGD_MOMENTUM = 1e-3, 0.05, 0.9
+
+
+def adam_step(opt: torch.optim.Optimizer, lr: float) -> float:
+    """The median over coordinates of Adam's step size lr / (sqrt(v̂) + ε) now."""
+    steps = []
+    for group in opt.param_groups:
+        beta2, eps = group["betas"][1], group["eps"]
+        for p in group["params"]:
+            st = opt.state[p]
+            vhat = st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))
+            steps.append((lr / (vhat.sqrt() + eps)).flatten())
+    return float(torch.cat(steps).median())
+
+
+class LMBench:
+    """A language-model bench: the model trained as its ground truth's recipe, with checkpoints."""
+
+    def __init__(self, name: str, quick: bool, cache_dir: str) -> None:
+        self.name, self.text = name, LM_BENCHES[name]()
+        self.gt = lm_ground_truth(name, cache_dir, n_subsets=20 if quick else 100, n_seeds=1 if quick else 2, progress=True)
+        self.task, self.collate = sa.CausalLMTask(), sa.PadCollator()
+        self.checkpoints, self.lr_steps = self._train(epochs=8, every=2)
+        self.model, self.train, self.queries = self.checkpoints[-1], self.text.train, self.text.queries
+
+    def _train(self, epochs: int, every: int) -> tuple[list, list[float]]:
+        """train_lm's run (AdamW 3e-3, wd 0.01, batch 16, seed 0), a copy every ``every`` epochs and each
+        segment's c (Adam's median step × steps ÷ mean tokens per sequence)."""
+        model, data = tiny_gpt2(vocab=self.text.vocab, seed=0), self.text.train
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        model.train()
+        copies, cs, steps, tokens = [], [], 0, []
+        for epoch, batches in enumerate(epoch_batches(len(data), 16, epochs, 0), start=1):
+            for idx in batches:
+                batch = self.collate([data[i] for i in idx.tolist()])
+                n_tok = batch["attention_mask"][:, 1:].sum()
+                tokens.append(float(n_tok) / len(idx))
+                loss = self.task.train_loss(model, batch) / n_tok
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+            if epoch % every == 0:
+                copies.append(copy.deepcopy(model).eval())
+                cs.append(adam_step(opt, 3e-3) * steps / np.mean(tokens))
+                steps = 0
+        return copies, cs
+
+    def featurizer(self, model=None, projector="identity", m=None) -> sa.Featurizer:
+        return sa.Featurizer(model or self.model, self.task, modules="linear", projector=projector, m=m, batch_size=50,
+                             collate_fn=self.collate, progress=False)
+
+    def factors(self, model=None) -> sa.Factors:
+        return sa.fit_factors(model or self.model, self.task, self.train, kind="ekfac", modules="linear", batch_size=50,
+                              collate_fn=self.collate, progress=False)
+
+
+class DigitsBench:
+    """The digits MLP (SGD, the bench recipe; or Adam lr 1e-3), with checkpoints every 15 of 60 epochs."""
+
+    def __init__(self, optimizer: str, quick: bool, cache_dir: str) -> None:
+        self.name = f"digits-mlp ({optimizer})"
+        split = load_digits_split()
+        self.split, self.optimizer = split, optimizer
+        k, r = (20, 1) if quick else (100, 2)
+        if optimizer == "sgd":
+            self.gt = digits_ground_truth(cache_dir, n_subsets=k, n_seeds=r, progress=True)
+        else:
+            train = lambda subset, seed: self._run((split.x_train[subset], split.y_train[subset]), seed)[0][-1]
+            self.gt = bench_ground_truth("digits_mlp_adam", train, partial(query_margins, split=split), len(split.y_train),
+                                         {"bench": "digits-mlp-adam", "optimizer": f"Adam lr {ADAM_LR}"}, cache_dir, k, 0.5,
+                                         r, 0, True, None)
+        self.task = sa.ClassificationTask()
+        self.checkpoints, self.lr_steps = self._run((split.x_train, split.y_train), 0)
+        self.model = self.checkpoints[-1]
+        self.train, self.queries = split.train_dataset(), split.query_dataset()
+
+    def _run(self, rows, seed: int) -> tuple[list, list[float]]:
+        copies, cs, state = [], [], {}
+        steps_per_epoch = -(-len(rows[1]) // 64)
+        adam = None if self.optimizer == "sgd" else (lambda params: state.setdefault("opt", torch.optim.Adam(params, lr=ADAM_LR)))
+
+        def keep(epoch: int, model) -> None:
+            if epoch % 15 == 0:
+                copies.append(copy.deepcopy(model).eval())
+                step = SGD_LR / (1 - SGD_MOMENTUM) if adam is None else adam_step(state["opt"], ADAM_LR)
+                cs.append(step * 15 * steps_per_epoch)
+
+        train_classifier(make_mlp(seed=seed), *rows, seed=seed, optimizer=adam, on_epoch_end=keep)
+        return copies, cs
+
+    def featurizer(self, model=None, projector="identity", m=None) -> sa.Featurizer:
+        return sa.Featurizer(model or self.model, self.task, modules="linear", projector=projector, m=m, batch_size=250,
+                             progress=False)
+
+    def factors(self, model=None) -> sa.Factors:
+        return sa.fit_factors(model or self.model, self.task, self.train, kind="ekfac", modules="linear", batch_size=250,
+                              progress=False)
+
+
+def methods(bench) -> list[tuple[str, str, float, float]]:
+    """(method, store columns, LDS, seconds) for one bench."""
+    L = lambda s: lds(s.double().cpu().numpy(), bench.gt.masks, bench.gt.outputs).mean
+    rows = []
+
+    def run(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        scores, columns = fn()
+        rows.append((name, columns, L(scores), time.perf_counter() - t0))
+
+    def exact():
+        feat = bench.featurizer()
+        store, factors = feat.featurize(bench.train), bench.factors()
+        bench.exact = (feat, store, factors)
+        return sa.EKFACScorer(factors, feat).fit(store).score(bench.queries), f"d = {store.dim:,}"
+
+    run("EKFAC", exact)
+    feat, store, factors = bench.exact
+    d = store.dim
+    run("SketchedInfluence", lambda: (sa.SketchedInfluence(featurizer=feat).fit(store).score(bench.queries), f"d = {d:,}"))
+    run("dot product", lambda: (sa.IdentityScorer(feat).fit(store).score(bench.queries), f"d = {d:,}"))
+
+    def sparse(m):
+        f = bench.featurizer(projector=sa.SparseEigenbasisProjector(m, factors))
+        return sa.EKFACScorer(factors, f).fit(f.featurize(bench.train)).score(bench.queries)
+
+    run("sparse eigenbasis d/8", lambda: (sparse(2 * (d // 16)), f"{2 * (d // 16):,}"))
+
+    def chosen():
+        width = sparse_width(factors, feat, bench.train)
+        return sparse(width.m), f"{width.m:,} (d/{d / width.m:.1f})"
+
+    run("sparse eigenbasis, width from the data", chosen)
+
+    def source():
+        segments, stores = [], []
+        for model, c in zip(bench.checkpoints, bench.lr_steps):
+            f = bench.featurizer(model)
+            stores.append(f.featurize(bench.train))
+            segments.append(Segment(bench.factors(model), f, c))
+        scores = SourceInfluence(segments).fit(stores).score(bench.queries)
+        return scores, f"{len(segments)} × d"
+
+    run("SOURCE (4 segments)", source)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the markov bench only, ground truth 20 subsets × 1 seed")
+    parser.add_argument("--benches", nargs="+", default=None, help="markov markov-wide prose digits-sgd digits-adam")
+    parser.add_argument("--cache_dir", default="grad_cache")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    names = args.benches or (["markov"] if args.quick else ["markov", "markov-wide", "prose", "digits-sgd", "digits-adam"])
+    table = []
+    for name in tqdm(names, desc="benches"):
+        bench = (DigitsBench(name.split("-")[1], args.quick, args.cache_dir) if name.startswith("digits")
+                 else LMBench(name, args.quick, args.cache_dir))
+        for method, columns, value, seconds in methods(bench):
+            table.append((bench.name, method, columns, value, seconds))
+            print(f"  {bench.name:<20} {method:<40} {columns:>18}  LDS {value:.3f}  {seconds:6.1f} s", flush=True)
+    print("\n| bench | method | store columns | LDS | × EKFAC | seconds |\n|---|---|---|---|---|---|")
+    ekfac = {b: v for b, m, _, v, _ in table if m == "EKFAC"}
+    for b, m, cols, v, s in table:
+        print(f"| {b} | {m} | {cols} | {v:.3f} | {v / ekfac[b]:.2f} | {s:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
