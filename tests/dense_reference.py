@@ -72,38 +72,32 @@ def dense_curvature_inverse(factors, blocks, G, damping_ratio=3e4):
     return torch.block_diag(*mats)
 
 
-def dense_spectral_matrix(factors, blocks, fn):
-    """Block-diagonal ``K diag(fn(Λ)) Kᵀ`` [d, d] in featurizer order, K = Q_S ⊗ Q_A per Kronecker block
-    (a flat block: ``diag(fn(Λ))``), built explicitly from the fitted factors (EKFAC Λ)."""
-    mats = []
+def dense_eigenbasis(factors, blocks):
+    """Per block ``(K [d_k, d_k], Λ [d_k])``: K maps the featurizer's flat gradient to the block's EKFAC
+    eigen-coordinates (``g @ K``; Q_S ⊗ Q_A written out, the identity for a flat block), Λ their eigenvalues."""
+    out = []
     for b in blocks:
         t = factors.tensors[b.name]
         lam = t["Lambda"].reshape(-1)
         if "LS" in t:
-            perm = layout_permutation(b.layout)
             qs = t.get("QS", torch.eye(b.layout.shape[0], dtype=torch.float64))
             qa = t.get("QA", torch.eye(b.layout.shape[1], dtype=torch.float64))
-            K = torch.kron(qs.contiguous(), qa.contiguous())
-            mats.append((K @ torch.diag(fn(lam)) @ K.T)[perm][:, perm])
+            out.append((torch.kron(qs.contiguous(), qa.contiguous())[layout_permutation(b.layout)], lam))
         else:
-            mats.append(torch.diag(fn(lam)))
-    return torch.block_diag(*mats)
+            out.append((torch.eye(len(lam), dtype=torch.float64), lam))
+    return out
+
+
+def dense_spectral_matrix(factors, blocks, fn):
+    """Block-diagonal ``K diag(fn(Λ)) Kᵀ`` [d, d] in featurizer order, built explicitly from the fitted
+    factors (EKFAC Λ; see :func:`dense_eigenbasis`)."""
+    return torch.block_diag(*[K @ torch.diag(fn(lam)) @ K.T for K, lam in dense_eigenbasis(factors, blocks)])
 
 
 def dense_whitening(factors, blocks, damping_ratio=3e4):
-    """``K`` [d, d] (featurizer order -> eigen coordinates, block by block: Q_S ⊗ Q_A, the identity for a
-    flat block) and the per-coordinate scale ``(Λ + λ)^(-1/2)`` [d] with λ = max Λ / ``damping_ratio``
-    per block ("auto"): whitened coordinates are ``(g @ K) * scale``."""
-    mats, scales = [], []
-    for b in blocks:
-        t = factors.tensors[b.name]
-        lam = t["Lambda"].reshape(-1)
-        if "LS" in t:
-            perm = layout_permutation(b.layout)
-            qs = t.get("QS", torch.eye(b.layout.shape[0], dtype=torch.float64))
-            qa = t.get("QA", torch.eye(b.layout.shape[1], dtype=torch.float64))
-            mats.append(torch.kron(qs.contiguous(), qa.contiguous())[perm])
-        else:
-            mats.append(torch.eye(len(lam), dtype=torch.float64))
-        scales.append((lam + float(lam.max()) / damping_ratio) ** -0.5)
-    return torch.block_diag(*mats), torch.cat(scales)
+    """``K`` [d, d] (featurizer order -> eigen coordinates, block by block) and the per-coordinate scale
+    ``(Λ + λ)^(-1/2)`` [d] with λ = max Λ / ``damping_ratio`` per block ("auto"): whitened
+    coordinates are ``(g @ K) * scale``."""
+    bases = dense_eigenbasis(factors, blocks)
+    scales = [(lam + float(lam.max()) / damping_ratio) ** -0.5 for _, lam in bases]
+    return torch.block_diag(*[K for K, _ in bases]), torch.cat(scales)
