@@ -23,7 +23,7 @@ Rows, one per method (the columns a training example costs in the store):
     python benchmarks/lds_lm.py [--quick] [--fisher true|empirical]
     PYTHONPATH=. <kronfluence venv>/bin/python benchmarks/lds_lm.py --kronfluence   # adds Kronfluence's EKFAC
 
-``--quick``: 20 subsets × 1 seed of ground truth, fewer rows (a smoke run; the LDS is noisier).
+``--quick``: 20 subsets × 1 seed of ground truth, fewer widths (a smoke run; the LDS is noisier).
 """
 from __future__ import annotations
 
@@ -283,11 +283,11 @@ def main() -> None:
         for c in budgets:
             bench.logra(c // 8)
     if "eigenbasis" in methods:
-        for c in sorted(set(budgets + [d // 64, d // 32, d // 16, d // 8])):
+        for c in sorted(set(budgets + ([d // 8] if args.quick else [d // 64, d // 32, d // 16, d // 8]))):
             if c <= d:
                 bench.eigenbasis(c)
     if "eigen_topk" in methods:
-        for c in sorted(set(budgets + [d // 16, d // 8])):
+        for c in sorted(set(([2048] if args.quick else budgets) + ([d // 8] if args.quick else [d // 16, d // 8]))):
             bench.eigen_topk(c)
     if args.plot:
         plot(bench, args.plot)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_lds_lm_quick(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "lds_lm.py"), "--quick", "--cache_dir", str(tmp_path / "cache"),
-           "--methods", "exact,logra,eigenbasis,eigen_topk"]
+           "--methods", "eigenbasis,eigen_topk"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {m.group(1).strip(): (m.group(2), float(m.group(3))) for m in re.finditer(r"^\| (.+?) \| ([\d,]+) \| ([\d.-]+)", proc.stdout, re.M)}
