@@ -75,3 +75,22 @@ def test_segment_weight_limits_and_errors():
         SourceInfluence([seg, seg]).fit([store])
     with pytest.raises(ValueError, match="at least one segment"):
         SourceInfluence([])
+
+
+def test_source_from_checkpoints_equals_segments_built_by_hand(tmp_path):
+    x, y = tiny_data(n=24)
+    xq, yq = tiny_data(n=4, seed=5)
+    models, cs = checkpoints(), (0.4, 0.9)
+    by_hand = [segment(m, x, y, c) for m, c in zip(models, cs)]
+    expected = SourceInfluence([s for s, _ in by_hand]).fit([st for _, st in by_hand]).score((xq, yq))
+    task = sa.ClassificationTask()
+    for store, rtol in (("none", 1e-12), ("disk", 1e-5)):  # the disk store keeps float32 rows
+        got = sa.source_from_checkpoints(models, task, (x, y), cs, fisher="empirical", batch_size=8, store=store,
+                                         path=tmp_path / "source.h5", progress=False)
+        assert got.stores[1].path == tmp_path / "source.h5" if store == "disk" else True
+        assert torch.allclose(got.score((xq, yq)).double(), expected, rtol=rtol, atol=1e-6 * float(expected.abs().max()))
+    sampled = sa.source_from_checkpoints(models, task, (x, y), 0.5, fisher="empirical", batch_size=8, progress=False,
+                                         sampler=sa.make_sampler("uniform", rate=0.5, seed=3))
+    assert sampled.n_train == 12 and sampled.score((xq, yq)).shape == (4, 12)
+    with pytest.raises(ValueError, match="3 lr_steps for 2 checkpoints"):
+        sa.source_from_checkpoints(models, task, (x, y), (1.0, 2.0, 3.0), progress=False)

@@ -212,3 +212,44 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert rep2["settings"]["projector"]["type"] == "sjlt" and rep2["settings"]["modules"]["names"] == ["2"]
     assert rep2["settings"]["n_scored_train"] < 30 and rep2["settings"]["sampler"]["type"] == "stratified"
     assert all(len(r["proponents"]) == 3 for r in rep2["results"])
+
+
+def test_cli_source_scorer_equals_the_library(tmp_path, capsys):
+    """``sketchattr tracin --scorer source``: c_ℓ = η_ℓ × steps_ℓ, the library's SOURCE scores."""
+    from sketchattr import ClassificationTask, source_from_checkpoints
+    from sketchattr.bench.models.mlp import make_mlp
+    from sketchattr.cli.main import main
+
+    x, y = tiny_data(n=30)
+    torch.save({"x": x.float(), "y": y}, tmp_path / "train.pt")
+    torch.save({"x": x[:4].float(), "y": y[:4]}, tmp_path / "test.pt")
+    models = [make_mlp(in_dim=5, hidden=7, out_dim=3, seed=s) for s in range(2)]
+    cks = []
+    for s, model in enumerate(models):
+        cks.append(str(tmp_path / f"ck{s}.pt"))
+        torch.save(model.state_dict(), cks[-1])
+    argv = ["tracin", "--model-def", "sketchattr.bench.models.mlp:make_mlp", "--model-kwargs", '{"in_dim": 5, "hidden": 7, "out_dim": 3}',
+            "--checkpoints", *cks, "--learning-rates", "0.1", "0.05", "--train-data", str(tmp_path / "train.pt"),
+            "--test-data", str(tmp_path / "test.pt"), "--top-k", "3", "--output", str(tmp_path / "out.json"),
+            "--device", "cpu", "--no-progress", "--scorer", "source"]
+    assert main(argv + ["--steps-per-segment", "20", "--fisher", "empirical"]) == 0
+    assert "(source, 2 checkpoints" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "out.json").read_text())
+    assert rep["settings"]["lr_steps"] == [2.0, 1.0] and "SOURCE" in rep["settings"]["sign"]
+    ref = source_from_checkpoints(models, ClassificationTask(), (x.float(), y), [2.0, 1.0], fisher="empirical",
+                                  batch_size=64, progress=False).score((x[:4].float(), y[:4]))
+    for r, row in zip(rep["results"], ref):
+        order = torch.argsort(row, descending=True)
+        assert [p["train_index"] for p in r["proponents"]] == order[:3].tolist()
+        assert np.allclose([p["score"] for p in r["proponents"]], row[order[:3]].numpy(), rtol=1e-5)
+    tracin = json.loads((tmp_path / "out.json").read_text())
+    assert main(["tracin", *argv[1:-2], "--output", str(tmp_path / "t.json")]) == 0  # TracIn differs from SOURCE
+    assert json.loads((tmp_path / "t.json").read_text())["results"] != tracin["results"]
+    for extra, message in ((["--scorer", "source"], "needs --steps_per_segment"),
+                           (["--scorer", "source", "--steps-per-segment", "5", "--variant", "cos"], "no cosine variant"),
+                           (["--scorer", "source", "--steps-per-segment", "5", "6", "7"], "one value >= 0 per checkpoint"),
+                           (["--steps-per-segment", "5"], "for --scorer source")):
+        capsys.readouterr()
+        assert main(argv[:-2] + extra) != 0
+        err = capsys.readouterr().err
+        assert "error: " in err and message in err

@@ -42,6 +42,6 @@ from sketchattr.score.ensemble import EnsembleInfluence, EnsembleQueries, featur
 
 __all__ += ["EnsembleInfluence", "EnsembleQueries", "featurize_members"]
 
-from sketchattr.score.source import Segment, SourceInfluence  # noqa: E402
+from sketchattr.score.source import Segment, SourceInfluence, source_from_checkpoints  # noqa: E402
 
-__all__ += ["Segment", "SourceInfluence"]
+__all__ += ["Segment", "SourceInfluence", "source_from_checkpoints"]

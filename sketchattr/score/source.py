@@ -32,16 +32,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from sketchattr.curvature.factors import Factors
+from sketchattr.curvature.factors import Factors, fit_factors
 from sketchattr.curvature.passes import rotate
 from sketchattr.featurize.featurizer import Featurizer
 from sketchattr.score.base import Scorer
+from sketchattr.score.checkpoints import featurize_checkpoints
 from sketchattr.score.ekfac import EKFACScorer
 from sketchattr.score.queries import is_dataset_like
 from sketchattr.store import GradientStore, StoreMismatchError, aligned_blocks
 from sketchattr.store.base import require_dense_rows
 
-__all__ = ["Segment", "SourceInfluence", "SourceQueries", "segment_backward", "segment_weight"]
+__all__ = ["Segment", "SourceInfluence", "SourceQueries", "segment_backward", "segment_weight", "source_from_checkpoints"]
 
 
 @dataclass(frozen=True)
@@ -168,3 +169,39 @@ class SourceInfluence(Scorer, name="source"):
                 part = -proj.inner(q, rows.to(q.device))
                 total = part if total is None else total + part
             yield idx, total
+
+
+def source_from_checkpoints(
+    models: Sequence[torch.nn.Module],
+    task: Any,
+    train_dataset: Any,
+    lr_steps: "Sequence[float] | float",
+    fisher: str = "true",
+    batch_size: int = 64,
+    collate_fn: Any = None,
+    progress: bool = True,
+    **featurize_options: Any,
+) -> SourceInfluence:
+    """Featurize ``train_dataset`` and fit EKFAC factors on every checkpoint model; return a fitted
+    :class:`SourceInfluence` (the last model is the end of training: queries are differentiated there).
+
+    models: one checkpoint per segment, in training order (each segment's curvature is taken at
+    its checkpoint, as Bae et al. do).
+    lr_steps: c_ℓ per segment (one value: the same for all), in the module docstring's units.
+    fisher: the EKFAC factors' (``"true"`` or ``"empirical"``). featurize_options: projector, m,
+    seed, modules, sampler, store, path, device, overwrite, as :func:`featurize_checkpoints`
+    (disk default ``grad_cache/source.h5``).
+    """
+    models = list(models)
+    steps = [float(lr_steps)] * len(models) if isinstance(lr_steps, (int, float)) else [float(c) for c in lr_steps]
+    if len(steps) != len(models):
+        raise ValueError(f"{len(steps)} lr_steps for {len(models)} checkpoints: give one per checkpoint (or one for all)")
+    featurize_options.setdefault("default_path", "grad_cache/source.h5")
+    featurizers, stores = featurize_checkpoints(models, task, train_dataset, batch_size=batch_size, collate_fn=collate_fn,
+                                                progress=progress, **featurize_options)
+    segments = []
+    for model, feat, c in zip(models, featurizers, steps):
+        factors = fit_factors(model, task, train_dataset, kind="ekfac", modules=feat.selection().names, fisher=fisher,
+                              batch_size=batch_size, collate_fn=collate_fn, progress=progress)
+        segments.append(Segment(factors, feat, c))
+    return SourceInfluence(segments).fit(stores)

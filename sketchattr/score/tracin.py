@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from sketchattr.featurize.featurizer import Featurizer
+from sketchattr.score.checkpoints import featurize_checkpoints
 from sketchattr.score.queries import QueryRows, is_dataset_like
 from sketchattr.score.base import Scorer
 from sketchattr.score.topk import TopK
@@ -331,20 +332,9 @@ def tracin_from_checkpoints(
     one group ``ckpt<c>`` per checkpoint; re-running resumes). ``overwrite`` discards rows of
     disk groups written with other settings.
     """
-    models = list(models)
-    if not models:
-        raise ValueError("give at least one checkpoint model")
-    if store not in ("none", "memory", "cpu", "disk"):
-        raise ValueError(f"store must be 'none', 'cpu' or 'disk', got {store!r}")
-    featurizers, stores = [], []
-    for c, model in enumerate(models):
-        feat = Featurizer(
-            model, task, modules=modules, projector=projector, m=m, seed=seed,
-            batch_size=batch_size, device=device, progress=progress,
-        )
-        kwargs: dict[str, Any] = {}
-        if store == "disk":
-            kwargs = {"path": path if path is not None else "grad_cache/tracin.h5", "checkpoint": f"ckpt{c}"}
-        featurizers.append(feat)
-        stores.append(feat.featurize(train_dataset, store=store, sampler=sampler, overwrite=overwrite, **kwargs))
+    featurizers, stores = featurize_checkpoints(
+        models, task, train_dataset, projector=projector, m=m, seed=seed, modules=modules, sampler=sampler,
+        store=store, path=path, default_path="grad_cache/tracin.h5", batch_size=batch_size, device=device,
+        progress=progress, overwrite=overwrite,
+    )
     return TracIn(featurizers, learning_rates, variant=variant, cache_queries=cache_queries).fit(stores)

@@ -1,4 +1,10 @@
-"""``sketchattr tracin``: TracIn over saved checkpoints, from files, to a JSON report.
+"""``sketchattr tracin``: TracIn or SOURCE over saved checkpoints, from files, to a JSON report.
+
+``--scorer tracin`` (default) sums the checkpoints' gradient dot products weighted by η_c;
+``--scorer source`` is training-aware influence (SOURCE, Bae et al. 2024): each checkpoint stands
+for one segment of the run, EKFAC factors are fitted at each, and segment ℓ's weight is
+c_ℓ = η_ℓ × ``--steps_per_segment`` (the learning rate summed over the segment's optimizer steps;
+see :mod:`sketchattr.score.source` for the units, momentum and Adam).
 
 Inputs
 ------
@@ -32,7 +38,8 @@ Output (``--output results.json``)
      "timings": {"load_s", "featurize_train_s", "score_s", "total_s", "per_query_s"},
      "memory": {"train_rows_bytes": {...}, "train_rows_total_bytes", "query_cache_bytes", ...}}
 
-Scores follow docs/design.md: ``score = −Σ_c η_c ∇f_c(z_test)ᵀ∇ℓ_c(z_train)``, positive = the train
+Scores follow docs/design.md: ``score = −Σ_c η_c ∇f_c(z_test)ᵀ∇ℓ_c(z_train)`` (TracIn), or SOURCE's
+``−Σ_ℓ ∇f(z_test)ᵀ S_L⋯S_{ℓ+1} F_ℓ ∇ℓ_ℓ(z_train)`` at the last checkpoint; positive = the train
 example helps the test example (margin measurement for classification). Train indices are
 indices of the train file's rows (also after sampling).
 
@@ -56,11 +63,17 @@ import torch
 from sketchattr.cli.model_loading import load_function, read_state_dict
 from sketchattr.data.local_files import read_pt
 from sketchattr.sample import make_sampler
+from sketchattr.score.source import SourceInfluence, source_from_checkpoints
 from sketchattr.score.tracin import tracin_from_checkpoints
 from sketchattr.task import ClassificationTask, RegressionTask
 
-HELP = "TracIn over saved checkpoints (last-N layers, random projection, sampling) -> JSON"
-DESCRIPTION = "TracIn: scores = -sum_c lr_c grad f_c(test) . grad loss_c(train) over checkpoints."
+HELP = "TracIn or SOURCE over saved checkpoints (last-N layers, random projection, sampling) -> JSON"
+DESCRIPTION = ("TracIn: scores = -sum_c lr_c grad f_c(test) . grad loss_c(train) over checkpoints; "
+               "--scorer source: training-aware influence over the segments the checkpoints stand for.")
+SIGNS = {
+    "tracin": "score = -sum_c lr_c grad f_c(test).grad loss_c(train); positive = helps the test example",
+    "source": "score = -sum_l grad f(test)^T S_L..S_{l+1} F_l grad loss_l(train) (SOURCE); positive = helps the test example",
+}
 EPILOG = __doc__[__doc__.index("Inputs") :]
 
 
@@ -70,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_kwargs", "--model-kwargs", default="{}", help="JSON dict of keyword arguments for the model function")
     p.add_argument("--checkpoints", nargs="+", required=True, help="state-dict files (torch.save(model.state_dict()))")
     p.add_argument("--learning_rates", "--learning-rates", type=float, nargs="+", default=None, help="eta per checkpoint (default 1.0 each)")
+    p.add_argument("--scorer", choices=["tracin", "source"], default="tracin",
+                   help="tracin (default) or source: training-aware influence, EKFAC fitted at every checkpoint")
+    p.add_argument("--steps_per_segment", "--steps-per-segment", type=float, nargs="+", default=None,
+                   help="--scorer source: optimizer steps each checkpoint's segment stands for (one value: all)")
+    p.add_argument("--fisher", choices=["true", "empirical"], default="true", help="--scorer source: the EKFAC factors' Fisher")
     p.add_argument("--train_data", "--train-data", required=True, help=".pt dict {'x','y'} or .npz with x, y")
     p.add_argument("--test_data", "--test-data", required=True, help=".pt dict {'x','y'} or .npz with x, y")
     p.add_argument("--task", choices=["classification", "regression"], default="classification")
@@ -114,6 +132,20 @@ def load_data(path: str) -> dict[str, torch.Tensor]:
     if data["x"].shape[0] != data["y"].shape[0] or data["x"].shape[0] == 0:
         raise ValueError(f"{p}: x has {data['x'].shape[0]} rows and y {data['y'].shape[0]}; need equal and > 0")
     return data
+
+
+def segment_lr_steps(args: argparse.Namespace, lrs: list[float]) -> list[float]:
+    """SOURCE's c_ℓ = η_ℓ × steps_ℓ per checkpoint, from --learning_rates and --steps_per_segment."""
+    if args.variant != "dot":
+        raise ValueError("--variant cos is TracIn's; --scorer source has no cosine variant (leave --variant at dot)")
+    steps = args.steps_per_segment
+    if steps is None:
+        raise ValueError("--scorer source needs --steps_per_segment: how many optimizer steps each checkpoint's segment "
+                         "stands for (e.g. the steps per epoch when a checkpoint was saved every epoch)")
+    steps = steps * len(lrs) if len(steps) == 1 else list(steps)
+    if len(steps) != len(lrs) or any(not (v >= 0) for v in steps):
+        raise ValueError(f"--steps_per_segment: need one value >= 0 per checkpoint ({len(lrs)}) or one for all, got {args.steps_per_segment}")
+    return [lr * n for lr, n in zip(lrs, steps)]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -162,15 +194,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     projector = {"sparse": "sjlt"}.get(args.projection_type, args.projection_type) if args.use_projection else "identity"
     t_load = time.perf_counter()
 
-    tracin = tracin_from_checkpoints(
-        models, ClassificationTask() if args.task == "classification" else RegressionTask(), train_set,
-        learning_rates=lrs, projector=projector, m=args.projection_dim if args.use_projection else None,
-        seed=args.seed, modules=args.num_last_layers, sampler=sampler, store=args.store,
-        path=args.store_path, batch_size=args.batch_size, variant=args.variant, device=device,
-        progress=not args.no_progress,
-    )
+    common = dict(projector=projector, m=args.projection_dim if args.use_projection else None, seed=args.seed,
+                  modules=args.num_last_layers, sampler=sampler, store=args.store, path=args.store_path,
+                  batch_size=args.batch_size, device=device, progress=not args.no_progress)
+    task = ClassificationTask() if args.task == "classification" else RegressionTask()
+    if args.scorer == "source":
+        lr_steps = segment_lr_steps(args, lrs)
+        scorer: Any = source_from_checkpoints(models, task, train_set, lr_steps, fisher=args.fisher, **common)
+    else:
+        if args.steps_per_segment is not None:
+            raise ValueError("--steps_per_segment is for --scorer source; TracIn weighs checkpoint c by --learning_rates alone")
+        lr_steps = None
+        scorer = tracin_from_checkpoints(models, task, train_set, learning_rates=lrs, variant=args.variant, **common)
     t_feat = time.perf_counter()
-    k = min(args.top_k, tracin.n_train)
+    k = min(args.top_k, scorer.n_train)
     results, memory = [], None
 
     def add(indices: list[int], top: Any) -> None:
@@ -183,31 +220,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             })
 
     if args.mode == "batch":
-        add(test_idx, tracin.top_k(Subset(test_set, test_idx), k=k))
-        memory = tracin.memory_footprint()
+        add(test_idx, scorer.top_k(Subset(test_set, test_idx), k=k))
+        memory = scorer.memory_footprint() if hasattr(scorer, "memory_footprint") else None
     else:
         from tqdm.auto import tqdm
 
-        for i in tqdm(test_idx, desc="tracin single", unit="query", disable=args.no_progress):
-            add([i], tracin.top_k(Subset(test_set, [i]), k=k))
-            memory = tracin.memory_footprint()
-            tracin.clear_query_cache()
+        for i in tqdm(test_idx, desc=f"{args.scorer} single", unit="query", disable=args.no_progress):
+            add([i], scorer.top_k(Subset(test_set, [i]), k=k))
+            if hasattr(scorer, "clear_query_cache"):
+                memory = scorer.memory_footprint()
+                scorer.clear_query_cache()
     t_end = time.perf_counter()
 
-    sel = tracin.featurizers[0].selection()
+    first = scorer.segments[0].featurizer if isinstance(scorer, SourceInfluence) else scorer.featurizers[0]
+    sel = first.selection()
     report = {
         "settings": {
             **{key: (list(v) if isinstance(v, tuple) else v) for key, v in vars(args).items() if not callable(v)},
             "learning_rates": lrs,
-            "projector": tracin.featurizers[0].projector.spec(),
+            "lr_steps": lr_steps,
+            "projector": first.projector.spec(),
             "modules": sel.spec(),
             "n_parameters": sel.total,
             "n_train": len(train_set),
-            "n_scored_train": int(tracin.n_train),
+            "n_scored_train": int(scorer.n_train),
             "sampler": None if sampler is None else sampler.spec(),
             "top_k": k,
             "device": str(device),
-            "sign": "score = -sum_c lr_c grad f_c(test).grad loss_c(train); positive = helps the test example",
+            "sign": SIGNS[args.scorer],
         },
         "results": results,
         "timings": {
@@ -232,7 +272,7 @@ def print_summary(report: dict[str, Any], path: Path, show: int = 0) -> None:
     s, t = report["settings"], report["timings"]
     n_ck = len(s["checkpoints"])
     print(f"wrote {path}: top-{s['top_k']} proponents/opponents of {len(report['results'])} test examples over "
-          f"{s['n_scored_train']:,} of {s['n_train']:,} train rows ({n_ck} checkpoint{'s' if n_ck != 1 else ''}, "
+          f"{s['n_scored_train']:,} of {s['n_train']:,} train rows ({s.get('scorer', 'tracin')}, {n_ck} checkpoint{'s' if n_ck != 1 else ''}, "
           f"{s['n_parameters']:,} parameters, projector {s['projector']['type']}, {s['mode']} mode, {s['device']})")
     print(f"seconds: {t['total_s']:.2f} total (load {t['load_s']:.2f}, featurize train {t['featurize_train_s']:.2f}, "
           f"score {t['score_s']:.2f} = {t['per_query_s']:.3g} per test example)")
