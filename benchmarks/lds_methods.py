@@ -19,7 +19,11 @@ Methods (attributed modules: the linear layers):
   end; c_ℓ = the learning rate summed over the segment's steps (SGD: ÷ (1 − momentum)); for Adam
   the median over coordinates of lr/(√v̂ + ε) at the checkpoint stands in for the lr (a scalar
   stand-in for Adam's per-coordinate steps, not Bae et al.'s preconditioned form); the LMs'
-  loss is divided by the batch's tokens, so c is divided by the mean tokens per sequence.
+  loss is divided by the batch's tokens, so c is divided by the mean tokens per sequence;
+* ``refined`` (:class:`~sketchattr.RefinedInfluence`): EKFAC-preconditioned conjugate gradients on the
+  exact Gauss-Newton matrix over the whole training set (damping "auto": 10 × the mean EKFAC
+  eigenvalue; the starting residual and at most 10 iterations, i.e. ≤ 11 G products per query
+  batch, a query stopping at relative residual 0.05), scored against the exact store and against the sparse-eigenbasis d/8 store.
 
     python benchmarks/lds_methods.py                    # everything (about 10 min on 2 cores, ground truth cached)
     python benchmarks/lds_methods.py --quick            # the markov bench with 20 subsets × 1 seed
@@ -45,6 +49,7 @@ from sketchattr.score.source import Segment, SourceInfluence
 from sketchattr.validate.lds import lds
 
 ADAM_LR, SGD_LR, SGD_MOMENTUM = 1e-3, 0.05, 0.9
+REFINE_ITERATIONS = 10
 
 
 def adam_step(opt: torch.optim.Optimizer, lr: float) -> float:
@@ -166,9 +171,14 @@ def methods(bench) -> list[tuple[str, str, float, float]]:
     run("SketchedInfluence", lambda: (sa.SketchedInfluence(featurizer=feat).fit(store).score(bench.queries), f"d = {d:,}"))
     run("dot product", lambda: (sa.IdentityScorer(feat).fit(store).score(bench.queries), f"d = {d:,}"))
 
-    def sparse(m):
-        f = bench.featurizer(projector=sa.SparseEigenbasisProjector(m, factors))
-        return sa.EKFACScorer(factors, f).fit(f.featurize(bench.train)).score(bench.queries)
+    sparse_stores = {}
+
+    def sparse(m, scorer=sa.EKFACScorer, **options):
+        if m not in sparse_stores:
+            f = bench.featurizer(projector=sa.SparseEigenbasisProjector(m, factors))
+            sparse_stores[m] = (f, f.featurize(bench.train))
+        f, s = sparse_stores[m]
+        return scorer(factors, f, **options).fit(s).score(bench.queries)
 
     run("sparse eigenbasis d/8", lambda: (sparse(2 * (d // 16)), f"{2 * (d // 16):,}"))
 
@@ -188,6 +198,15 @@ def methods(bench) -> list[tuple[str, str, float, float]]:
         return scores, f"{len(segments)} × d"
 
     run("SOURCE (4 segments)", source)
+
+    def refined(m=None):
+        refiner = dict(train_dataset=bench.train, iterations=REFINE_ITERATIONS)
+        scores = (sparse(m, sa.RefinedInfluence, **refiner) if m else
+                  sa.RefinedInfluence(factors, feat, **refiner).fit(store).score(bench.queries))
+        return scores, f"{m:,}" if m else f"d = {d:,}"
+
+    run(f"refined (≤ {REFINE_ITERATIONS} G products)", refined)
+    run(f"refined (≤ {REFINE_ITERATIONS} G products), sparse d/8", lambda: refined(2 * (d // 16)))
     return rows
 
 

@@ -1,6 +1,7 @@
 """Dense reference computations: explicit per-example autograd loops and torch.linalg."""
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, jacrev
 
 
 def per_example_grads(model, fn, xs, ys, param_names=None):
@@ -101,3 +102,26 @@ def dense_whitening(factors, blocks, damping_ratio=3e4):
     bases = dense_eigenbasis(factors, blocks)
     scales = [(lam + float(lam.max()) / damping_ratio) ** -0.5 for _, lam in bases]
     return torch.block_diag(*[K for K, _ in bases]), torch.cat(scales)
+
+
+def dense_ggn(model, names, params, inputs, outputs_of, hessian_of):
+    """G = (1/n) Σ_i J_iᵀ H_i J_i [d, d] for the parameters ``params`` (flat, in that order), J_i by
+    torch.func.jacrev of ``outputs_of(call, input_i)`` (rows of outputs [T, C]; ``call`` runs the model
+    with the given parameters) and ``hessian_of(output row [C])`` [C, C] written out."""
+    sizes = [p.numel() for p in params]
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    G = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
+    for inp in inputs:
+        def f(t):
+            values = {n: v.reshape(p.shape) for n, v, p in zip(names, t.split(sizes), params)}
+            return outputs_of(lambda *a, **k: functional_call(model, values, a, k), inp)
+        J, z = jacrev(f)(theta), f(theta)  # [T, C, d], [T, C]
+        for t in range(J.shape[0]):
+            G += J[t].T @ hessian_of(z[t]) @ J[t] / len(inputs)
+    return G
+
+
+def softmax_hessian(logits):
+    """Hessian of cross-entropy in the logits: diag(p) − ppᵀ."""
+    p = torch.softmax(logits, -1)
+    return torch.diag(p) - torch.outer(p, p)

@@ -3,32 +3,17 @@ J_i from torch.func.jacrev and H_i written out: softmax cross-entropy diag(p) �
 position, squared error the identity."""
 import pytest
 import torch
-from torch.func import functional_call, jacrev
 from torch.utils.data import TensorDataset
 
 import sketchattr as sa
 from conftest import tiny_data, tiny_mlp
+from dense_reference import dense_ggn, softmax_hessian
 from sketchattr.curvature.ggn import GGNProducts
 
 
 def flat_params(model, selection):
     named = selection.parameters(model)
-    return list(named), list(named.values()), torch.cat([p.detach().reshape(-1) for p in named.values()])
-
-
-def output_fn(model, names, params, run):
-    """θ (flat, the selection's order) -> the model's output under ``run``."""
-    sizes = [p.numel() for p in params]
-
-    def f(theta):
-        values = {n: t.reshape(p.shape) for n, t, p in zip(names, theta.split(sizes), params)}
-        return run(lambda *a, **k: functional_call(model, values, a, k))
-    return f
-
-
-def softmax_hessian(logits):
-    p = torch.softmax(logits, -1)
-    return torch.diag(p) - torch.outer(p, p)
+    return list(named), list(named.values())
 
 
 @pytest.mark.parametrize("kind", ["classification", "regression"])
@@ -38,13 +23,9 @@ def test_mlp_products_equal_the_dense_formula(kind):
     target = y if kind == "classification" else torch.randn(20, 3, dtype=torch.float64)
     sel = sa.Featurizer(model, task, projector="identity", progress=False).selection()
     prods = GGNProducts(model, task, TensorDataset(x, target), sel, batch_size=6)
-    names, params, theta = flat_params(model, sel)
-    G = torch.zeros(prods.dim, prods.dim, dtype=torch.float64)
-    for i in range(20):
-        f = output_fn(model, names, params, lambda call: call(x[i : i + 1])[0])
-        J = jacrev(f)(theta)  # [C, d]
-        H = softmax_hessian(f(theta)) if kind == "classification" else torch.eye(3, dtype=torch.float64)
-        G += J.T @ H @ J / 20
+    names, params = flat_params(model, sel)
+    hessian = softmax_hessian if kind == "classification" else (lambda z: torch.eye(3, dtype=torch.float64))
+    G = dense_ggn(model, names, params, x, lambda call, xi: call(xi[None]), hessian)
     V = torch.randn(4, prods.dim, dtype=torch.float64)
     assert torch.allclose(prods(V), V @ G, rtol=1e-10, atol=1e-12)
     assert prods.passes == 1
@@ -68,16 +49,10 @@ def test_padded_lm_products_equal_the_dense_formula_and_ignore_padding():
     feat = sa.Featurizer(model, task, modules="linear", projector="identity", collate_fn=sa.PadCollator(), progress=False,
                          batch_size=2)
     sel = feat.selection()
-    names, params, theta = flat_params(model, sel)
-    G = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
-    for ex in data:
-        ids = ex["input_ids"][None]
-        f = output_fn(model, names, params, lambda call: call(input_ids=ids).logits[0, :-1])  # position t predicts t + 1
-        J = jacrev(f)(theta)  # [T−1, V, d]
-        logits = f(theta)
-        for t in range(J.shape[0]):
-            G += J[t].T @ softmax_hessian(logits[t]) @ J[t] / len(data)
-    V = torch.randn(3, theta.numel(), dtype=torch.float64)
+    names, params = flat_params(model, sel)
+    G = dense_ggn(model, names, params, [ex["input_ids"][None] for ex in data],
+                  lambda call, ids: call(input_ids=ids).logits[0, :-1], softmax_hessian)  # position t predicts t + 1
+    V = torch.randn(3, G.shape[0], dtype=torch.float64)
     expected = V @ G
     for pad_to in (None, 12):
         collate = sa.PadCollator(pad_to_multiple_of=pad_to) if pad_to else sa.PadCollator()

@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from sketchattr.core.batches import batch_len, tree_map
+from sketchattr.core.batches import as_dataset, tree_map
 from sketchattr.curvature.passes import caster
 from sketchattr.featurize.selection import ModuleSelection, unwrap_model
 from sketchattr.task import Task, logits_of
@@ -35,7 +35,8 @@ __all__ = ["GGNProducts"]
 
 
 class GGNProducts:
-    """``G V`` ``[Q, d]`` -> ``[Q, d]`` over ``dataset`` (the first ``max_examples`` rows, default all).
+    """``G V`` ``[Q, d]`` -> ``[Q, d]`` over ``dataset`` (the first ``max_examples`` rows, default all;
+    a Dataset, a tuple of tensors or a DataLoader's dataset, batched with ``collate_fn``).
 
     selection: the modules whose parameters span the d columns (a featurizer's ``selection()``).
     """
@@ -46,6 +47,7 @@ class GGNProducts:
         self.model, self.task, self.selection = unwrap_model(model), task, selection
         self.params = list(selection.parameters(self.model).values())
         self.sizes = [p.numel() for p in self.params]
+        dataset = as_dataset(dataset.dataset if isinstance(dataset, DataLoader) else dataset)
         n = len(dataset) if max_examples is None else min(int(max_examples), len(dataset))
         if n < 1:
             raise ValueError("GGNProducts needs at least one training example")

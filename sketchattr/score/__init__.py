@@ -2,7 +2,8 @@
 
 ``SketchedInfluence`` (regularized sketched influence, automatic damping), the EKFAC family
 (``EKFACScorer``, ``KFACScorer``, ``DiagonalScorer``, ``IdentityScorer``), ``TracIn`` and
-``EnsembleInfluence``, all with ``score`` ``[n_query, n_train]``, streaming ``top_k``,
+``EnsembleInfluence``, ``SourceInfluence`` (training-aware), ``RefinedInfluence`` (EKFAC refined by
+exact Gauss-Newton products), all with ``score`` ``[n_query, n_train]``, streaming ``top_k``,
 ``score_to_hdf5`` and ``self_influence``; per-token scores, LESS-style data selection and a faiss
 index over a store. Every scorer reads its queries one way (:mod:`.queries`).
 
@@ -45,3 +46,7 @@ __all__ += ["EnsembleInfluence", "EnsembleQueries", "featurize_members"]
 from sketchattr.score.source import Segment, SourceInfluence, source_from_checkpoints  # noqa: E402
 
 __all__ += ["Segment", "SourceInfluence", "source_from_checkpoints"]
+
+from sketchattr.score.refined import RefinedInfluence  # noqa: E402
+
+__all__ += ["RefinedInfluence"]

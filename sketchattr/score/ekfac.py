@@ -219,7 +219,7 @@ class CurvatureScorer(Scorer):
         """Per-block gradients [B, *shape] -> preconditioned, rank-truncated rows: sketched [B, m], or
         per module [B, d_k] (``per_module``)."""
         with self.profiler.record("precondition"):
-            us = self.precondition(dws, curvature)
+            us = self._query_side(dws, curvature)
             if self.query_rank is not None:
                 us = [low_rank(u, self.query_rank) for u in us]
             flat = [b.layout.to_flat(u) for b, u in zip(self.blocks, us)]
@@ -227,6 +227,11 @@ class CurvatureScorer(Scorer):
             return flat
         with self.profiler.record("project"):
             return self.featurizer.projector.project_query(flat)
+
+    def _query_side(self, dws: Sequence[torch.Tensor], curvature: list[Curvature]) -> list[torch.Tensor]:
+        """Per-block query gradients -> what is scored against the train rows (here M_k G per block;
+        subclasses that solve with other curvature override this)."""
+        return self.precondition(dws, curvature)
 
     def _prepared_from(self, parts: list, per_module: bool) -> PreparedQueries:
         meta = self.featurizer.metadata("query")
@@ -316,7 +321,7 @@ class CurvatureScorer(Scorer):
         idx = self._local_indices() if indices is None else indices
         out = []
         for _, dws in self.module_gradients(train_dataset, "train", idx):
-            us = self.precondition(dws)
+            us = self._query_side(dws, self._curvature)
             if sketched:
                 proj = self.featurizer.projector
                 flat = lambda ms: [b.layout.to_flat(m) for b, m in zip(self.blocks, ms)]

@@ -2,7 +2,8 @@
 
 Rebuilds the model and featurizer from the store's run spec, fits the scorer on the store
 (``SketchedInfluence``, damping ``auto`` by default; ``--scorer ekfac`` fits EKFAC factors on the
-training file first, kept in ``<store stem>.ekfac/``), sketches the query file's measurement
+training file first, kept in ``<store stem>.ekfac/``; ``--scorer refined`` also refines each query
+with ``--iterations`` exact Gauss-Newton products over the training file), sketches the query file's measurement
 gradients and writes to ``--output_dir``:
 
 * ``topk.json``: settings, timings and per query ``{"query_index", "label", "proponents":
@@ -33,14 +34,14 @@ from sketchattr.cli.labels import add_classes_argument
 from sketchattr.cli.report import Cell, QueryReport, write_html, write_png
 from sketchattr.cli.spec import Run, add_store_arguments, open_store
 from sketchattr.curvature import fit_factors
-from sketchattr.score import EKFACScorer, SketchedInfluence
+from sketchattr.score import EKFACScorer, RefinedInfluence, SketchedInfluence
 
 HELP = "top-k proponents/opponents of query rows -> JSON, CSV, HTML/PNG report"
 ALIASES = ["query"]
 
 REPORTS = ("html", "png", "both", "none")
-SCORERS = ("sketched_influence", "ekfac")
-EKFAC_FAMILY = ("ekfac",)
+SCORERS = ("sketched_influence", "ekfac", "refined")
+EKFAC_FAMILY = ("ekfac", "refined")
 """Scorers whose curvature preconditioner amplifies a random sketch's inner-product error."""
 RANDOM_PROJECTORS = ("sjlt", "gaussian", "rademacher")
 
@@ -53,8 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_query", type=int, default=None, help="score only the first N query rows")
     p.add_argument("--k", type=int, default=10, help="proponents and opponents per query (default 10)")
     p.add_argument("--scorer", choices=SCORERS, default="sketched_influence",
-                   help="sketched_influence (default; any store) or ekfac (exact-gradient stores: --projector identity)")
-    p.add_argument("--damping", default="auto", help="'auto' or a number λ > 0 (ekfac: auto = max eigenvalue / 3e4 per module)")
+                   help="sketched_influence (default; any store), ekfac (exact-gradient stores: --projector identity), or "
+                        "refined (EKFAC refined by exact Gauss-Newton products; see docs/scorers.md)")
+    p.add_argument("--damping", default="auto", help="'auto' or a number λ > 0 (ekfac: auto = max eigenvalue / 3e4 per module; "
+                                                     "refined: auto = 10 x the mean eigenvalue)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="refined: at most this many Gauss-Newton products per query batch (default 10; 0 = EKFAC)")
+    p.add_argument("--tol", type=float, default=None, help="refined: stop a query at this relative residual (default 0.05)")
     p.add_argument("--output_dir", default=None, help="where results go (default: <store stem>_scores beside the store)")
     p.add_argument("--report", choices=REPORTS, default="html", help="report of each query next to its top examples")
     p.add_argument("--report_queries", type=int, default=20, help="queries shown in the report (default 20)")
@@ -75,6 +81,16 @@ def parse_damping(text: str, scorer: str) -> Any:
     if not value > 0:
         raise CommandError(f"--damping must be > 0, got {value}")
     return value
+
+
+def refine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """RefinedInfluence's stopping rule from ``--iterations`` / ``--tol`` (refused with another scorer)."""
+    given = {k: v for k, v in (("iterations", args.iterations), ("tol", args.tol)) if v is not None}
+    if given and args.scorer != "refined":
+        raise CommandError(f"{', '.join('--' + k for k in given)} only apply to --scorer refined (got --scorer {args.scorer})")
+    if given.get("iterations", 0) < 0 or given.get("tol", 0) < 0:
+        raise CommandError(f"--iterations and --tol must be >= 0, got {given}")
+    return given
 
 
 def query_positions(n: int, indices: list[int] | None, num: int | None, flag: str = "--query_indices") -> np.ndarray:
@@ -110,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     require(args, ("store", "query_data"), "score")
     t0 = time.perf_counter()
     damping = parse_damping(args.damping, args.scorer)
+    refine = refine_options(args)
     if not Path(args.query_data).exists():
         raise CommandError(f"--query_data not found: {args.query_data}")
     if args.k < 1:
@@ -126,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t_load = time.perf_counter()
 
-    scorer, queries = _fit(args.scorer, damping, r, store, train, query, qidx)
+    scorer, queries = _fit(args.scorer, damping, r, store, train, query, qidx, refine)
     t_fit = time.perf_counter()
     scores_path = out / "scores.h5" if args.save_scores else None
     if scores_path is not None:
@@ -143,6 +160,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "modules": list(r.featurizer.selection().names), "model": r.spec.model, "task": r.spec.task,
                 "sign": "score = predicted change of the query's measurement when the train row is up-weighted; "
                         "positive = helps the query"}
+    if isinstance(scorer, RefinedInfluence):
+        h = scorer.history_
+        settings["refinement"] = {"iterations": scorer.iterations, "tol": scorer.tol, "ggn_products": scorer.passes_,
+                                  "median_relative_residual": h.residuals if h else []}
     timings = {"load_s": t_load - t0, "fit_s": t_fit - t_load, "score_s": t_score - t_fit}
     json_path, csv_path = out / "topk.json", out / "topk.csv"
     json_path.write_text(json.dumps({"settings": settings, "results": results, "timings": timings}, indent=2))
@@ -153,13 +174,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"scored {len(qidx)} queries x {len(store)} train rows with {args.scorer} "
           f"(damping {settings['damping'] if not isinstance(settings['damping'], dict) else 'per module'}) in "
           f"{t_score - t_load:.1f}s; total {total:.1f}s")
+    if "refinement" in settings:
+        res = settings["refinement"]["median_relative_residual"]
+        print(f"refined with {settings['refinement']['ggn_products']} Gauss-Newton products over the training rows"
+              + (f"; median relative residual {res[0]:.3g} (EKFAC) -> {res[-1]:.3g}" if res else ""))
     for path in written:
         print(f"wrote {path}")
     return {"output_dir": str(out), "files": [str(p) for p in written], "results": results, "seconds": total,
             "damping": settings["damping"]}
 
 
-def _fit(kind: str, damping: Any, r: Run, store: Any, train: Any, query: Any, qidx: np.ndarray) -> tuple[Any, Any]:
+def _fit(kind: str, damping: Any, r: Run, store: Any, train: Any, query: Any, qidx: np.ndarray,
+         refine: dict[str, Any]) -> tuple[Any, Any]:
     """(fitted scorer, queries in the form it scores: sketched rows or a dataset)."""
     if kind == "sketched_influence":
 
@@ -174,7 +200,11 @@ def _fit(kind: str, damping: Any, r: Run, store: Any, train: Any, query: Any, qi
     r.use_collate(train)  # the scorer's query-gradient featurizer copies it: query files batch like the train file
     factors = fit_factors(r.model, r.task, data, kind="ekfac", modules=list(sel.names), batch_size=r.featurizer.batch_size,
                           path=folder, progress=r.featurizer.progress, collate_fn=train.collate_fn)
-    scorer = EKFACScorer(factors, r.featurizer, damping=damping).fit(store)
+    if kind == "refined":
+        scorer = RefinedInfluence(factors, r.featurizer, data, damping=damping, ggn_batch_size=r.featurizer.batch_size,
+                                  **refine).fit(store)
+    else:
+        scorer = EKFACScorer(factors, r.featurizer, damping=damping).fit(store)
     return scorer, Subset(query.dataset, qidx.tolist())
 
 

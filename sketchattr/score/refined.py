@@ -1,0 +1,134 @@
+"""Refined influence: EKFAC's inverse-Hessian product corrected by the exact Gauss-Newton matrix.
+
+EKFAC approximates ``(G + λ)⁻¹ ∇f`` with a Kronecker-factored G per module. :class:`RefinedInfluence`
+solves ``(G + D) x = ∇f`` for each query with the exact G (the Gauss-Newton matrix of every attributed
+module together, :class:`~sketchattr.curvature.ggn.GGNProducts`, streamed over the training data) by
+conjugate gradients preconditioned with EKFAC at the same damping D (ASTRA-style; Wang et al. 2025),
+starting from EKFAC's answer. Iteration 0 *is* EKFAC; the starting residual and each iteration cost
+one G product, i.e. about four backward passes over the training examples used (:attr:`RefinedInfluence.passes_`). The refined
+queries are then sketched with the store's projector like EKFAC's, so every store EKFAC reads works
+(exact rows, the sparse eigenbasis, random sketches).
+
+Stopping rule (no ground truth): a query stops when its relative residual ``‖∇f − (G + λ)x‖/‖∇f‖`` is
+at most ``tol``, or after ``iterations``. Damping "auto" (this scorer's own rule): one λ for every
+module, ``AUTO_TRACE_MULTIPLE`` × the mean EKFAC eigenvalue, i.e. 10 · tr(G)/d (EKFAC's Λ of a module
+sum to the trace of its block of G). EKFAC's own "auto" (max Λ / 3·10⁴) is far too small for the exact
+G: the solve then amplifies directions of near-zero exact curvature by up to 1/λ, and loses
+(``docs/scorers.md`` has the measured LDS over a damping grid and why).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sketchattr.curvature.factors import Factors
+from sketchattr.curvature.ggn import GGNProducts
+from sketchattr.featurize.featurizer import Featurizer
+from sketchattr.score.ekfac import Curvature, EKFACScorer
+
+__all__ = ["AUTO_TRACE_MULTIPLE", "CGHistory", "RefinedInfluence", "preconditioned_cg"]
+
+#: damping "auto": λ = this × the mean EKFAC eigenvalue (10 · tr(G)/d), one λ for every module
+AUTO_TRACE_MULTIPLE = 10.0
+
+
+@dataclass
+class CGHistory:
+    """Per iteration: the median relative residual over the queries and how many still iterate."""
+
+    residuals: list[float] = field(default_factory=list)
+    active: list[int] = field(default_factory=list)
+
+
+def preconditioned_cg(apply_a: Callable[[torch.Tensor], torch.Tensor], apply_m: Callable[[torch.Tensor], torch.Tensor],
+                      b: torch.Tensor, iterations: int, tol: float) -> tuple[torch.Tensor, CGHistory]:
+    """Solve ``A x = b`` row by row ``[Q, d]``, A symmetric positive definite, by conjugate gradients
+    preconditioned with ``apply_m`` ≈ A⁻¹, from ``x₀ = M b``. A row stops once its relative residual is
+    ≤ ``tol``. Products with A: one for the starting residual, then one per iteration, at most
+    ``iterations`` (only the rows still iterating are multiplied); none when ``iterations`` is 0."""
+    x = apply_m(b)
+    history = CGHistory()
+    if iterations == 0:
+        return x, history
+    norm_b = b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)
+    r = b - apply_a(x)
+    z = apply_m(r)
+    p, rz = z.clone(), (r * z).sum(1)
+    for _ in range(iterations + 1):
+        rel = r.norm(dim=1) / norm_b
+        active = (rel > tol).nonzero().squeeze(1)
+        history.residuals.append(float(rel.median()))
+        history.active.append(int(active.numel()))
+        if active.numel() == 0 or len(history.residuals) > iterations:
+            break
+        ap = apply_a(p[active])
+        alpha = rz[active] / (p[active] * ap).sum(1)
+        x[active] += alpha[:, None] * p[active]
+        r[active] -= alpha[:, None] * ap
+        z_a = apply_m(r[active])
+        rz_new = (r[active] * z_a).sum(1)
+        p[active] = z_a + (rz_new / rz[active])[:, None] * p[active]
+        rz[active] = rz_new
+    return x, history
+
+
+class RefinedInfluence(EKFACScorer, name="refined"):
+    """EKFAC-preconditioned CG on the exact Gauss-Newton matrix (see the module docstring).
+
+    train_dataset: the training examples whose G is used (``ggn_examples``: only the first that many;
+    default all). iterations / tol: the stopping rule. damping: "auto" (this scorer's rule, see the module
+    docstring), a float λ > 0 or {module: λ}, as :class:`EKFACScorer`.
+    ggn_batch_size: examples per G-product batch (default: the featurizer's). Other keywords go to
+    :class:`EKFACScorer`. After preparing queries: ``history_`` (:class:`CGHistory` of the last
+    solve) and ``passes_`` (G products made so far, each about four backward passes over the data).
+    """
+
+    def __init__(self, factors: Factors, featurizer: Featurizer, train_dataset: Any,
+                 damping: "float | str | dict[str, float] | None" = "auto", iterations: int = 10, tol: float = 0.05,
+                 ggn_examples: int | None = None, ggn_batch_size: int | None = None, **kwargs: Any) -> None:
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise ValueError(f"iterations must be an int >= 0 (0 = EKFAC), got {iterations!r}")
+        if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0):
+            raise ValueError(f"tol must be a relative residual >= 0, got {tol!r}")
+        super().__init__(factors, featurizer, damping=damping, **kwargs)
+        if isinstance(damping, str) and damping == "auto":  # this scorer's rule, not EKFAC's
+            mean = float(torch.cat([lam.reshape(-1) for _, _, lam in self._bases]).mean())
+            if not mean > 0:
+                raise ValueError("damping 'auto' is a multiple of the mean EKFAC eigenvalue, and every eigenvalue is 0: "
+                                 "give damping=λ > 0")
+            self._curvature, self.damping_ = self._damped(AUTO_TRACE_MULTIPLE * mean)
+        self.ggn = GGNProducts(featurizer.model, featurizer.task, train_dataset, featurizer.selection(),
+                               batch_size=ggn_batch_size or featurizer.batch_size, collate_fn=featurizer.collate_fn,
+                               max_examples=ggn_examples, progress=featurizer.progress)
+        self.iterations, self.tol = iterations, float(tol)
+        self.history_: CGHistory | None = None
+
+    @property
+    def passes_(self) -> int:
+        """G products made so far (each about four backward passes over the training examples used)."""
+        return self.ggn.passes
+
+    def score_grid(self, queries: Any, dampings: Sequence[Any], kind: str = "query") -> torch.Tensor:
+        raise NotImplementedError("RefinedInfluence solves one system per damping: build one scorer per damping")
+
+    # ------------------------------------------------------------------ the solve
+    def _flat(self, dws: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([b.layout.to_flat(dw.to(self.dtype)) for b, dw in zip(self.blocks, dws)], dim=1)
+
+    def _unflat(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        return [b.layout.from_flat(r) for b, r in zip(self.blocks, rows.split([b.dim for b in self.blocks], dim=1))]
+
+    def _operators(self, lambdas: dict[str, float], curvature: list[Curvature]):
+        diag = torch.cat([torch.full((b.dim,), lambdas[b.name], dtype=self.dtype, device=self.device) for b in self.blocks])
+        apply_a = lambda v: self.ggn(v).to(self.dtype) + diag * v
+        apply_m = lambda v: self._flat(self.precondition(self._unflat(v), curvature))
+        return apply_a, apply_m
+
+    def _query_side(self, dws: Sequence[torch.Tensor], curvature: list[Curvature]) -> list[torch.Tensor]:
+        """Per-block query gradients [B, *shape] -> the refined (G + λ)⁻¹ ∇f per block (this scorer's damping)."""
+        with self.profiler.record("refine (G products)"):
+            apply_a, apply_m = self._operators(self.damping_, self._curvature)
+            x, self.history_ = preconditioned_cg(apply_a, apply_m, self._flat(dws), self.iterations, self.tol)
+        return self._unflat(x)
