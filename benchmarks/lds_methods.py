@@ -64,6 +64,13 @@ def adam_step(opt: torch.optim.Optimizer, lr: float) -> float:
     return float(torch.cat(steps).median())
 
 
+def adam_second_moments(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Adam's bias-corrected v̂ per parameter name now (for per-coordinate SOURCE, ``source_adam.py``)."""
+    beta2 = opt.param_groups[0]["betas"][1]
+    return {n: (opt.state[p]["exp_avg_sq"] / (1 - beta2 ** float(opt.state[p]["step"]))).clone()
+            for n, p in model.named_parameters()}
+
+
 class LMBench:
     """A language-model bench: the model trained as its ground truth's recipe, with checkpoints."""
 
@@ -80,7 +87,7 @@ class LMBench:
         model, data = tiny_gpt2(vocab=self.text.vocab, seed=0), self.text.train
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
         model.train()
-        copies, cs, steps, tokens = [], [], 0, []
+        copies, cs, steps, tokens, self.adam = [], [], 0, [], []
         for epoch, batches in enumerate(epoch_batches(len(data), 16, epochs, 0), start=1):
             for idx in batches:
                 batch = self.collate([data[i] for i in idx.tolist()])
@@ -94,6 +101,7 @@ class LMBench:
             if epoch % every == 0:
                 copies.append(copy.deepcopy(model).eval())
                 cs.append(adam_step(opt, 3e-3) * steps / np.mean(tokens))
+                self.adam.append((adam_second_moments(opt, model), 3e-3 * steps / np.mean(tokens)))  # (v̂, Σ lr per loss unit)
                 steps = 0
         return copies, cs
 
@@ -122,11 +130,13 @@ class DigitsBench:
                                          {"bench": "digits-mlp-adam", "optimizer": f"Adam lr {ADAM_LR}"}, cache_dir, k, 0.5,
                                          r, 0, True, None)
         self.task = sa.ClassificationTask()
-        self.checkpoints, self.lr_steps = self._run((split.x_train, split.y_train), 0)
+        self.adam: list = []
+        self.checkpoints, self.lr_steps = self._run((split.x_train, split.y_train), 0, self.adam)
         self.model = self.checkpoints[-1]
         self.train, self.queries = split.train_dataset(), split.query_dataset()
 
-    def _run(self, rows, seed: int) -> tuple[list, list[float]]:
+    def _run(self, rows, seed: int, adam_log: list | None = None) -> tuple[list, list[float]]:
+        """One training run: checkpoints every 15 epochs and each segment's c; ``adam_log`` gets (v̂, Σ lr)."""
         copies, cs, state = [], [], {}
         steps_per_epoch = -(-len(rows[1]) // 64)
         adam = None if self.optimizer == "sgd" else (lambda params: state.setdefault("opt", torch.optim.Adam(params, lr=ADAM_LR)))
@@ -136,6 +146,8 @@ class DigitsBench:
                 copies.append(copy.deepcopy(model).eval())
                 step = SGD_LR / (1 - SGD_MOMENTUM) if adam is None else adam_step(state["opt"], ADAM_LR)
                 cs.append(step * 15 * steps_per_epoch)
+                if adam is not None and adam_log is not None:
+                    adam_log.append((adam_second_moments(state["opt"], model), ADAM_LR * 15 * steps_per_epoch))
 
         train_classifier(make_mlp(seed=seed), *rows, seed=seed, optimizer=adam, on_epoch_end=keep)
         return copies, cs

@@ -53,6 +53,31 @@ def test_converges_to_the_exact_damped_solve_and_starts_at_ekfac():
     assert len(two.history_.residuals) == 3 and two.passes_ == 3
 
 
+@pytest.mark.parametrize("store_kind", ["gaussian", "sparse eigenbasis, every coordinate"])
+def test_refined_queries_read_sketched_stores(store_kind):
+    """The refined query (G + λ)⁻¹∇f, solved densely, scored through a Gaussian sketch written out as a
+    matrix, or through a sparse-eigenbasis store that keeps every coordinate (then exactly)."""
+    model, feat, factors, train, G, store = setting()
+    xq, yq = tiny_data(n=3, seed=5)
+    q = per_example_grads(model, margin_fn, xq, yq)
+    g = per_example_grads(model, ce_loss, *train)
+    lam, d = 0.05, G.shape[0]
+    x = torch.linalg.solve(G + lam * torch.eye(d, dtype=torch.float64), q.T).T
+    if store_kind == "gaussian":
+        sketch = sa.Featurizer(model, sa.ClassificationTask(), projector="gaussian", m=16, seed=3, batch_size=8, progress=False)
+        blocks = sketch.engine.blocks
+        eye = torch.eye(d, dtype=torch.float64).split([b.dim for b in blocks], dim=1)
+        P = sketch.projector.project(list(eye))  # [d, m]: the sketch as a matrix
+        expected = -(x @ P) @ (g @ P).T
+    else:
+        sketch = sa.Featurizer(model, sa.ClassificationTask(), projector=sa.SparseEigenbasisProjector(2 * d, factors),
+                               batch_size=8, progress=False)
+        expected = -x @ g.T
+    refined = RefinedInfluence(factors, sketch, train, damping=lam, iterations=80, tol=1e-11)
+    got = refined.fit(sketch.featurize(train)).score((xq, yq))
+    assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_auto_damping_is_ten_times_the_mean_eigenvalue_on_every_module():
     model, feat, factors, train, G, store = setting()
     lams = torch.cat([factors.tensors[b.name]["Lambda"].reshape(-1) for b in feat.engine.blocks])
