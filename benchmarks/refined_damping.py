@@ -98,7 +98,8 @@ def main() -> None:
             dims = [b.dim for b in auto.blocks]
         kinds = [("full", RefinedInfluence)] + ([("per-module blocks", BlockDiagonalRefined)] if args.block else [])
         for x in multiples:
-            damping = "auto" if x == "auto" else float(x) * (sigma if args.unit == "sigma" else mean)
+            # "auto": EKFAC's own per-module λ for both (RefinedInfluence's "auto" is its own rule, 10 · mean Λ)
+            damping = dict(auto.damping_) if x == "auto" else float(x) * (sigma if args.unit == "sigma" else mean)
             ekfac = sa.EKFACScorer(factors, feat, damping=damping).fit(store)
             plain = ekfac.prepare_queries(queries)
             scale = "" if x == "auto" else f"{damping / sigma:.1e}"
