@@ -18,14 +18,15 @@ Methods (attributed modules: the linear layers):
   run (every 2 epochs for the LMs, every 15 for the MLP), EKFAC and train rows at each segment's
   end; c_ℓ = the learning rate summed over the segment's steps (SGD: ÷ (1 − momentum)); for Adam
   the median over coordinates of lr/(√v̂ + ε) at the checkpoint stands in for the lr (a scalar
-  stand-in for Adam's per-coordinate steps, not Bae et al.'s preconditioned form); the LMs'
+  stand-in for Adam's per-coordinate steps; ``source_adam.py`` measures the per-coordinate form); the LMs'
   loss is divided by the batch's tokens, so c is divided by the mean tokens per sequence;
 * ``refined`` (:class:`~sketchattr.RefinedInfluence`): EKFAC-preconditioned conjugate gradients on the
   exact Gauss-Newton matrix over the whole training set (damping "auto": 10 × the mean EKFAC
   eigenvalue; the starting residual and at most 10 iterations, i.e. ≤ 11 G products per query
-  batch, a query stopping at relative residual 0.05), scored against the exact store and against the sparse-eigenbasis d/8 store.
+  batch, a query stopping at relative residual 0.05), scored against the exact store and against a
+  sparse-eigenbasis d/8 store whose coordinates are ranked at the refined damping (``sa.refined_damping``).
 
-    python benchmarks/lds_methods.py                    # everything (about 10 min on 2 cores, ground truth cached)
+    python benchmarks/lds_methods.py                    # everything (about 25 min on 2 cores, ground truth cached)
     python benchmarks/lds_methods.py --quick            # the markov bench with 20 subsets × 1 seed
 """
 from __future__ import annotations
@@ -185,11 +186,12 @@ def methods(bench) -> list[tuple[str, str, float, float]]:
 
     sparse_stores = {}
 
-    def sparse(m, scorer=sa.EKFACScorer, **options):
-        if m not in sparse_stores:
-            f = bench.featurizer(projector=sa.SparseEigenbasisProjector(m, factors))
-            sparse_stores[m] = (f, f.featurize(bench.train))
-        f, s = sparse_stores[m]
+    def sparse(m, scorer=sa.EKFACScorer, damping="auto", **options):
+        """``scorer`` on a sparse-eigenbasis store of width m whose coordinates are ranked at ``damping``."""
+        if (m, damping) not in sparse_stores:
+            f = bench.featurizer(projector=sa.SparseEigenbasisProjector(m, factors, damping=damping))
+            sparse_stores[m, damping] = (f, f.featurize(bench.train))
+        f, s = sparse_stores[m, damping]
         return scorer(factors, f, **options).fit(s).score(bench.queries)
 
     run("sparse eigenbasis d/8", lambda: (sparse(2 * (d // 16)), f"{2 * (d // 16):,}"))
@@ -213,7 +215,7 @@ def methods(bench) -> list[tuple[str, str, float, float]]:
 
     def refined(m=None):
         refiner = dict(train_dataset=bench.train, iterations=REFINE_ITERATIONS)
-        scores = (sparse(m, sa.RefinedInfluence, **refiner) if m else
+        scores = (sparse(m, sa.RefinedInfluence, damping=sa.refined_damping(factors), **refiner) if m else
                   sa.RefinedInfluence(factors, feat, **refiner).fit(store).score(bench.queries))
         return scores, f"{m:,}" if m else f"d = {d:,}"
 

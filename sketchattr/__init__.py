@@ -75,6 +75,6 @@ from sketchattr.score import EnsembleInfluence, featurize_members  # noqa: E402
 
 __all__ += ["EnsembleInfluence", "featurize_members"]
 
-from sketchattr.score import RefinedInfluence, Segment, SourceInfluence, source_from_checkpoints  # noqa: E402
+from sketchattr.score import RefinedInfluence, Segment, SourceInfluence, refined_damping, source_from_checkpoints  # noqa: E402
 
-__all__ += ["RefinedInfluence", "Segment", "SourceInfluence", "source_from_checkpoints"]
+__all__ += ["RefinedInfluence", "Segment", "SourceInfluence", "refined_damping", "source_from_checkpoints"]

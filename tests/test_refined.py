@@ -2,6 +2,7 @@
 formula, float64: G = (1/n) Σ JᵀHJ from jacrev with H written out, (G + λ)⁻¹ by torch.linalg.solve,
 explicit per-example gradients by autograd; EKFAC's inverse built from its eigenbases."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_refined_queries_read_sketched_stores(store_kind):
         P = sketch.projector.project(list(eye))  # [d, m]: the sketch as a matrix
         expected = -(x @ P) @ (g @ P).T
     else:
-        sketch = sa.Featurizer(model, sa.ClassificationTask(), projector=sa.SparseEigenbasisProjector(2 * d, factors),
+        sketch = sa.Featurizer(model, sa.ClassificationTask(), projector=sa.SparseEigenbasisProjector(2 * d, factors, damping=lam),
                                batch_size=8, progress=False)
         expected = -x @ g.T
     refined = RefinedInfluence(factors, sketch, train, damping=lam, iterations=80, tol=1e-11)
@@ -86,6 +87,27 @@ def test_auto_damping_is_ten_times_the_mean_eigenvalue_on_every_module():
     assert all(v == pytest.approx(10 * float(lams.mean()), rel=1e-12) for v in refined.damping_.values())
     # EKFAC's Λ of a module sum to the trace of its block of the exact G (true Fisher, sampled): same scale
     assert float(lams.sum()) == pytest.approx(float(G.trace()), rel=0.25)  # 2.70 vs 2.46 here
+
+
+def test_a_sparse_store_ranked_at_another_damping_warns():
+    model, feat, factors, train, G, store = setting()
+    d = G.shape[0]
+
+    def sparse_store(damping):
+        f = sa.Featurizer(model, sa.ClassificationTask(), projector=sa.SparseEigenbasisProjector(32, factors, damping=damping),
+                          batch_size=8, progress=False)
+        return f, f.featurize(train)
+
+    f, s = sparse_store("auto")  # EKFAC's λ: not the refined one
+    with pytest.warns(UserWarning, match=r"ranked at damping 'auto'.*refined_damping"):
+        RefinedInfluence(factors, f, train).fit(s)
+    lam = sa.refined_damping(factors)
+    assert lam == pytest.approx(10 * float(torch.cat([factors.tensors[b.name]["Lambda"].reshape(-1)
+                                                          for b in feat.engine.blocks]).mean()), rel=1e-12)
+    f, s = sparse_store(lam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RefinedInfluence(factors, f, train).fit(s)
 
 
 def test_refuses_bad_settings():

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from sketchattr.core.batches import as_dataset, tree_map
 from sketchattr.curvature.passes import caster
 from sketchattr.featurize.selection import ModuleSelection, unwrap_model
+from sketchattr.featurize.sharding import ShardedModelError, sharding_of
 from sketchattr.task import Task, logits_of
 
 __all__ = ["GGNProducts"]
@@ -45,6 +46,9 @@ class GGNProducts:
                  collate_fn: Callable[[list], Any] | None = None, max_examples: int | None = None,
                  progress: bool = False) -> None:
         self.model, self.task, self.selection = unwrap_model(model), task, selection
+        if sharding_of(self.model) is not None:
+            raise ShardedModelError("GGNProducts differentiates the model's output twice with respect to whole parameters; "
+                                    "an FSDP2-sharded model is not supported: use EKFAC (EKFACScorer) on sharded models")
         self.params = list(selection.parameters(self.model).values())
         self.sizes = [p.numel() for p in self.params]
         dataset = as_dataset(dataset.dataset if isinstance(dataset, DataLoader) else dataset)

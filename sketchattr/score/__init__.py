@@ -47,6 +47,6 @@ from sketchattr.score.source import Segment, SourceInfluence, source_from_checkp
 
 __all__ += ["Segment", "SourceInfluence", "source_from_checkpoints"]
 
-from sketchattr.score.refined import RefinedInfluence  # noqa: E402
+from sketchattr.score.refined import RefinedInfluence, refined_damping  # noqa: E402
 
-__all__ += ["RefinedInfluence"]
+__all__ += ["RefinedInfluence", "refined_damping"]
