@@ -6,8 +6,9 @@ H' = P^{1/2} H P^{1/2} (Bae et al. 2024, App. D treat Adam the same way: a fixed
 segment). With D_ℓ = P_ℓ^{1/2} at segment ℓ's checkpoint and c_ℓ = Σ lr (per unit of the per-example
 loss), the segment carries a perturbation by S_ℓ = D_ℓ exp(−c_ℓ H'_ℓ) D_ℓ⁻¹ and adds
 −D_ℓ (I − exp(−c_ℓ H'_ℓ)) H'_ℓ⁻¹ D_ℓ ḡ_ℓ. H'_ℓ is taken as EKFAC in the checkpoint's Kronecker basis with
-its eigenvalues refitted on D-scaled per-example gradients with labels drawn from the model (the
-true Fisher, one draw per example, as EKFAC's correction pass), since D breaks the Kronecker structure. Rows:
+its eigenvalues refitted on D-scaled per-example gradients (``--fisher empirical``: the store rows;
+``true``: labels drawn from the model, one draw per example, classifiers only), since D breaks the
+Kronecker structure. Both SOURCE rows use the same eigenvalue estimate, so they differ only in D. Rows:
 
 * ``EKFAC``: the last checkpoint, damping "auto";
 * ``SOURCE, scalar step``: D = √median(P) on every coordinate (the median step stands in for
@@ -15,7 +16,8 @@ true Fisher, one draw per example, as EKFAC's correction pass), since D breaks t
   Fisher's estimate);
 * ``SOURCE, Adam per coordinate``: D = P^{1/2}.
 
-    python benchmarks/source_adam.py                          # markov, markov-wide, prose, digits-adam (~4 min)
+    python benchmarks/source_adam.py                          # markov, markov-wide, prose, digits-adam (~6 min)
+    python benchmarks/source_adam.py --benches digits-adam --fisher true
     python benchmarks/source_adam.py --quick                  # markov, ground truth 20 subsets × 1 seed
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ def sampled_labels(task: sa.Task) -> sa.Task:
     return out
 
 
-def source_scores(bench, per_coordinate: bool) -> torch.Tensor:
+def source_scores(bench, per_coordinate: bool, fisher: str) -> torch.Tensor:
     """SOURCE scores [n_query, n_train] with D per coordinate (Adam) or one scalar D (module docstring)."""
     segments = []
     for model, (vhat, c) in zip(bench.checkpoints, bench.adam):
@@ -54,11 +56,16 @@ def source_scores(bench, per_coordinate: bool) -> torch.Tensor:
         ekfac = sa.EKFACScorer(bench.factors(model), feat)
         p = torch.cat([1.0 / (vhat[n].double().sqrt().reshape(-1) + ADAM_EPS) for n in feat.selection().parameters(model)])
         d = p.sqrt() if per_coordinate else torch.full_like(p, float(p.median()) ** 0.5)
-        fisher = sa.Featurizer(model, sampled_labels(bench.task), modules=feat.selection().names, projector="identity",
-                               batch_size=feat.batch_size, collate_fn=feat.collate_fn, progress=False)
-        torch.manual_seed(0)
-        sampled = fisher.featurize(bench.train).rows().double()  # one label draw per example: the true Fisher's rows
-        segments.append((ekfac, feat.featurize(bench.train).rows().double(), sampled, d, float(c)))
+        rows = feat.featurize(bench.train).rows().double()
+        if fisher == "true":  # one label draw per example from the model; a task drawing fresh labels per call
+            # leaves the hook engine for torch.func.vmap, which runs the MLP but not the Hugging Face GPT-2
+            drawn = sa.Featurizer(model, sampled_labels(bench.task), modules=feat.selection().names, projector="identity",
+                                  batch_size=feat.batch_size, collate_fn=feat.collate_fn, progress=False)
+            torch.manual_seed(0)
+            fisher_rows = drawn.featurize(bench.train).rows().double()
+        else:
+            fisher_rows = rows
+        segments.append((ekfac, rows, fisher_rows, d, float(c)))
     blocks = segments[-1][0].blocks
     dims = [b.dim for b in blocks]
     split = lambda v: [b.layout.from_flat(x) for b, x in zip(blocks, v.split(dims, 1))]
@@ -79,18 +86,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the markov bench, ground truth 20 subsets × 1 seed")
     parser.add_argument("--benches", nargs="+", default=["markov", "markov-wide", "prose", "digits-adam"])
+    parser.add_argument("--fisher", choices=("empirical", "true"), default="empirical",
+                        help="rows the eigenvalues are refitted on (true: classifiers only)")
     parser.add_argument("--cache_dir", default="grad_cache")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print("| bench | EKFAC | SOURCE, scalar step | SOURCE, Adam per coordinate |\n|---|---|---|---|")
+    print(f"| bench | EKFAC | SOURCE, scalar step ({args.fisher} Fisher) | SOURCE, Adam per coordinate |\n|---|---|---|---|")
     for name in tqdm(["markov"] if args.quick else args.benches, desc="benches"):
         if name == "digits-sgd":
             raise SystemExit("digits-sgd is trained with SGD: nothing per coordinate to model")
+        if args.fisher == "true" and not name.startswith("digits"):
+            raise SystemExit("--fisher true featurizes with labels drawn per call, which falls back to torch.func.vmap, "
+                             "and vmap cannot run the Hugging Face GPT-2: use --fisher empirical on the language models")
         bench = DigitsBench("adam", args.quick, args.cache_dir) if name == "digits-adam" else LMBench(name, args.quick, args.cache_dir)
         L = lambda s: lds(s.double().cpu().numpy(), bench.gt.masks, bench.gt.outputs).mean
         feat = bench.featurizer()
         ekfac = L(sa.EKFACScorer(bench.factors(), feat).fit(feat.featurize(bench.train)).score(bench.queries))
-        scalar, adam = L(source_scores(bench, False)), L(source_scores(bench, True))
+        scalar, adam = L(source_scores(bench, False, args.fisher)), L(source_scores(bench, True, args.fisher))
         print(f"| {name} | {ekfac:.3f} | {scalar:.3f} ({scalar / ekfac:.2f}×) | {adam:.3f} ({adam / ekfac:.2f}×) |", flush=True)
 
 

@@ -145,6 +145,8 @@ def refusals(out: Path, rank: int) -> None:
     tp = nn.Sequential(nn.Linear(4, 4).double())
     tp[0].weight = nn.Parameter(distribute_tensor(tp[0].weight.detach(), init_device_mesh("cpu", (2,)), [Shard(1)]))
     attempt("tensor_parallel", lambda: sa.Featurizer(tp, sa.RegressionTask(), progress=False))
+    attempt("ggn_products", lambda: sa.curvature.GGNProducts(model, PaddedLMTask(), train, sa.Featurizer(
+        model, PaddedLMTask(), projector="sjlt", m=8, progress=False).selection()))
     (out / f"refusals{rank}.json").write_text(json.dumps(found))
     mixed = tiny_hf("gpt2")
     for block in blocks(mixed):

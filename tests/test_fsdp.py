@@ -80,6 +80,8 @@ def test_what_cannot_work_is_refused_naming_the_fix_and_mixed_wrapping_works(run
         assert kind == "ShardedModelError" and "hook engine" in text and "select modules" in text
         kind, text = found["tensor_parallel"]
         assert kind == "ShardedModelError" and "tensor" in text and "fully_shard" in text
+        kind, text = found["ggn_products"]  # RefinedInfluence's G products need whole parameters
+        assert kind == "ShardedModelError" and "FSDP2-sharded model is not supported" in text and "EKFAC" in text
         rows = torch.load(tmp_path / f"mixed{r}.pt", weights_only=True)["rows"]
         feat = sa.Featurizer(tiny_hf("gpt2"), PaddedLMTask(), projector="sjlt", m=32, seed=0, progress=False)
         assert torch.allclose(rows, feat.train_rows(train[r::2]), rtol=1e-9, atol=1e-12)
