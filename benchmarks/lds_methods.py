@@ -20,6 +20,9 @@ Methods (attributed modules: the linear layers):
   the median over coordinates of lr/(√v̂ + ε) at the checkpoint stands in for the lr (a scalar
   stand-in for Adam's per-coordinate steps; ``source_adam.py`` measures the per-coordinate form); the LMs'
   loss is divided by the batch's tokens, so c is divided by the mean tokens per sequence;
+* ``EKFAC over the 4 checkpoints``: :class:`~sketchattr.EnsembleInfluence` of EKFAC at each of
+  SOURCE's checkpoints (each member's scores divided by their RMS per query, then averaged): the
+  cheap ensemble, no extra training;
 * ``refined`` (:class:`~sketchattr.RefinedInfluence`): EKFAC-preconditioned conjugate gradients on the
   exact Gauss-Newton matrix over the whole training set (damping "auto": 10 × the mean EKFAC
   eigenvalue; the starting residual and at most 10 iterations, i.e. ≤ 11 G products per query
@@ -27,6 +30,7 @@ Methods (attributed modules: the linear layers):
   sparse-eigenbasis d/8 store whose coordinates are ranked at the refined damping (``sa.refined_damping``).
 
     python benchmarks/lds_methods.py                    # everything (about 25 min on 2 cores, ground truth cached)
+    python benchmarks/lds_methods.py --skip refined     # without the slow refined rows (about 4 min)
     python benchmarks/lds_methods.py --quick            # the markov bench with 20 subsets × 1 seed
 """
 from __future__ import annotations
@@ -162,12 +166,15 @@ class DigitsBench:
                               progress=False)
 
 
-def methods(bench) -> list[tuple[str, str, float, float]]:
-    """(method, store columns, LDS, seconds) for one bench."""
+def methods(bench, skip: tuple[str, ...] = ()) -> list[tuple[str, str, float, float]]:
+    """(method, store columns, LDS, seconds) for one bench; methods whose name contains a word of ``skip``
+    are left out (EKFAC, the reference, never is)."""
     L = lambda s: lds(s.double().cpu().numpy(), bench.gt.masks, bench.gt.outputs).mean
     rows = []
 
     def run(name: str, fn) -> None:
+        if any(word.lower() in name.lower() for word in skip) and name != "EKFAC":
+            return
         t0 = time.perf_counter()
         scores, columns = fn()
         rows.append((name, columns, L(scores), time.perf_counter() - t0))
@@ -213,6 +220,16 @@ def methods(bench) -> list[tuple[str, str, float, float]]:
 
     run("SOURCE (4 segments)", source)
 
+    def checkpoint_ensemble():
+        members, stores = [], []
+        for model in bench.checkpoints:
+            f = bench.featurizer(model)
+            stores.append(f.featurize(bench.train))
+            members.append(sa.EKFACScorer(bench.factors(model), f))
+        return sa.EnsembleInfluence(members, normalize="rms").fit(stores).score(bench.queries), f"{len(members)} × d"
+
+    run("EKFAC over the 4 checkpoints (ensemble)", checkpoint_ensemble)
+
     def refined(m=None):
         refiner = dict(train_dataset=bench.train, iterations=REFINE_ITERATIONS)
         scores = (sparse(m, sa.RefinedInfluence, damping=sa.refined_damping(factors), **refiner) if m else
@@ -228,6 +245,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the markov bench only, ground truth 20 subsets × 1 seed")
     parser.add_argument("--benches", nargs="+", default=None, help="markov markov-wide prose digits-sgd digits-adam")
+    parser.add_argument("--skip", nargs="+", default=[], help="leave out methods whose name contains any of these words "
+                                                                "(e.g. refined: the slow rows)")
     parser.add_argument("--cache_dir", default="grad_cache")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -236,7 +255,7 @@ def main() -> None:
     for name in tqdm(names, desc="benches"):
         bench = (DigitsBench(name.split("-")[1], args.quick, args.cache_dir) if name.startswith("digits")
                  else LMBench(name, args.quick, args.cache_dir))
-        for method, columns, value, seconds in methods(bench):
+        for method, columns, value, seconds in methods(bench, tuple(args.skip)):
             table.append((bench.name, method, columns, value, seconds))
             print(f"  {bench.name:<20} {method:<40} {columns:>18}  LDS {value:.3f}  {seconds:6.1f} s", flush=True)
     print("\n| bench | method | store columns | LDS | × EKFAC | seconds |\n|---|---|---|---|---|---|")
