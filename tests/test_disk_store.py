@@ -439,7 +439,7 @@ def test_full_disk_and_write_errors_keep_rows_and_resume(tmp_path, monkeypatch):
     assert torch.equal(store.rows(), ref)
 
 
-@pytest.mark.parametrize("stage,trials", [("fit_factors", 2), ("featurize_2ranks", 1)])
+@pytest.mark.parametrize("stage,trials", [("fit_factors", 1), ("featurize_2ranks", 1)])  # benchmarks/crash_resume.py --quick: 24 trials
 def test_crash_resume_harness(stage, trials):
     """benchmarks/crash_resume.py: SIGKILL at a random instant (of one process, or of one of two gloo
     ranks, whose survivor must stop by itself), rerun, bit-identical output."""
