@@ -181,7 +181,6 @@ class CurvatureScorer(Scorer):
         measurement (``kind="query"``) or training-loss (``"train"``) gradients, batch by batch."""
         dataset = self._grad_featurizer._dataset_of(dataset)
         idx = self._grad_featurizer._resolve_indices(dataset, indices)
-        dims = [b.dim for b in self.blocks]
         rows_iter = self._grad_featurizer.iter_rows(dataset, idx, kind=kind)
         while True:
             with self.profiler.record(f"{kind} gradients"):
@@ -189,7 +188,7 @@ class CurvatureScorer(Scorer):
             if item is None:
                 return
             b, rows = item
-            yield b, [blk.layout.from_flat(r) for blk, r in zip(self.blocks, rows.split(dims, dim=1))]
+            yield b, self._block_matrices(rows)
 
     def prepare_queries(self, queries: Any, kind: str = "query", per_module: bool = False) -> PreparedQueries:
         """Queries in any accepted form (:mod:`sketchattr.score.queries`) as gradients preconditioned,
@@ -222,11 +221,19 @@ class CurvatureScorer(Scorer):
             us = self._query_side(dws, curvature)
             if self.query_rank is not None:
                 us = [low_rank(u, self.query_rank) for u in us]
-            flat = [b.layout.to_flat(u) for b, u in zip(self.blocks, us)]
+            flat = self._flat_blocks(us)
         if per_module:
             return flat
         with self.profiler.record("project"):
             return self.featurizer.projector.project_query(flat)
+
+    def _block_matrices(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Flat rows ``[B, d]`` (the featurizer's layout) -> per-block matrices ``[B, *layout.shape]``."""
+        return [b.layout.from_flat(r) for b, r in zip(self.blocks, rows.split([b.dim for b in self.blocks], dim=1))]
+
+    def _flat_blocks(self, mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-block matrices ``[B, *layout.shape]`` -> per-block flat rows ``[B, d_k]`` (inverse of the above)."""
+        return [b.layout.to_flat(m) for b, m in zip(self.blocks, mats)]
 
     def _query_side(self, dws: Sequence[torch.Tensor], curvature: list[Curvature]) -> list[torch.Tensor]:
         """Per-block query gradients -> what is scored against the train rows (here M_k G per block;
@@ -324,8 +331,7 @@ class CurvatureScorer(Scorer):
             us = self._query_side(dws, self._curvature)
             if sketched:
                 proj = self.featurizer.projector
-                flat = lambda ms: [b.layout.to_flat(m) for b, m in zip(self.blocks, ms)]
-                out.append(proj.inner(proj.project_query(flat(us)), proj.project(flat([d.to(self.dtype) for d in dws]))).diagonal())
+                out.append(proj.inner(proj.project_query(self._flat_blocks(us)), proj.project(self._flat_blocks([d.to(self.dtype) for d in dws]))).diagonal())
             else:
                 out.append(sum((u * dw.to(self.dtype)).sum(dim=(1, 2)) for u, dw in zip(us, dws)))
         return torch.cat(out) if indices is not None else self._gather_columns(torch.cat(out), dim=0)
@@ -379,7 +385,7 @@ class CurvatureScorer(Scorer):
         if queries.rows.shape[1] != sum(dims):
             raise ValueError(f"{name}: exact query gradients must be [n_query, {sum(dims)}] (the modules' parameters), "
                              f"got {tuple(queries.shape)}")
-        dws = [b.layout.from_flat(r) for b, r in zip(self.blocks, queries.rows.to(self.device).split(dims, dim=1))]
+        dws = self._block_matrices(queries.rows.to(self.device))
         return [self._prepared_from([self._precondition_rows(dws, c, per_module)], per_module)
                 for c in (curvatures or [self._curvature])]
 

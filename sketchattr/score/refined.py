@@ -153,17 +153,15 @@ class RefinedInfluence(EKFACScorer, name="refined"):
 
     # ------------------------------------------------------------------ the solve
     def _flat(self, dws: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([b.layout.to_flat(dw.to(self.dtype)) for b, dw in zip(self.blocks, dws)], dim=1)
-
-    def _unflat(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        return [b.layout.from_flat(r) for b, r in zip(self.blocks, rows.split([b.dim for b in self.blocks], dim=1))]
+        """Per-block matrices -> one flat row block ``[B, d]`` in the factors' dtype."""
+        return torch.cat(self._flat_blocks([dw.to(self.dtype) for dw in dws]), dim=1)
 
     def _operators(self, lambdas: dict[str, float], curvature: list[Curvature]
                    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
         """(v -> (G + λ)v, v -> EKFAC's (G + λ)⁻¹v) on flat ``[Q, d]`` vectors."""
         diag = torch.cat([torch.full((b.dim,), lambdas[b.name], dtype=self.dtype, device=self.device) for b in self.blocks])
         apply_a = lambda v: self.ggn(v).to(self.dtype) + diag * v
-        apply_m = lambda v: self._flat(self.precondition(self._unflat(v), curvature))
+        apply_m = lambda v: self._flat(self.precondition(self._block_matrices(v), curvature))
         return apply_a, apply_m
 
     def _query_side(self, dws: Sequence[torch.Tensor], curvature: list[Curvature]) -> list[torch.Tensor]:
@@ -171,4 +169,4 @@ class RefinedInfluence(EKFACScorer, name="refined"):
         with self.profiler.record("refine (G products)"):
             apply_a, apply_m = self._operators(self.damping_, self._curvature)
             x, self.history_ = preconditioned_cg(apply_a, apply_m, self._flat(dws), self.iterations, self.tol)
-        return self._unflat(x)
+        return self._block_matrices(x)
