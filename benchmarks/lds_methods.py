@@ -86,14 +86,14 @@ class LMBench:
         self.checkpoints, self.lr_steps = self._train(epochs=8, every=2)
         self.model, self.train, self.queries = self.checkpoints[-1], self.text.train, self.text.queries
 
-    def _train(self, epochs: int, every: int) -> tuple[list, list[float]]:
-        """train_lm's run (AdamW 3e-3, wd 0.01, batch 16, seed 0), a copy every ``every`` epochs and each
+    def _train(self, epochs: int, every: int, seed: int = 0) -> tuple[list, list[float]]:
+        """train_lm's run (AdamW 3e-3, wd 0.01, batch 16, ``seed``), a copy every ``every`` epochs and each
         segment's c (Adam's median step × steps ÷ mean tokens per sequence)."""
-        model, data = tiny_gpt2(vocab=self.text.vocab, seed=0), self.text.train
+        model, data = tiny_gpt2(vocab=self.text.vocab, seed=seed), self.text.train
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
         model.train()
         copies, cs, steps, tokens, self.adam = [], [], 0, [], []
-        for epoch, batches in enumerate(epoch_batches(len(data), 16, epochs, 0), start=1):
+        for epoch, batches in enumerate(epoch_batches(len(data), 16, epochs, seed), start=1):
             for idx in batches:
                 batch = self.collate([data[i] for i in idx.tolist()])
                 n_tok = batch["attention_mask"][:, 1:].sum()
