@@ -20,7 +20,7 @@ Methods (attributed modules: the linear layers):
   the median over coordinates of lr/(√v̂ + ε) at the checkpoint stands in for the lr (a scalar
   stand-in for Adam's per-coordinate steps; ``source_adam.py`` measures the per-coordinate form); the LMs'
   loss is divided by the batch's tokens, so c is divided by the mean tokens per sequence;
-* ``EKFAC over the 4 checkpoints``: :class:`~sketchattr.EnsembleInfluence` of EKFAC at each of
+* ``EKFAC over the 4 checkpoints``: :func:`~sketchattr.ekfac_ensemble`, EKFAC at each of
   SOURCE's checkpoints (each member's scores divided by their RMS per query, then averaged): the
   cheap ensemble, no extra training;
 * ``refined`` (:class:`~sketchattr.RefinedInfluence`): EKFAC-preconditioned conjugate gradients on the
@@ -79,6 +79,8 @@ def adam_second_moments(opt: torch.optim.Optimizer, model: torch.nn.Module) -> d
 class LMBench:
     """A language-model bench: the model trained as its ground truth's recipe, with checkpoints."""
 
+    batch_size = 50
+
     def __init__(self, name: str, quick: bool, cache_dir: str) -> None:
         self.name, self.text = name, LM_BENCHES[name]()
         self.gt = lm_ground_truth(name, cache_dir, n_subsets=20 if quick else 100, n_seeds=1 if quick else 2, progress=True)
@@ -111,16 +113,18 @@ class LMBench:
         return copies, cs
 
     def featurizer(self, model=None, projector="identity", m=None) -> sa.Featurizer:
-        return sa.Featurizer(model or self.model, self.task, modules="linear", projector=projector, m=m, batch_size=50,
+        return sa.Featurizer(model or self.model, self.task, modules="linear", projector=projector, m=m, batch_size=self.batch_size,
                              collate_fn=self.collate, progress=False)
 
     def factors(self, model=None) -> sa.Factors:
-        return sa.fit_factors(model or self.model, self.task, self.train, kind="ekfac", modules="linear", batch_size=50,
+        return sa.fit_factors(model or self.model, self.task, self.train, kind="ekfac", modules="linear", batch_size=self.batch_size,
                               collate_fn=self.collate, progress=False)
 
 
 class DigitsBench:
     """The digits MLP (SGD, the bench recipe; or Adam lr 1e-3), with checkpoints every 15 of 60 epochs."""
+
+    batch_size, collate = 250, None
 
     def __init__(self, optimizer: str, quick: bool, cache_dir: str) -> None:
         self.name = f"digits-mlp ({optimizer})"
@@ -158,11 +162,11 @@ class DigitsBench:
         return copies, cs
 
     def featurizer(self, model=None, projector="identity", m=None) -> sa.Featurizer:
-        return sa.Featurizer(model or self.model, self.task, modules="linear", projector=projector, m=m, batch_size=250,
+        return sa.Featurizer(model or self.model, self.task, modules="linear", projector=projector, m=m, batch_size=self.batch_size,
                              progress=False)
 
     def factors(self, model=None) -> sa.Factors:
-        return sa.fit_factors(model or self.model, self.task, self.train, kind="ekfac", modules="linear", batch_size=250,
+        return sa.fit_factors(model or self.model, self.task, self.train, kind="ekfac", modules="linear", batch_size=self.batch_size,
                               progress=False)
 
 
@@ -221,12 +225,9 @@ def methods(bench, skip: tuple[str, ...] = ()) -> list[tuple[str, str, float, fl
     run("SOURCE (4 segments)", source)
 
     def checkpoint_ensemble():
-        members, stores = [], []
-        for model in bench.checkpoints:
-            f = bench.featurizer(model)
-            stores.append(f.featurize(bench.train))
-            members.append(sa.EKFACScorer(bench.factors(model), f))
-        return sa.EnsembleInfluence(members, normalize="rms").fit(stores).score(bench.queries), f"{len(members)} × d"
+        ens = sa.ekfac_ensemble(bench.checkpoints, bench.task, bench.train, modules="linear", batch_size=bench.batch_size,
+                                collate_fn=bench.collate, progress=False)
+        return ens.score(bench.queries), f"{ens.n_members} × d"
 
     run("EKFAC over the 4 checkpoints (ensemble)", checkpoint_ensemble)
 

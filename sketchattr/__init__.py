@@ -71,9 +71,9 @@ from sketchattr.integrations.kronfluence import KronfluenceTask  # noqa: E402
 
 __all__ += ["InfluenceIndex", "KronfluenceTask", "QueryMismatchError", "QueryRows"]
 
-from sketchattr.score import EnsembleInfluence, featurize_members  # noqa: E402
+from sketchattr.score import EnsembleInfluence, ekfac_ensemble, featurize_members  # noqa: E402
 
-__all__ += ["EnsembleInfluence", "featurize_members"]
+__all__ += ["EnsembleInfluence", "ekfac_ensemble", "featurize_members"]
 
 from sketchattr.score import RefinedInfluence, Segment, SourceInfluence, refined_damping, source_from_checkpoints  # noqa: E402
 

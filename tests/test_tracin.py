@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_data, tiny_mlp
+from conftest import saved_checkpoints, tiny_data, tiny_mlp
 from dense_reference import ce_loss, margin_fn, per_example_grads
 from sketchattr import ClassificationTask, Featurizer, MemoryStore, StoreMismatchError, TracIn, tracin_from_checkpoints
 from sketchattr.sample import make_sampler
@@ -217,21 +217,10 @@ def test_cli_end_to_end(tmp_path, capsys):
 def test_cli_source_scorer_equals_the_library(tmp_path, capsys):
     """``sketchattr tracin --scorer source``: c_ℓ = η_ℓ × steps_ℓ, the library's SOURCE scores."""
     from sketchattr import ClassificationTask, source_from_checkpoints
-    from sketchattr.bench.models.mlp import make_mlp
     from sketchattr.cli.main import main
 
-    x, y = tiny_data(n=30)
-    torch.save({"x": x.float(), "y": y}, tmp_path / "train.pt")
-    torch.save({"x": x[:4].float(), "y": y[:4]}, tmp_path / "test.pt")
-    models = [make_mlp(in_dim=5, hidden=7, out_dim=3, seed=s) for s in range(2)]
-    cks = []
-    for s, model in enumerate(models):
-        cks.append(str(tmp_path / f"ck{s}.pt"))
-        torch.save(model.state_dict(), cks[-1])
-    argv = ["tracin", "--model-def", "sketchattr.bench.models.mlp:make_mlp", "--model-kwargs", '{"in_dim": 5, "hidden": 7, "out_dim": 3}',
-            "--checkpoints", *cks, "--learning-rates", "0.1", "0.05", "--train-data", str(tmp_path / "train.pt"),
-            "--test-data", str(tmp_path / "test.pt"), "--top-k", "3", "--output", str(tmp_path / "out.json"),
-            "--device", "cpu", "--no-progress", "--scorer", "source"]
+    x, y, models, argv = saved_checkpoints(tmp_path, "source")
+    argv = argv[:-2] + ["--learning-rates", "0.1", "0.05"] + argv[-2:]
     assert main(argv + ["--steps-per-segment", "20", "--fisher", "empirical"]) == 0
     assert "(source, 2 checkpoints" in capsys.readouterr().out
     rep = json.loads((tmp_path / "out.json").read_text())

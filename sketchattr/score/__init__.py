@@ -43,6 +43,10 @@ from sketchattr.score.ensemble import EnsembleInfluence, EnsembleQueries, featur
 
 __all__ += ["EnsembleInfluence", "EnsembleQueries", "featurize_members"]
 
+from sketchattr.score.ekfac_ensemble import ekfac_ensemble  # noqa: E402
+
+__all__ += ["ekfac_ensemble"]
+
 from sketchattr.score.source import Segment, SourceInfluence, source_from_checkpoints  # noqa: E402
 
 __all__ += ["Segment", "SourceInfluence", "source_from_checkpoints"]

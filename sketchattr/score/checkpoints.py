@@ -38,6 +38,9 @@ def featurize_checkpoints(
 ) -> tuple[list[Featurizer], list[GradientStore]]:
     """(featurizers, stores), one each per model in ``models`` (in training order).
 
+    projector: one spec for every model, or a list with one per model (e.g. each checkpoint's own
+    sparse eigenbasis).
+
     store: ``"none"`` (memory), ``"cpu"`` or ``"disk"``: ``path`` (default ``default_path``) is one
     HDF5 file with one group ``ckpt<c>`` per checkpoint; re-running resumes each group.
     """
@@ -46,9 +49,12 @@ def featurize_checkpoints(
         raise ValueError("give at least one checkpoint model")
     if store not in STORES:
         raise ValueError(f"store must be 'none', 'cpu' or 'disk', got {store!r}")
+    projectors = list(projector) if isinstance(projector, (list, tuple)) else [projector] * len(models)
+    if len(projectors) != len(models):
+        raise ValueError(f"{len(projectors)} projectors for {len(models)} models: give one for all, or one per model")
     featurizers, stores = [], []
     for c, model in enumerate(models):
-        feat = Featurizer(model, task, modules=modules, projector=projector, m=m, seed=seed, batch_size=batch_size,
+        feat = Featurizer(model, task, modules=modules, projector=projectors[c], m=m, seed=seed, batch_size=batch_size,
                           collate_fn=collate_fn, device=device, progress=progress)
         kwargs: dict[str, Any] = {}
         if store == "disk":

@@ -1,10 +1,12 @@
-"""``sketchattr tracin``: TracIn or SOURCE over saved checkpoints, from files, to a JSON report.
+"""``sketchattr tracin``: TracIn, SOURCE or EKFAC over saved checkpoints, from files, to a JSON report.
 
 ``--scorer tracin`` (default) sums the checkpoints' gradient dot products weighted by η_c;
 ``--scorer source`` is training-aware influence (SOURCE, Bae et al. 2024): each checkpoint stands
 for one segment of the run, EKFAC factors are fitted at each, and segment ℓ's weight is
 c_ℓ = η_ℓ × ``--steps_per_segment`` (the learning rate summed over the segment's optimizer steps;
-see :mod:`sketchattr.score.source` for the units, momentum and Adam).
+see :mod:`sketchattr.score.source` for the units, momentum and Adam);
+``--scorer ekfac`` is EKFAC fitted at every checkpoint, each checkpoint's scores divided by their
+RMS per test example, then averaged (:func:`sketchattr.ekfac_ensemble`; no learning rates).
 
 Inputs
 ------
@@ -63,16 +65,21 @@ import torch
 from sketchattr.cli.model_loading import load_function, read_state_dict
 from sketchattr.data.local_files import read_pt
 from sketchattr.sample import make_sampler
+from sketchattr.score.ekfac_ensemble import ekfac_ensemble
+from sketchattr.score.ensemble import EnsembleInfluence
 from sketchattr.score.source import SourceInfluence, source_from_checkpoints
 from sketchattr.score.tracin import tracin_from_checkpoints
 from sketchattr.task import ClassificationTask, RegressionTask
 
-HELP = "TracIn or SOURCE over saved checkpoints (last-N layers, random projection, sampling) -> JSON"
+HELP = "TracIn, SOURCE or EKFAC over saved checkpoints (last-N layers, random projection, sampling) -> JSON"
 DESCRIPTION = ("TracIn: scores = -sum_c lr_c grad f_c(test) . grad loss_c(train) over checkpoints; "
-               "--scorer source: training-aware influence over the segments the checkpoints stand for.")
+               "--scorer source: training-aware influence over the segments the checkpoints stand for; "
+               "--scorer ekfac: EKFAC at every checkpoint, averaged.")
 SIGNS = {
     "tracin": "score = -sum_c lr_c grad f_c(test).grad loss_c(train); positive = helps the test example",
     "source": "score = -sum_l grad f(test)^T S_L..S_{l+1} F_l grad loss_l(train) (SOURCE); positive = helps the test example",
+    "ekfac": "score = mean_c s_c / rms_c, s_c = -grad f_c(test)^T (F_c + lambda_c)^-1 grad loss_c(train) (EKFAC at checkpoint c); "
+             "positive = helps the test example",
 }
 EPILOG = __doc__[__doc__.index("Inputs") :]
 
@@ -83,11 +90,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_kwargs", "--model-kwargs", default="{}", help="JSON dict of keyword arguments for the model function")
     p.add_argument("--checkpoints", nargs="+", required=True, help="state-dict files (torch.save(model.state_dict()))")
     p.add_argument("--learning_rates", "--learning-rates", type=float, nargs="+", default=None, help="eta per checkpoint (default 1.0 each)")
-    p.add_argument("--scorer", choices=["tracin", "source"], default="tracin",
-                   help="tracin (default) or source: training-aware influence, EKFAC fitted at every checkpoint")
+    p.add_argument("--scorer", choices=["tracin", "source", "ekfac"], default="tracin",
+                   help="tracin (default); source: training-aware influence, EKFAC fitted at every checkpoint; "
+                        "ekfac: EKFAC at every checkpoint, averaged (the language-model pick)")
     p.add_argument("--steps_per_segment", "--steps-per-segment", type=float, nargs="+", default=None,
                    help="--scorer source: optimizer steps each checkpoint's segment stands for (one value: all)")
-    p.add_argument("--fisher", choices=["true", "empirical"], default="true", help="--scorer source: the EKFAC factors' Fisher")
+    p.add_argument("--fisher", choices=["true", "empirical"], default="true", help="--scorer source / ekfac: the EKFAC factors' Fisher")
     p.add_argument("--train_data", "--train-data", required=True, help=".pt dict {'x','y'} or .npz with x, y")
     p.add_argument("--test_data", "--test-data", required=True, help=".pt dict {'x','y'} or .npz with x, y")
     p.add_argument("--task", choices=["classification", "regression"], default="classification")
@@ -201,13 +209,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.scorer == "source":
         lr_steps = segment_lr_steps(args, lrs)
         scorer: Any = source_from_checkpoints(models, task, train_set, lr_steps, fisher=args.fisher, **common)
+    elif args.steps_per_segment is not None:
+        raise ValueError(f"--steps_per_segment is for --scorer source; --scorer {args.scorer} does not use it")
+    elif args.scorer == "ekfac":
+        if args.learning_rates is not None or args.variant != "dot":
+            raise ValueError("--scorer ekfac averages EKFAC over the checkpoints with equal say: it takes no --learning_rates "
+                             "and no --variant cos (those are TracIn's)")
+        lr_steps = None
+        scorer = ekfac_ensemble(models, task, train_set, fisher=args.fisher, **common)
     else:
-        if args.steps_per_segment is not None:
-            raise ValueError("--steps_per_segment is for --scorer source; TracIn weighs checkpoint c by --learning_rates alone")
         lr_steps = None
         scorer = tracin_from_checkpoints(models, task, train_set, learning_rates=lrs, variant=args.variant, **common)
     t_feat = time.perf_counter()
-    k = min(args.top_k, scorer.n_train)
+    k = min(args.top_k, len(scorer.train_indices))
     results, memory = [], None
 
     def add(indices: list[int], top: Any) -> None:
@@ -232,18 +246,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 scorer.clear_query_cache()
     t_end = time.perf_counter()
 
-    first = scorer.segments[0].featurizer if isinstance(scorer, SourceInfluence) else scorer.featurizers[0]
+    if isinstance(scorer, SourceInfluence):
+        first = scorer.segments[0].featurizer
+    elif isinstance(scorer, EnsembleInfluence):
+        first = scorer.members[0].featurizer
+    else:
+        first = scorer.featurizers[0]
     sel = first.selection()
     report = {
         "settings": {
             **{key: (list(v) if isinstance(v, tuple) else v) for key, v in vars(args).items() if not callable(v)},
-            "learning_rates": lrs,
+            "learning_rates": None if args.scorer == "ekfac" else lrs,
             "lr_steps": lr_steps,
             "projector": first.projector.spec(),
             "modules": sel.spec(),
             "n_parameters": sel.total,
             "n_train": len(train_set),
-            "n_scored_train": int(scorer.n_train),
+            "n_scored_train": int(len(scorer.train_indices)),
             "sampler": None if sampler is None else sampler.spec(),
             "top_k": k,
             "device": str(device),
