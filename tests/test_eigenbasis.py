@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import sketchattr as sa
+from sketchattr.curvature.eigenbasis import SPARSE_MATMUL_QUERIES
 from dense_reference import ce_loss, margin_fn, per_example_grads
 from sketchattr.featurize.rules import KronLayout
 from sketchattr.store import StoreMismatchError
@@ -118,7 +119,7 @@ def test_sparse_rows_equal_per_example_topk_formula(k):
     store = feat.featurize((x, y))
     assert store.dim == 2 * k
     rows = torch.cat([r for _, r in store.iter_blocks()])
-    G, Q = per_example_grads(model, ce_loss, x, y), per_example_grads(model, margin_fn, x[:5], y[:5])
+    G, Q = per_example_grads(model, ce_loss, x, y), per_example_grads(model, margin_fn, x[:12], y[:12])
     W, Wq, offset = [], [], 0
     for K, lam, D, perm in explicit(factors, model):
         d = len(perm)
@@ -133,8 +134,12 @@ def test_sparse_rows_equal_per_example_topk_formula(k):
     assert torch.equal(idx.sort(1).values, top.sort(1).values)  # the same coordinates, exact indices
     assert torch.allclose(rows[:, :k].double(), W.gather(1, idx), atol=1e-5)  # float32 values
     sparse = torch.zeros_like(W).scatter_(1, top, W.gather(1, top))
-    scores = sa.EKFACScorer(factors, feat).fit(store).score((x[:5], y[:5]))
-    assert torch.allclose(scores, -Wq @ sparse.T, rtol=1e-4, atol=1e-6 * float(scores.abs().max()))
+    scorer = sa.EKFACScorer(factors, feat).fit(store)
+    assert SPARSE_MATMUL_QUERIES == 8  # 5 queries gather W_q at the indices, 12 multiply a CSR matrix
+    for n in (5, 12):
+        scores = scorer.score((x[:n], y[:n]))
+        assert torch.allclose(scores, -Wq[:n] @ sparse.T, rtol=1e-4, atol=1e-6 * float(scores.abs().max()))
+    scores = scores[:5]
     if k == 99:  # every coordinate: exact EKFAC
         exact = sa.Featurizer(model, TASK, progress=False)
         ref = sa.EKFACScorer(factors, exact).fit(exact.featurize((x, y))).score((x[:5], y[:5]))
