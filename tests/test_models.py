@@ -168,3 +168,23 @@ def test_resnet9_on_mnist_shaped_inputs():
     model = make_model("resnet9", split, width=2).eval()
     assert model(split.train.tensors[0]).shape == (8, 10)
     assert sum(p.numel() for p in make_model("resnet9", image_split(n=8, shape=(3, 32, 32), classes=2)).parameters()) < 500_000
+
+
+def test_train_lm_keeps_a_checkpoint_after_every_epoch():
+    """train_lm(on_epoch_end=...): one call per epoch, in order; the last copy is the returned model, and
+    an epoch-1 copy equals a 1-epoch run (the same seed and shuffling)."""
+    import copy
+
+    pytest.importorskip("transformers")
+    from sketchattr.bench.data.markov import markov_text
+    from sketchattr.bench.recipes import tiny_gpt2, train_lm
+
+    text = markov_text(n_train=32, n_query=2)
+    kept = []
+    model, _ = train_lm(tiny_gpt2(vocab=text.vocab, seed=0), text.train, epochs=2,
+                        on_epoch_end=lambda epoch, m: kept.append((epoch, copy.deepcopy(m))))
+    assert [e for e, _ in kept] == [1, 2]
+    state = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    assert torch.equal(state(kept[-1][1]), state(model))
+    one, _ = train_lm(tiny_gpt2(vocab=text.vocab, seed=0), text.train, epochs=1)
+    assert torch.equal(state(kept[0][1]), state(one)) and not torch.equal(state(one), state(model))

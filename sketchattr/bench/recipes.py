@@ -199,20 +199,24 @@ def tiny_gpt2(vocab: int = 64, n_embd: int = 64, n_layer: int = 2, n_head: int =
 
 
 def train_lm(model: nn.Module, data: list, *, epochs: int = 8, lr: float = 3e-3, weight_decay: float = 0.01,
-             batch_size: int = 16, seed: int = 0, num_threads: int | None = 1) -> tuple[nn.Module, torch.optim.Optimizer]:
+             batch_size: int = 16, seed: int = 0, num_threads: int | None = 1,
+             on_epoch_end: "Callable[[int, nn.Module], None] | None" = None) -> tuple[nn.Module, torch.optim.Optimizer]:
     """AdamW on the summed next-token loss of padded batches divided by the batch's tokens;
-    shuffled by :func:`epoch_batches` with ``seed``. Returns (model in eval mode, optimizer)."""
+    shuffled by :func:`epoch_batches` with ``seed``. ``on_epoch_end(epoch, model)``: called after each
+    epoch (1-based), e.g. to keep checkpoints. Returns (model in eval mode, optimizer)."""
     task, collate = CausalLMTask(), PadCollator()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     model.train()
     with torch_threads(num_threads):
-        for batches in epoch_batches(len(data), batch_size, epochs, seed):
+        for epoch, batches in enumerate(epoch_batches(len(data), batch_size, epochs, seed), start=1):
             for idx in batches:
                 batch = collate([data[i] for i in idx.tolist()])
                 loss = task.train_loss(model, batch) / batch["attention_mask"][:, 1:].sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model)
     return model.eval(), opt
 
 
