@@ -307,34 +307,22 @@ def tracin_from_checkpoints(
     task: Any,
     train_dataset: Any,
     learning_rates: "Sequence[float] | float" = 1.0,
-    projector: str = "identity",
-    m: int | None = None,
-    seed: int = 0,
-    modules: Any = None,
-    sampler: Any = None,
-    store: str = "none",
-    path: Any = None,
-    batch_size: int = 64,
     variant: str = "dot",
     cache_queries: bool = True,
-    device: Any = None,
-    progress: bool = True,
-    overwrite: bool = False,
+    **featurize_options: Any,
 ) -> TracIn:
     """Featurize ``train_dataset`` on every checkpoint model and return a fitted :class:`TracIn`.
 
-    models: the checkpoint models (one per checkpoint, in order). projector / m / seed: one
-    projector spec shared by all checkpoints (``"identity"``, ``"gaussian"``, ``"sjlt"``, ...).
-    modules: ``None`` (all), an int N (last N layers) or names. sampler: e.g.
-    ``make_sampler("stratified", key="labels", rate=0.1)``; the same (seeded) sampler is used
-    for every checkpoint, so every store holds the same train indices. store: ``"none"``
-    (memory), ``"cpu"`` or ``"disk"`` (``path`` = HDF5 file, default ``grad_cache/tracin.h5``,
-    one group ``ckpt<c>`` per checkpoint; re-running resumes). ``overwrite`` discards rows of
-    disk groups written with other settings.
+    models: the checkpoint models (one per checkpoint, in order). featurize_options, as
+    :func:`~sketchattr.score.checkpoints.featurize_checkpoints`: projector / m / seed (one projector
+    spec shared by all checkpoints: ``"identity"``, ``"gaussian"``, ``"sjlt"``, ...); modules
+    (``None`` = all, an int N = last N layers, or names); sampler (e.g.
+    ``make_sampler("stratified", key="labels", rate=0.1)``; the same seeded sampler for every
+    checkpoint, so every store holds the same train indices); store ``"none"`` (memory), ``"cpu"``
+    or ``"disk"`` (``path`` = HDF5 file, default ``grad_cache/tracin.h5``, one group ``ckpt<c>`` per
+    checkpoint; re-running resumes); ``overwrite`` (discard rows of disk groups written with other
+    settings); batch_size, device, progress.
     """
-    featurizers, stores = featurize_checkpoints(
-        models, task, train_dataset, projector=projector, m=m, seed=seed, modules=modules, sampler=sampler,
-        store=store, path=path, default_path="grad_cache/tracin.h5", batch_size=batch_size, device=device,
-        progress=progress, overwrite=overwrite,
-    )
+    featurize_options.setdefault("default_path", "grad_cache/tracin.h5")
+    featurizers, stores = featurize_checkpoints(models, task, train_dataset, **featurize_options)
     return TracIn(featurizers, learning_rates, variant=variant, cache_queries=cache_queries).fit(stores)
